@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Each creates/updates ./.venv with nothing but Python.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv venv-test clean-venv
+
+$(VENV)/.base: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# torch is pinned to the CPU build and installed before anything that depends on it (see docs/install notes).
+$(VENV)/.test: $(VENV)/.base setup.py
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.base
+venv-test: $(VENV)/.test
+
+demo: $(VENV)/.base
+	$(PY) -m qwenimage_jax.cli demo --out out/demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""One module per CLI command (see qwenimage_jax/cli.py)."""

@@ -1,0 +1,131 @@
+"""Assemble a Flax params tree from a torch-named tensor store, validating every key and shape.
+
+A model's converter is a dict `{flax_path: WeightSpec}`: which torch key(s) feed that leaf and how to transform
+them (transpose a Linear, permute a Conv, stack per-layer tensors for `nn.scan`). `assemble_params` checks the plan
+against the checkpoint (every key consumed, none missing) and against the model's abstract params (every leaf
+filled, every shape equal) and reports all offenders at once. Leaves are converted and placed one at a time, onto
+their target sharding when given, so a large checkpoint never sits twice in host memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class WeightKeyError(ValueError):
+    """Checkpoint and model disagree on key names or shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Torch keys feeding one Flax leaf and the transform applied to the list of arrays."""
+    keys: tuple[str, ...]
+    transform: Callable[[list[np.ndarray]], np.ndarray]
+
+
+def unchanged(key: str) -> WeightSpec:
+    return WeightSpec((key,), lambda a: a[0])
+
+
+def linear_kernel(key: str) -> WeightSpec:
+    """torch Linear `(out, in)` -> flax Dense kernel `(in, out)`."""
+    return WeightSpec((key,), lambda a: np.transpose(a[0]))
+
+
+def conv2d_kernel(key: str) -> WeightSpec:
+    """torch Conv2d `(O, I, kh, kw)` -> flax Conv `(kh, kw, I, O)`."""
+    return WeightSpec((key,), lambda a: np.transpose(a[0], (2, 3, 1, 0)))
+
+
+def stack_layers(specs: Sequence[WeightSpec]) -> WeightSpec:
+    """Per-layer specs -> one spec for a scanned leaf with a leading `layers` axis."""
+    keys = tuple(k for s in specs for k in s.keys)
+    sizes = [len(s.keys) for s in specs]
+
+    def transform(arrays: list[np.ndarray]) -> np.ndarray:
+        out, i = [], 0
+        for spec, n in zip(specs, sizes):
+            out.append(spec.transform(arrays[i:i + n]))
+            i += n
+        return np.stack(out, axis=0)
+
+    return WeightSpec(keys, transform)
+
+
+def _flatten(tree: Mapping) -> dict[tuple[str, ...], Any]:
+    return {tuple(str(k) for k in path): v for path, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def _unbox(tree):
+    return flax.linen.meta.unbox(tree) if tree is not None else None
+
+
+def assemble_params(
+    store: Mapping[str, np.ndarray] | Any,
+    plan: Mapping[tuple[str, ...], WeightSpec],
+    abstract_params: Mapping,
+    *,
+    dtype: Any = jnp.float32,
+    shardings: Mapping | None = None,
+    ignore: Iterable[str] = (),
+    source: str = "checkpoint",
+    keep_dtype: Callable[[tuple[str, ...]], bool] | None = None,
+) -> dict:
+    """Builds the params tree.
+
+    store:            object with `keys()` and `__getitem__` returning numpy arrays (e.g. SafetensorsReader).
+    plan:             `{flax_path: WeightSpec}`.
+    abstract_params:  params tree of ShapeDtypeStructs (possibly `nn.Partitioned`-boxed), e.g. from eval_shape.
+    shardings:        optional tree of shardings (same structure) to place each leaf on.
+    ignore:           fnmatch patterns of checkpoint keys that are knowingly unused (e.g. video-only convs).
+    keep_dtype:       predicate on a flax path; True keeps fp32 for that leaf regardless of `dtype`.
+    """
+    ignore = tuple(ignore)
+    expected = _flatten(_unbox(abstract_params))
+    target_shardings = _flatten(shardings) if shardings is not None else {}
+    store_keys = set(store.keys())
+
+    problems: list[str] = []
+    unknown_paths = sorted(set(plan) - set(expected))
+    if unknown_paths:
+        problems.append("converter produces leaves the model does not have: "
+                        + ", ".join("/".join(p) for p in unknown_paths[:20]))
+    unfilled = sorted(set(expected) - set(plan))
+    if unfilled:
+        problems.append("model leaves with no source tensor: " + ", ".join("/".join(p) for p in unfilled[:20]))
+    wanted = {k for spec in plan.values() for k in spec.keys}
+    missing = sorted(wanted - store_keys)
+    if missing:
+        problems.append(f"{len(missing)} key(s) missing from the {source}: " + ", ".join(missing[:20])
+                        + (" ..." if len(missing) > 20 else ""))
+    unexpected = sorted(k for k in store_keys - wanted if not any(fnmatch.fnmatchcase(k, p) for p in ignore))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) in the {source}: " + ", ".join(unexpected[:20])
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if problems:
+        raise WeightKeyError(f"cannot load {source}:\n  - " + "\n  - ".join(problems))
+
+    flat_out: dict[tuple[str, ...], Any] = {}
+    shape_errors: list[str] = []
+    for path, spec in plan.items():
+        array = spec.transform([np.asarray(store[k]) for k in spec.keys])
+        want = tuple(expected[path].shape)
+        if tuple(array.shape) != want:
+            shape_errors.append(f"{'/'.join(path)} (from {spec.keys[0]}{'...' if len(spec.keys) > 1 else ''}): "
+                                f"checkpoint gives {tuple(array.shape)}, model expects {want}")
+            continue
+        leaf_dtype = expected[path].dtype if (keep_dtype is not None and keep_dtype(path)) else dtype
+        array = np.asarray(array, dtype=np.float32).astype(leaf_dtype) if np.issubdtype(
+            np.asarray(array).dtype, np.floating) or array.dtype.name == "bfloat16" else array
+        sharding = target_shardings.get(path)
+        flat_out[path] = jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+    if shape_errors:
+        raise WeightKeyError(f"cannot load {source}: {len(shape_errors)} shape mismatch(es):\n  - "
+                             + "\n  - ".join(shape_errors[:30]))
+    return flax.traverse_util.unflatten_dict(flat_out)

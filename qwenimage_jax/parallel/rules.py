@@ -1,0 +1,60 @@
+"""The one table that maps logical axis names to mesh axes, and helpers that apply it.
+
+Every parameter is created with `nn.with_logical_partitioning(init, names)` and every key activation is
+constrained with `nn.with_logical_constraint(x, names)`; this table alone decides where they live.
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter sharding), `tensor` (Megatron-style
+model parallel over heads / mlp / vocab), `context` (reserved for sequence sharding).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+# (logical name, mesh axes). Parameters use the plain names, activations the `activation_*` names.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("qkv", None),
+    ("kv", None),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("modulation", "tensor"),
+    ("in_features", None),
+    ("out_features", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "context"),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_height", None),
+    ("activation_width", None),
+    ("activation_channels", None),
+)
+
+
+def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: Sequence = LOGICAL_RULES) -> Any:
+    """NamedShardings for a (possibly `nn.Partitioned`-boxed) abstract tree, e.g. from `jax.eval_shape(init)`."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+    """Places an (unboxed) params tree onto `shardings` (same tree structure)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)

@@ -1,0 +1,1 @@
+"""qwenimage_jax.sampling."""
