@@ -1,0 +1,93 @@
+"""Reconstruction and alignment losses for discriminator-free VAE training (METHODS.md §1).
+
+Pixel L1 / L2, a diagonal-Gaussian KL (weight 0 by default), and the VA-VAE / Qwen-Image-VAE-2.0 semantic
+alignment: a learnable linear projection z' = W z of the latents to the aligner's feature width, a marginal
+cosine loss and a marginal distance-matrix loss, with margins m_cos and m_dist. Feature grids are matched to
+the latent grid by interpolation. All losses are means (scalars, fp32).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def l1_loss(reconstruction, target):
+    """mean |x_hat - x|; (batch, height, width, channels) each."""
+    return jnp.mean(jnp.abs(reconstruction.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def l2_loss(reconstruction, target):
+    """mean (x_hat - x)^2."""
+    return jnp.mean(jnp.square(reconstruction.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def kl_loss(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element."""
+    mean = mean.astype(jnp.float32)
+    logvar = jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0)
+    return 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+
+
+def match_grid(features, height: int, width: int):
+    """Resize a feature map (batch, h, w, c) to (batch, height, width, c): identity when equal, anti-aliased
+    bilinear otherwise (area-like when shrinking), so a 224 px DINOv2 grid or a VGG stride-8 map meets the
+    latent grid."""
+    b, h, w, c = features.shape
+    if (h, w) == (height, width):
+        return features
+    return jax.image.resize(features.astype(jnp.float32), (b, height, width, c), method="linear", antialias=True)
+
+
+def _normalize(x, eps: float = 1e-6):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def marginal_cosine_loss(projected, features, margin):
+    """mean_p ReLU(1 - m_cos - cos(z'_p, f_p)); projected, features: (batch, positions, channels)."""
+    cos = jnp.sum(_normalize(projected) * _normalize(features), axis=-1)  # (batch, positions)
+    return jnp.mean(jax.nn.relu(1.0 - margin - cos)), jnp.mean(cos)
+
+
+def marginal_distance_matrix_loss(projected, features, margin):
+    """mean_{p,q} ReLU(|cos(z'_p, z'_q) - cos(f_p, f_q)| - m_dist), per image; inputs (batch, positions, c)."""
+    zn, fn = _normalize(projected), _normalize(features)
+    sim_z = jnp.einsum("bpc,bqc->bpq", zn, zn)
+    sim_f = jnp.einsum("bpc,bqc->bpq", fn, fn)
+    return jnp.mean(jax.nn.relu(jnp.abs(sim_z - sim_f) - margin))
+
+
+def alignment_loss(projected, features, m_cos, m_dist):
+    """L_align = L_mcos + L_mdms for projected latents (batch, h, w, c) and features (batch, h', w', c).
+
+    The features are resized onto the latent grid first. Returns (loss, aux) where aux holds both terms and
+    the mean latent-feature cosine similarity (the number the ablation reports).
+    """
+    b, h, w, c = projected.shape
+    if features.shape[-1] != c:
+        raise ValueError(f"projected latents have {c} channels but the aligner features have "
+                         f"{features.shape[-1]}; set the projection width to the aligner's feature width")
+    features = jax.lax.stop_gradient(match_grid(features, h, w))
+    projected = projected.reshape(b, h * w, c)
+    features = features.reshape(b, h * w, c)
+    mcos, mean_cos = marginal_cosine_loss(projected, features, m_cos)
+    mdms = marginal_distance_matrix_loss(projected, features, m_dist)
+    return mcos + mdms, {"align_mcos": mcos, "align_mdms": mdms, "align_cosine": mean_cos}
+
+
+class AlignmentProjection(nn.Module):
+    """The learnable linear map z' = W z (a 1x1 conv) from latent channels to the aligner's feature width."""
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents):  # (batch, h, w, latent_channels) -> (batch, h, w, features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                   ("in_features", "out_features")),
+                            (latents.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("out_features",)),
+                          (self.features,), self.param_dtype)
+        return (jnp.einsum("bhwc,cf->bhwf", latents.astype(self.dtype), kernel.astype(self.dtype))
+                + bias.astype(self.dtype))
