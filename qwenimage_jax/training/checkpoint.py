@@ -1,0 +1,108 @@
+"""Training checkpoints: an Orbax `CheckpointManager` holding the train state and, beside it, the grain data
+iterator's state, so a resumed run sees exactly the batches the interrupted one would have seen.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data}. Saves are asynchronous (training continues while the
+arrays are written); `max_to_keep` old steps are kept. Restores go straight into the target shardings given
+by an abstract state (`state.abstract_state(...)`). `PreemptionGuard` turns SIGTERM into "save now, then stop".
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+
+
+class Checkpointer:
+    """Wraps `ocp.CheckpointManager` for (train state, data iterator) pairs."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1000,
+                 async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                               enable_async_checkpointing=async_save, create=True)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+        """Saves at `step` if the interval says so (or `force`); returns whether a save was started."""
+        import grain
+
+        items = {"state": self._ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=self._ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> tuple[Any, int]:
+        """Restores (state, step) into `abstract_state`'s shapes/dtypes/shardings; sets `data_iterator`'s
+        position in place. `step` defaults to the latest one."""
+        import grain
+
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; train from scratch or pass another workdir")
+        items = {"state": self._ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(**items))
+        return restored["state"], step
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when a multi-host preemption notice says every host must save at `step` (jax.distributed)."""
+        return bool(self.manager.reached_preemption(step))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionGuard:
+    """Installs a SIGTERM (and optionally SIGINT) handler that only raises a flag; the training loop checks
+    `guard.requested` after each step, saves, and exits cleanly. The previous handlers come back on `restore()`.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.requested = False
+        self.signal_received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, the loop still works
+                pass
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+        self.signal_received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+def all_hosts_agree(flag: bool) -> bool:
+    """True on every host if it is True on any host (so all hosts save at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    import numpy as np
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
