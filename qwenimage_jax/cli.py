@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = argparse.ArgumentParser(prog=f"qwenimage-jax {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    # `--config.key=value` overrides (trainers) pass through to the command as `args.config_overrides`.
+    args, unknown = parser.parse_known_args(argv[1:])
+    bad = [u for u in unknown if not u.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.config_overrides = [u for u in unknown if u.startswith("--config.")]
     return int(module.run(args) or 0)
 
 
