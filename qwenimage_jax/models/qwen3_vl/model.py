@@ -1,0 +1,360 @@
+"""Qwen3-VL as the frozen Qwen-Image-2 text encoder: the composed Linen module (token embeddings, image embeddings
+scattered into `<|image_pad|>` slots, DeepStack, text decoder) and `TextEncoder`, the loaded object with jitted
+`encode` / `logits` / `encode_prompt` / `generate`.
+
+The vision tower (`vision.py`, `Qwen3VLVisionModel`) and the rope index (`processor.get_rope_index`) are imported
+lazily, so text-only use works without them.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenimage_jax.models.qwen3_vl.config import (MultimodalIds, TextConfig, multimodal_ids_from_hf,
+                                                  text_config_from_hf)
+from qwenimage_jax.models.qwen3_vl.text import TextDecoder, init_kv_cache
+
+Dtype = Any
+
+
+def _vision_module():
+    """The vision engineer's module, or None when `vision.py` is not there yet."""
+    import importlib
+    import importlib.util
+    name = "qwenimage_jax.models.qwen3_vl.vision"
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)
+
+
+def _vision_config_from_hf(vision, hf_vision: dict):
+    for name in ("vision_config_from_hf", "config_from_hf"):
+        if hasattr(vision, name):
+            return getattr(vision, name)(hf_vision)
+    cls = vision.VisionConfig
+    if hasattr(cls, "from_hf"):
+        return cls.from_hf(hf_vision)
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in hf_vision.items() if k in fields})
+
+
+def scatter_image_tokens(text_embeds: jax.Array, image_mask: jax.Array, image_embeds: jax.Array) -> jax.Array:
+    """`masked_scatter`: rows of image_embeds (N, D) fill the True slots of image_mask (B, S) in row-major order.
+
+    text_embeds (B, S, D) -> (B, S, D). Also used for DeepStack rows with zeros as `text_embeds`.
+    """
+    flat = image_mask.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat) - 1, 0, max(image_embeds.shape[0] - 1, 0))
+    gathered = image_embeds[index].reshape(text_embeds.shape).astype(text_embeds.dtype)
+    return jnp.where(image_mask[..., None], gathered, text_embeds)
+
+
+class Qwen3VL(nn.Module):
+    """`Qwen3VLForConditionalGeneration` without the video path. Params: language_model (+ visual)."""
+    text_config: TextConfig
+    ids: MultimodalIds = MultimodalIds()
+    vision_config: Any = None  # the vision module's config, or None for a text-only module
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.language_model = TextDecoder(self.text_config, self.dtype, self.param_dtype)
+        if self.vision_config is not None:
+            vision = _vision_module()
+            self.visual = vision.Qwen3VLVisionModel(self.vision_config, dtype=self.dtype,
+                                                    param_dtype=self.param_dtype)
+
+    def embed_inputs(self, input_ids, pixel_values=None, grid_thw=None):
+        """input_ids (B, S) [+ pixel_values (N_patches, C*T*P*P), grid_thw static ((t, h, w), ...)] ->
+        (inputs_embeds (B, S, D), deepstack (K, B, S, D) or None)."""
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return embeds, None
+        if self.vision_config is None:
+            raise ValueError("this text encoder was built without a vision tower; cannot take pixel_values")
+        image_embeds, deepstack = self.visual(pixel_values, grid_thw)
+        image_mask = input_ids == self.ids.image_token_id
+        embeds = scatter_image_tokens(embeds, image_mask, image_embeds)
+        if not deepstack:
+            return embeds, None
+        zeros = jnp.zeros_like(embeds)
+        dense = jnp.stack([scatter_image_tokens(zeros, image_mask, d) for d in deepstack])
+        return embeds, dense
+
+    def __call__(self, input_ids, attention_mask, position_ids, pixel_values=None, grid_thw=None,
+                 compute_logits=True):
+        """input_ids/attention_mask (B, S); position_ids (3, B, S) -> dict(pre_norm (B, S, D), logits (B, S, V))."""
+        embeds, deepstack = self.embed_inputs(input_ids, pixel_values, grid_thw)
+        return self.language_model(embeds, position_ids, attention_mask, deepstack, compute_logits=compute_logits)
+
+    def step(self, input_ids, positions, kv_mask, cache, cache_index, extra=None):
+        """Generation step (see `text.generate.Decoder`): logits (B, T, V), cache.
+
+        extra: None, or {"position_ids": (3, B, T)} and/or {"inputs_embeds": (B, T, D), "deepstack": (K, B, T, D)}.
+        """
+        extra = extra or {}
+        embeds = extra.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.language_model.embed(input_ids)
+        position_ids = extra.get("position_ids", positions)
+        out = self.language_model(embeds, position_ids, None, extra.get("deepstack"), cache=cache,
+                                  cache_index=cache_index, kv_mask=kv_mask)
+        return out["logits"], out["cache"]
+
+
+def _find_tokenizer_dir(model_path: str, tokenizer_path: Optional[str]) -> Optional[str]:
+    if tokenizer_path is not None:
+        return tokenizer_path
+    parent = os.path.dirname(os.path.abspath(model_path))
+    for candidate in (model_path, os.path.join(parent, "processor"), os.path.join(parent, "tokenizer")):
+        if os.path.isdir(candidate) and any(os.path.exists(os.path.join(candidate, f))
+                                            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return candidate
+    return None
+
+
+class TextEncoder:
+    """A loaded Qwen3-VL: `.module`, `.params`, `.config` (raw HF config dict) and jitted entry points.
+
+    encode(ids, mask, pixel_values=None, image_grid_thw=None) -> pre-norm last-layer states (B, S, D)
+    logits(...)                                              -> (B, S, vocab) fp32
+    encode_prompt(prompts, images=None)                      -> (prompt_embeds, mask or None, image_pad_mask)
+    generate(ids, mask, max_new_tokens, temperature=0, top_p=1, seed=0, stop_token_ids=None) -> (B, N) new ids
+    """
+
+    def __init__(self, module: Qwen3VL, params: Any, config: dict, mesh=None, tokenizer_path: Optional[str] = None,
+                 image_processor_config: Optional[dict] = None):
+        self.module = module
+        self.params = params
+        self.config = config
+        self.mesh = mesh
+        self.tokenizer_path = tokenizer_path
+        self.image_processor_config = image_processor_config
+        self._tokenizer = None
+        self._processor = None
+        self._forward = jax.jit(self._apply_forward, static_argnames=("grid_thw", "compute_logits"))
+        from qwenimage_jax.text.generate import Decoder
+        self.decoder = Decoder(init_cache=self._init_cache, forward=self._apply_step)
+
+    # ----------------------------------------------------------------------------------------------- internals
+    @property
+    def text_config(self) -> TextConfig:
+        return self.module.text_config
+
+    @property
+    def dtype(self):
+        return self.module.dtype
+
+    def _rules(self):
+        from qwenimage_jax.parallel.rules import LOGICAL_RULES
+        return nn.logical_axis_rules(LOGICAL_RULES)
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._rules())
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh) if hasattr(jax, "set_mesh") else self.mesh)
+        return stack
+
+    def _apply_forward(self, params, input_ids, attention_mask, position_ids, pixel_values, grid_thw,
+                       compute_logits):
+        with self._rules():
+            return self.module.apply({"params": params}, input_ids, attention_mask, position_ids, pixel_values,
+                                     grid_thw, compute_logits)
+
+    def _init_cache(self, batch, max_length):
+        return init_kv_cache(self.text_config, batch, max_length, self.dtype)
+
+    def _apply_step(self, params, input_ids, positions, kv_mask, cache, cache_index, extra):
+        with self._rules():
+            return self.module.apply({"params": params}, input_ids, positions, kv_mask, cache, cache_index, extra,
+                                     method=Qwen3VL.step)
+
+    def _positions(self, input_ids, attention_mask, image_grid_thw):
+        """(3, B, S) position ids as transformers' forward builds them."""
+        b, s = input_ids.shape
+        if image_grid_thw is None:
+            return np.broadcast_to(np.arange(s, dtype=np.int32)[None, None], (3, b, s))  # pads included
+        from qwenimage_jax.models.qwen3_vl import processor as vl_processor
+        image_mask = np.asarray(input_ids) == self.module.ids.image_token_id
+        position_ids, _ = vl_processor.get_rope_index(
+            np.asarray(input_ids), np.asarray(attention_mask), np.asarray(image_grid_thw),
+            mm_token_type_ids=image_mask.astype(np.int32), image_token_id=self.module.ids.image_token_id,
+            spatial_merge_size=self.config.get("vision_config", {}).get("spatial_merge_size", 2))
+        return np.asarray(position_ids, np.int32)
+
+    def _run(self, input_ids, attention_mask, pixel_values, image_grid_thw, compute_logits):
+        input_ids = np.asarray(input_ids, np.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+        grid = None
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw))
+            merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
+            expected = sum(t * h * w for t, h, w in grid) // (merge * merge)
+            found = int((input_ids == self.module.ids.image_token_id).sum())
+            if expected != found:
+                raise ValueError(f"image_grid_thw {grid} gives {expected} image tokens but input_ids holds {found} "
+                                 f"<|image_pad|> tokens; expand each placeholder with the processor")
+            pixel_values = jnp.asarray(pixel_values, self.dtype)
+        position_ids = self._positions(input_ids, attention_mask, image_grid_thw if grid else None)
+        with self._context():
+            return self._forward(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
+                                 jnp.asarray(position_ids), pixel_values, grid, compute_logits)
+
+    # ------------------------------------------------------------------------------------------------ public
+    def encode(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        """Pre-norm last decoder layer states (B, S, D) — the Qwen-Image-2 conditioning."""
+        return self._run(input_ids, attention_mask, pixel_values, image_grid_thw, False)["pre_norm"]
+
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        """(B, S, vocab) fp32."""
+        return self._run(input_ids, attention_mask, pixel_values, image_grid_thw, True)["logits"]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_path is None:
+                raise FileNotFoundError("no tokenizer found beside the model; pass tokenizer_path= to "
+                                        "load_text_encoder (a directory with tokenizer.json / tokenizer_config.json)")
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def _tokenize_with_images(self, texts: list[str], images: Sequence[Any]):
+        """Processor-equivalent tokenisation with condition images (delegated to `processor.py`)."""
+        from qwenimage_jax.models.qwen3_vl import processor as vl_processor
+        return vl_processor.process(texts, images, tokenizer=self.tokenizer, config=self.image_processor_config)
+
+    def encode_prompt(self, prompts, images: Optional[Sequence[Any]] = None):
+        """(prompt_embeds (B, L, D), mask (B, L) int32 or None when all ones, image_pad_mask (B, L) bool), built as
+        diffusers' QwenImage21Pipeline does: raw template, left padding, pre-norm last layer, valid tokens only,
+        system turn dropped, right-padded to the batch maximum."""
+        from qwenimage_jax.text import templates
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty")
+        num_images = 0 if images is None else len(images)
+        texts = [templates.build_prompt(p, num_images) for p in prompts]
+        pixel_values = grid = None
+        if num_images:
+            batch = self._tokenize_with_images(texts, [img for _ in prompts for img in images])
+            pixel_values, grid = batch["pixel_values"], batch["image_grid_thw"]
+        else:
+            batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="np")
+        input_ids = np.asarray(batch["input_ids"], np.int32)
+        mask = np.asarray(batch["attention_mask"], np.int32)
+        hidden = np.asarray(self.encode(input_ids, mask, pixel_values, grid))
+        drop = templates.drop_index(self.tokenizer)
+        image_id = self.module.ids.image_token_id
+        rows, pad_rows = [], []
+        for b in range(len(prompts)):
+            keep = mask[b].astype(bool)
+            rows.append(hidden[b][keep][drop:])
+            pad_rows.append((input_ids[b][keep] == image_id)[drop:])
+        length = max(r.shape[0] for r in rows)
+        embeds = np.zeros((len(rows), length, hidden.shape[-1]), hidden.dtype)
+        out_mask = np.zeros((len(rows), length), np.int32)
+        image_pad_mask = np.zeros((len(rows), length), bool)
+        for b, (r, p) in enumerate(zip(rows, pad_rows)):
+            embeds[b, :len(r)] = r
+            out_mask[b, :len(r)] = 1
+            image_pad_mask[b, :len(p)] = p
+        return jnp.asarray(embeds), (None if out_mask.all() else jnp.asarray(out_mask)), jnp.asarray(image_pad_mask)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop_token_ids: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None):
+        """New token ids (B, max_new_tokens) int32 for left-padded text prompts (rows padded after a stop token)."""
+        from qwenimage_jax.text.generate import generate
+        with self._context():
+            return generate(self.decoder, self.params, np.asarray(input_ids, np.int32),
+                            np.asarray(attention_mask, np.int32), max_new_tokens, temperature, top_p, seed,
+                            stop_token_ids, pad_token_id)
+
+    def stream(self, input_ids, attention_mask, max_new_tokens: int, chunk: int = 8, **kwargs):
+        """Like `generate`, yielding numpy (B, n) blocks of new ids as they are produced."""
+        from qwenimage_jax.text.generate import stream
+        with self._context():
+            yield from stream(self.decoder, self.params, np.asarray(input_ids, np.int32),
+                              np.asarray(attention_mask, np.int32), max_new_tokens, chunk=chunk, **kwargs)
+
+
+def build_module(hf_config: dict, dtype=jnp.float32, param_dtype=None, with_vision: Optional[bool] = None) -> Qwen3VL:
+    """Qwen3VL module from a transformers config dict; the vision tower is included when vision.py is present."""
+    vision_cfg = None
+    vision = _vision_module() if with_vision in (None, True) else None
+    if with_vision and vision is None:
+        raise ImportError("with_vision=True but qwenimage_jax.models.qwen3_vl.vision is not available")
+    if vision is not None and "vision_config" in hf_config:
+        vision_cfg = _vision_config_from_hf(vision, hf_config["vision_config"])
+    return Qwen3VL(text_config_from_hf(hf_config), multimodal_ids_from_hf(hf_config), vision_cfg, dtype,
+                   param_dtype if param_dtype is not None else dtype)
+
+
+def abstract_params(module: Qwen3VL):
+    """Boxed (nn.Partitioned) ShapeDtypeStruct params tree, without allocating."""
+    ids = jnp.zeros((1, 4), jnp.int32)
+    pos = jnp.zeros((3, 1, 4), jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones((1, 4), jnp.int32), pos,
+                                              compute_logits=True))["params"]
+
+
+def _weight_plan(module: Qwen3VL, hf_config: dict):
+    from qwenimage_jax.convert.qwen3_vl_text import text_plan
+    plan = text_plan(module.text_config, flax_prefix=("language_model",))
+    ignore = []
+    if module.text_config.tie_word_embeddings:
+        ignore.append("lm_head.weight")
+    if module.vision_config is not None:
+        from qwenimage_jax.convert.qwen3_vl_vision import vision_plan
+        plan.update({("visual",) + tuple(path): spec
+                     for path, spec in vision_plan(module.vision_config, "model.visual.").items()})
+    else:
+        ignore.append("model.visual.*")
+    return plan, ignore
+
+
+def load_text_encoder(path: str, dtype=jnp.float32, mesh=None, tokenizer_path: Optional[str] = None,
+                      with_vision: Optional[bool] = None) -> TextEncoder:
+    """Loads a transformers Qwen3-VL directory (config.json + model*.safetensors[.index.json]) or our Orbax dir.
+
+    dtype: parameter and compute dtype (norms/softmax stay fp32). mesh: shard params by the logical rules
+    (e.g. make_mesh(fsdp=4, tensor=2)); None keeps them on the default device.
+    """
+    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config, restore_params
+    from qwenimage_jax.convert.params import assemble_params
+    from qwenimage_jax.convert.safetensors_io import SafetensorsReader, load_json_config
+    from qwenimage_jax.parallel.rules import logical_shardings
+
+    orbax = is_orbax_component(path)
+    hf_config = load_component_config(path, "text_encoder") if orbax else load_json_config(path)
+    if "text_config" not in hf_config and hf_config.get("model_type") not in (None, "qwen3_vl", "qwen3_vl_text"):
+        raise ValueError(f"{path!r} holds a {hf_config.get('model_type')!r} model, expected qwen3_vl")
+    module = build_module(hf_config, dtype, with_vision=with_vision)
+    abstract = abstract_params(module)
+    shardings = logical_shardings(abstract, mesh) if mesh is not None else None
+    if orbax:
+        params = restore_params(path, nn.meta.unbox(abstract), shardings)
+    else:
+        plan, ignore = _weight_plan(module, hf_config)
+        params = assemble_params(SafetensorsReader(path), plan, abstract, dtype=dtype, shardings=shardings,
+                                 ignore=ignore, source=f"Qwen3-VL checkpoint {path!r}")
+    image_cfg = None
+    tok_dir = _find_tokenizer_dir(path, tokenizer_path)
+    if tok_dir is not None and os.path.exists(os.path.join(tok_dir, "preprocessor_config.json")):
+        image_cfg = load_json_config(tok_dir, "preprocessor_config.json")
+    return TextEncoder(module, params, hf_config, mesh, tok_dir, image_cfg)
