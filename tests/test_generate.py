@@ -130,3 +130,34 @@ def test_right_padding_is_rejected(setup):
         encoders["tied_gqa2"].generate(ids, mask, max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         encoders["tied_gqa2"].generate(ids[:, :2], mask[:, :2], max_new_tokens=0)
+
+
+def test_expand_prompt_command_prints_the_generated_text(tmp_path, capsys):
+    import argparse
+
+    from qwenimage_jax.commands import expand_prompt
+    from tests.fixtures_tokenizer import build_tiny_tokenizer, special_token_ids
+    from tests.qwen3_vl_tiny import build_reference
+
+    tok = build_tiny_tokenizer(str(tmp_path / "tokenizer"))
+    model, path = build_reference(str(tmp_path), "tied_gqa2", special_token_ids(tok), seed=3, noise=0.3)
+    parser = argparse.ArgumentParser()
+    expand_prompt.add_arguments(parser)
+    args = parser.parse_args(["--model", path, "--tokenizer", tok, "--temperature", "0", "--max-new-tokens", "12",
+                              "--chunk", "5", "a", "cat"])
+    assert expand_prompt.run(args) == 0
+    printed = capsys.readouterr().out
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok)
+    from qwenimage_jax.text.templates import expand_messages
+    ids = tokenizer.apply_chat_template(expand_messages("a cat"), add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    ref = _hf_generate(model, np.asarray([ids]), np.ones((1, len(ids)), np.int64), 12, eos_token_id=None)[0]
+    stops = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    kept = []
+    for t in ref.tolist():
+        if t in stops:
+            break
+        kept.append(t)
+    assert printed == tokenizer.decode(kept, skip_special_tokens=True) + "\n"

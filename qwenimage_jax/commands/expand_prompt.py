@@ -1,0 +1,71 @@
+"""`qwenimage-jax expand-prompt --model PATH "a cat"`: expand a short prompt with a decoder LM, printing tokens as
+they are generated (KV-cache decode in jitted chunks).
+
+The model is any Qwen3-VL directory (transformers format or our Orbax conversion) with its tokenizer beside it or
+given by --tokenizer. Qwen's official enhancer (a Qwen3.5 fine-tune) plugs in through `text.generate.Decoder`.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("prompt", nargs="+", help="the short prompt (several words are joined with spaces)")
+    parser.add_argument("--model", required=True, help="Qwen3-VL model directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model dir, or a "
+                                                          "sibling tokenizer/ or processor/ dir)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=8, help="tokens decoded per jitted call between prints")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--system", default=None, help="replace the built-in rewriting instruction")
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = set()
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def run(args, out=None):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.text import templates
+
+    out = out or sys.stdout
+    encoder = load_text_encoder(args.model, dtype=getattr(jnp, args.dtype), tokenizer_path=args.tokenizer)
+    tokenizer = encoder.tokenizer
+    messages = templates.expand_messages(" ".join(args.prompt))
+    if args.system is not None:
+        messages[0]["content"] = args.system
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = np.asarray([ids], np.int32)
+    stops = _stop_ids(tokenizer)
+    generated: list[int] = []
+    printed = ""
+    for block in encoder.stream(ids, np.ones_like(ids), args.max_new_tokens, chunk=args.chunk,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                stop_token_ids=stops):
+        for token in block[0].tolist():
+            if token in stops:
+                break
+            generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if "\ufffd" in text[len(printed):]:  # an incomplete multi-byte character: wait for the next block
+            continue
+        out.write(text[len(printed):])
+        out.flush()
+        printed = text
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    out.write(text[len(printed):] + "\n")
+    out.flush()
+    return 0
