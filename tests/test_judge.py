@@ -159,3 +159,17 @@ def test_bad_inputs_are_rejected_with_the_fix():
     with pytest.raises(ValueError, match="to_uint8"):
         judge.judge(np.zeros((64, 64, 3), np.float32), record)
     np.testing.assert_array_equal(judge.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_words_are_read_at_other_scales_and_places(size):
+    rng = np.random.default_rng(size)
+    for scale in (0.8, 1.25):
+        for word in world.WORDS:
+            image = np.empty((size, size, 3), np.uint8)
+            image[:] = world.BACKGROUND_COLOURS["teal"]
+            mask = world.render_word_mask(word, int(world.word_font_size(size) * scale))
+            y, x = rng.integers(0, size - mask.shape[0]), rng.integers(0, size - mask.shape[1])
+            image[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = world.OBJECT_COLOURS["yellow"]
+            read, correlation = judge.read_word(judge.classify_pixels(image), "yellow", size)
+            assert read == word and correlation >= judge.WORD_MIN_CORRELATION, (scale, word, read, correlation)

@@ -33,12 +33,16 @@ ATTRIBUTES = GROUP_ATTRIBUTES + ("word", "background")
 
 def classify_pixels(image: np.ndarray) -> np.ndarray:
     """Index into PALETTE_NAMES of each pixel's nearest colour, OTHER if none is close. # (h, w, 3) -> (h, w)"""
-    pixels = np.asarray(image, np.float32)[..., :3]
+    rgb = np.asarray(image)[..., :3].astype(np.int32)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    unique, inverse = np.unique(packed.ravel(), return_inverse=True)  # classify each distinct colour once
+    colours = np.stack([unique >> 16, (unique >> 8) & 255, unique & 255], axis=-1).astype(np.float32)  # (n, 3)
     # squared distance = |p|^2 - 2 p.c + |c|^2, as one matmul
-    partial = (_PALETTE_RGB**2).sum(-1) - 2.0 * (pixels @ _PALETTE_RGB.T)  # (h, w, colours)
+    partial = (_PALETTE_RGB**2).sum(-1) - 2.0 * (colours @ _PALETTE_RGB.T)  # (n, palette)
     labels = np.argmin(partial, axis=-1)
-    nearest = np.take_along_axis(partial, labels[..., None], axis=-1)[..., 0] + (pixels**2).sum(-1)
-    return np.where(nearest <= MAX_COLOUR_DISTANCE**2, labels, OTHER)
+    nearest = partial[np.arange(len(unique)), labels] + (colours**2).sum(-1)
+    labels = np.where(nearest <= MAX_COLOUR_DISTANCE**2, labels, OTHER)
+    return labels[inverse].reshape(packed.shape)
 
 
 def min_object_area(image_size: int) -> float:
