@@ -16,7 +16,6 @@ Backends (`attention(..., backend=...)`), all computing softmax(q k^T / sqrt(hea
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -72,7 +71,6 @@ def _check_tpu_or_interpret(interpret: bool):
                            "or pass splash_interpret=True to emulate it (slow, for tests)")
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(mask_bytes: bytes, q_len: int, kv_len: int, heads: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -81,6 +79,7 @@ def _splash_kernel(mask_bytes: bytes, q_len: int, kv_len: int, heads: int, inter
     multi = splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask) for _ in range(heads)])
     block = min(_SPLASH_BLOCK, q_len, kv_len)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    # Built per trace (not cached): its mask metadata arrays belong to the trace that creates them.
     return splash.make_splash_mha(multi, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
@@ -115,6 +114,28 @@ def _splash_attention(query, key, value, mask: np.ndarray | None, key_valid, int
     return out.transpose(0, 2, 1, 3)[:, :q_len].astype(query.dtype)
 
 
+def _splash_sharded(query, key, value, mask, key_valid, interpret: bool):
+    """Splash is a per-device kernel: under a mesh, run it in shard_map with batch over (data, fsdp) and heads over
+    tensor (the sequence stays whole on each device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _splash_attention(query, key, value, mask, key_valid, interpret)
+    from jax.sharding import PartitionSpec as P
+
+    names = set(mesh.axis_names)
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in names) or None
+    head_axis = "tensor" if "tensor" in names else None
+    qkv_spec = P(batch_axes, None, head_axis, None)
+    if key_valid is None:
+        key_valid = jnp.ones(key.shape[:2], dtype=bool)
+
+    def local(q, k, v, kv):
+        return _splash_attention(q, k, v, mask, kv, interpret)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
+                         out_specs=qkv_spec, check_vma=False)(query, key, value, key_valid)
+
+
 def attention(query, key, value, *, mask: np.ndarray | None = None, key_valid=None, backend: str = "xla",
               splash_interpret: bool = False):
     """Masked multi-head attention.
@@ -143,5 +164,5 @@ def attention(query, key, value, *, mask: np.ndarray | None = None, key_valid=No
         _check_tpu_or_interpret(splash_interpret)
         if mask is not None and tuple(mask.shape) != (q_len, kv_len):
             raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected ({q_len}, {kv_len})")
-        return _splash_attention(query, key, value, mask, key_valid, splash_interpret)
+        return _splash_sharded(query, key, value, mask, key_valid, splash_interpret)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
