@@ -173,3 +173,12 @@ def test_words_are_read_at_other_scales_and_places(size):
             image[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = world.OBJECT_COLOURS["yellow"]
             read, correlation = judge.read_word(judge.classify_pixels(image), "yellow", size)
             assert read == word and correlation >= judge.WORD_MIN_CORRELATION, (scale, word, read, correlation)
+
+
+def test_evaluate_takes_model_range_batches(scenes_128):
+    images = np.stack([image for image, _, _ in scenes_128[:8]])
+    records = [record for _, _, record in scenes_128[:8]]
+    as_floats = images.astype(np.float32) / 127.5 - 1.0
+    assert judge.evaluate(as_floats, records)["overall"] == judge.evaluate(images, records)["overall"] == 1.0
+    with pytest.raises(ValueError, match="one record per image"):
+        judge.evaluate(images, records[:3])

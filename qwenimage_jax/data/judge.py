@@ -205,3 +205,14 @@ def summarise(results: Iterable[dict[str, float]]) -> dict[str, float]:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float images in [-1, 1] -> uint8 [0, 255] (the model's output range to the judge's input)."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def evaluate(images: np.ndarray, records: Iterable[world.Scene]) -> dict[str, float]:
+    """Judge a batch: images uint8 [0, 255] or float [-1, 1], (batch, h, w, 3); returns `summarise` of the results."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = to_uint8(images)
+    records = list(records)
+    if len(records) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(records)} records; pass one record per image")
+    return summarise(judge(image, record) for image, record in zip(images, records))
