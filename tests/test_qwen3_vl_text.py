@@ -148,3 +148,61 @@ def test_bad_inputs_give_clear_errors(encoders):
         enc.encode(np.zeros((5,), np.int32))
     with pytest.raises(ValueError, match="pixel_values given without image_grid_thw"):
         enc.encode(np.zeros((1, 5), np.int32), None, pixel_values=np.zeros((4, 96), np.float32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepstack_additions_and_image_scatter_match_reference_text_model(workdir, encoders, name):
+    """DeepStack rows are added at the visual positions after decoder layers 0..K-1 (K=2 here; for the 2-layer
+    config that includes the last layer, whose pre-norm output must contain it)."""
+    from qwenimage_jax.models.qwen3_vl.model import Qwen3VL, scatter_image_tokens
+
+    model, _ = workdir["models"][name]
+    dim = model.config.text_config.hidden_size
+    rng = np.random.default_rng(1)
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10], np.int64)
+    visual = np.zeros((2, 10), bool)
+    visual[0, 4:7] = True
+    visual[1, 2:8] = True
+    n_visual = int(visual.sum())
+    text_embeds = rng.normal(size=(2, 10, dim)).astype(np.float32)
+    image_embeds = rng.normal(size=(n_visual, dim)).astype(np.float32)
+    deepstack = [rng.normal(size=(n_visual, dim)).astype(np.float32) for _ in range(2)]
+    positions = np.sort(rng.integers(0, 12, size=(3, 2, 10)), axis=-1)
+    ref_embeds = torch.from_numpy(text_embeds).masked_scatter(torch.from_numpy(visual)[..., None],
+                                                              torch.from_numpy(image_embeds))
+    lm = model.model.language_model
+    handle = lm.norm.register_forward_hook(lambda module, args, output: args[0])
+    try:
+        with torch.no_grad():
+            ref = lm(inputs_embeds=ref_embeds, attention_mask=torch.from_numpy(mask),
+                     position_ids=torch.from_numpy(positions), visual_pos_masks=torch.from_numpy(visual),
+                     deepstack_visual_embeds=[torch.from_numpy(d) for d in deepstack]).last_hidden_state.numpy()
+    finally:
+        handle.remove()
+    embeds = scatter_image_tokens(jnp.asarray(text_embeds), jnp.asarray(visual), jnp.asarray(image_embeds))
+    assert max_rel_err(embeds, ref_embeds.numpy()) == 0.0
+    dense = jnp.stack([scatter_image_tokens(jnp.zeros_like(embeds), jnp.asarray(visual), jnp.asarray(d))
+                       for d in deepstack])
+    enc = encoders[name]
+
+    def run(module, *args):
+        return module.language_model(*args, compute_logits=False)["pre_norm"]
+
+    ours = enc.module.apply({"params": enc.params}, embeds, jnp.asarray(positions), jnp.asarray(mask), dense,
+                            method=run)
+    valid = mask.astype(bool)
+    assert max_rel_err(np.asarray(ours)[valid], ref[valid]) <= 1e-4
+    without = enc.module.apply({"params": enc.params}, embeds, jnp.asarray(positions), jnp.asarray(mask), None,
+                               method=run)
+    assert max_rel_err(np.asarray(without)[valid], ref[valid]) > 1e-2  # the additions matter
+    assert isinstance(enc.module, Qwen3VL)
+
+
+def test_orbax_conversion_round_trip(workdir, encoders, tmp_path):
+    from qwenimage_jax.convert.orbax_io import save_component
+
+    enc = encoders["untied_gqa3"]
+    dst = save_component(str(tmp_path / "orbax"), enc.params, dict(enc.config), "text_encoder")
+    again = load_text_encoder(dst)
+    ids, mask = _left_padded_batch(workdir["ids"]["<|endoftext|>"])
+    assert max_rel_err(again.logits(ids, mask), enc.logits(ids, mask)) == 0.0
