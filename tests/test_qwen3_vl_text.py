@@ -206,3 +206,28 @@ def test_orbax_conversion_round_trip(workdir, encoders, tmp_path):
     again = load_text_encoder(dst)
     ids, mask = _left_padded_batch(workdir["ids"]["<|endoftext|>"])
     assert max_rel_err(again.logits(ids, mask), enc.logits(ids, mask)) == 0.0
+
+
+def test_prepare_inputs_with_images_matches_transformers_processor(workdir, tmp_path):
+    """Template + image-pad expansion + left padding equal Qwen3VLProcessor's output for two images of different
+    sizes (the tokens the vision tower's embeddings will fill)."""
+    from PIL import Image
+
+    from qwenimage_jax.text.templates import build_prompt
+    from tests.fixtures_tokenizer import build_tiny_processor
+
+    proc_dir = build_tiny_processor(str(tmp_path / "processor"), patch_size=4)
+    enc = load_text_encoder(workdir["models"]["tied_gqa2"][1], tokenizer_path=proc_dir)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, size=(20, 28, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 255, size=(36, 16, 3), dtype=np.uint8))]
+    texts = [build_prompt("a cat", 2), build_prompt("two images, a much longer prompt here", 2)]
+    ref = load_processor_without_torchvision(proc_dir)(text=texts, images=images * 2, padding=True,
+                                                       padding_side="left", return_tensors="np")
+    ours = enc.prepare_inputs(texts, images * 2)
+    for key in ("input_ids", "attention_mask", "image_grid_thw"):
+        np.testing.assert_array_equal(ours[key], ref[key])
+    np.testing.assert_allclose(ours["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-6)
+    assert len({tuple(g) for g in ours["image_grid_thw"]}) == 2
+    with pytest.raises(ValueError, match="placeholder"):
+        enc.prepare_inputs([build_prompt("x", 1)], images)

@@ -46,6 +46,27 @@ def _vision_config_from_hf(vision, hf_vision: dict):
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in hf_vision.items() if k in fields})
 
 
+def _call_with_accepted(fn, available: dict):
+    """Calls fn with the entries of `available` its signature accepts (by name)."""
+    import inspect
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**available)
+    return fn(**{k: v for k, v in available.items() if k in params})
+
+
+def _rgb_over_white(image):
+    """PIL/numpy image -> RGB PIL image; RGBA is composited over white (Qwen-Image-2's VLM input)."""
+    from PIL import Image
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    if image.mode == "RGBA":
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.getchannel("A"))
+        return white
+    return image
+
+
 def scatter_image_tokens(text_embeds: jax.Array, image_mask: jax.Array, image_embeds: jax.Array) -> jax.Array:
     """`masked_scatter`: rows of image_embeds (N, D) fill the True slots of image_mask (B, S) in row-major order.
 
@@ -139,7 +160,7 @@ class TextEncoder:
         self.tokenizer_path = tokenizer_path
         self.image_processor_config = image_processor_config
         self._tokenizer = None
-        self._processor = None
+        self._image_processor = None
         self._forward = jax.jit(self._apply_forward, static_argnames=("grid_thw", "compute_logits"))
         from qwenimage_jax.text.generate import Decoder
         self.decoder = Decoder(init_cache=self._init_cache, forward=self._apply_step)
@@ -184,11 +205,15 @@ class TextEncoder:
         if image_grid_thw is None:
             return np.broadcast_to(np.arange(s, dtype=np.int32)[None, None], (3, b, s))  # pads included
         from qwenimage_jax.models.qwen3_vl import processor as vl_processor
-        image_mask = np.asarray(input_ids) == self.module.ids.image_token_id
-        position_ids, _ = vl_processor.get_rope_index(
-            np.asarray(input_ids), np.asarray(attention_mask), np.asarray(image_grid_thw),
-            mm_token_type_ids=image_mask.astype(np.int32), image_token_id=self.module.ids.image_token_id,
-            spatial_merge_size=self.config.get("vision_config", {}).get("spatial_merge_size", 2))
+        ids = self.module.ids
+        image_mask = np.asarray(input_ids) == ids.image_token_id
+        available = dict(input_ids=np.asarray(input_ids), attention_mask=np.asarray(attention_mask),
+                         image_grid_thw=np.asarray(image_grid_thw), mm_token_type_ids=image_mask.astype(np.int32),
+                         image_token_id=ids.image_token_id, video_token_id=ids.video_token_id,
+                         vision_start_token_id=ids.vision_start_token_id,
+                         spatial_merge_size=self.config.get("vision_config", {}).get("spatial_merge_size", 2),
+                         config=self.config)
+        position_ids, _ = _call_with_accepted(vl_processor.get_rope_index, available)
         return np.asarray(position_ids, np.int32)
 
     def _run(self, input_ids, attention_mask, pixel_values, image_grid_thw, compute_logits):
@@ -234,10 +259,57 @@ class TextEncoder:
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         return self._tokenizer
 
-    def _tokenize_with_images(self, texts: list[str], images: Sequence[Any]):
-        """Processor-equivalent tokenisation with condition images (delegated to `processor.py`)."""
-        from qwenimage_jax.models.qwen3_vl import processor as vl_processor
-        return vl_processor.process(texts, images, tokenizer=self.tokenizer, config=self.image_processor_config)
+    @property
+    def image_processor(self):
+        """Callable `(images=[...], return_tensors="np") -> {"pixel_values", "image_grid_thw"}` (with `.merge_size`).
+
+        Default: transformers' Qwen2-VL image processor read from the tokenizer/processor directory (its PIL
+        backend needs no torchvision). Assign another implementation to replace it.
+        """
+        if self._image_processor is None:
+            if self.tokenizer_path is None or self.image_processor_config is None:
+                raise FileNotFoundError("no preprocessor_config.json beside the tokenizer; cannot process images "
+                                        "(pass tokenizer_path= a Qwen3-VL processor directory)")
+            from transformers import AutoImageProcessor
+            self._image_processor = AutoImageProcessor.from_pretrained(self.tokenizer_path)
+        return self._image_processor
+
+    @image_processor.setter
+    def image_processor(self, value):
+        self._image_processor = value
+
+    def prepare_inputs(self, texts: Sequence[str], images: Optional[Sequence[Any]] = None) -> dict:
+        """What `Qwen3VLProcessor(text=texts, images=images, padding=True, padding_side="left")` returns: each
+        `<|image_pad|>` (in reading order over texts) expanded to its image's t*h*w/merge^2 tokens; numpy arrays."""
+        from qwenimage_jax.text.templates import IMAGE_PAD
+
+        texts = list(texts)
+        out = {}
+        if images:
+            processed = self.image_processor(images=list(images), return_tensors="np")
+            grid = np.asarray(processed["image_grid_thw"])
+            merge = int(getattr(self.image_processor, "merge_size", None)
+                        or self.config.get("vision_config", {}).get("spatial_merge_size", 2))
+            counts = [int(np.prod(g)) // (merge * merge) for g in grid]
+            placeholders = sum(t.count(IMAGE_PAD) for t in texts)
+            if placeholders != len(counts):
+                raise ValueError(f"{len(counts)} image(s) given but the texts hold {placeholders} {IMAGE_PAD} "
+                                 f"placeholder(s)")
+            expanded, k = [], 0
+            for text in texts:
+                pieces = text.split(IMAGE_PAD)
+                joined = pieces[0]
+                for piece in pieces[1:]:
+                    joined += IMAGE_PAD * counts[k] + piece
+                    k += 1
+                expanded.append(joined)
+            texts = expanded
+            out["pixel_values"] = np.asarray(processed["pixel_values"])
+            out["image_grid_thw"] = grid
+        batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="np")
+        out["input_ids"] = np.asarray(batch["input_ids"], np.int64)
+        out["attention_mask"] = np.asarray(batch["attention_mask"], np.int64)
+        return out
 
     def encode_prompt(self, prompts, images: Optional[Sequence[Any]] = None):
         """(prompt_embeds (B, L, D), mask (B, L) int32 or None when all ones, image_pad_mask (B, L) bool), built as
@@ -250,12 +322,11 @@ class TextEncoder:
             raise ValueError("prompts is empty")
         num_images = 0 if images is None else len(images)
         texts = [templates.build_prompt(p, num_images) for p in prompts]
-        pixel_values = grid = None
-        if num_images:
-            batch = self._tokenize_with_images(texts, [img for _ in prompts for img in images])
-            pixel_values, grid = batch["pixel_values"], batch["image_grid_thw"]
-        else:
-            batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="np")
+        condition = None
+        if num_images:  # one set of images per prompt, RGBA composited over white (as the pipeline does)
+            condition = [_rgb_over_white(img) for _ in prompts for img in images]
+        batch = self.prepare_inputs(texts, condition)
+        pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
         input_ids = np.asarray(batch["input_ids"], np.int32)
         mask = np.asarray(batch["attention_mask"], np.int32)
         hidden = np.asarray(self.encode(input_ids, mask, pixel_values, grid))
