@@ -22,12 +22,13 @@ def setup(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("qwen3_vl_generate"))
     ids = special_token_ids(build_tiny_tokenizer(os.path.join(root, "tokenizer")))
     assert ids["<|endoftext|>"] == PAD
-    models, encoders = {}, {}
+    models, encoders, paths = {}, {}, {}
     for i, name in enumerate(NAMES):
         # larger weights give peaked, seed-dependent next-token distributions
         model, path = build_reference(root, name, ids, seed=10 + i, noise=0.3)
         models[name], encoders[name] = model, load_text_encoder(path)
-    return models, encoders
+        paths[name] = path
+    return models, encoders, paths
 
 
 def _prompts():
@@ -46,7 +47,7 @@ def _hf_generate(model, ids, mask, max_new_tokens, **kwargs):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_20_tokens_equal_transformers_generate(setup, name):
-    models, encoders = setup
+    models, encoders, _ = setup
     ids, mask = _prompts()
     ref = _hf_generate(models[name], ids, mask, 20, eos_token_id=None)
     ours = np.asarray(encoders[name].generate(ids, mask, max_new_tokens=20))
@@ -56,7 +57,7 @@ def test_greedy_20_tokens_equal_transformers_generate(setup, name):
 
 
 def test_greedy_with_stop_token_equals_transformers_eos_padding(setup):
-    models, encoders = setup
+    models, encoders, _ = setup
     ids, mask = _prompts()
     free = np.asarray(encoders["tied_gqa2"].generate(ids, mask, max_new_tokens=20))
     stop = int(free[0, 5])  # row 0 stops at step 5 (or earlier if the token repeats)
@@ -70,7 +71,7 @@ def test_greedy_with_stop_token_equals_transformers_eos_padding(setup):
 
 
 def test_sampling_is_reproducible_and_respects_stop_tokens(setup):
-    _, encoders = setup
+    _, encoders, _ = setup
     enc = encoders["untied_gqa3"]
     ids, mask = _prompts()
     kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.9)
@@ -115,7 +116,7 @@ def test_top_p_keeps_the_same_tokens_as_transformers_warper():
 
 
 def test_stream_yields_the_generate_tokens(setup):
-    _, encoders = setup
+    _, encoders, _ = setup
     enc = encoders["tied_gqa2"]
     ids, mask = _prompts()
     chunks = list(enc.stream(ids, mask, max_new_tokens=20, chunk=6))
@@ -124,7 +125,7 @@ def test_stream_yields_the_generate_tokens(setup):
 
 
 def test_right_padding_is_rejected(setup):
-    _, encoders = setup
+    _, encoders, _ = setup
     ids = np.array([[5, 6, PAD]]); mask = np.array([[1, 1, 0]])
     with pytest.raises(ValueError, match="LEFT-padded"):
         encoders["tied_gqa2"].generate(ids, mask, max_new_tokens=4)
@@ -161,3 +162,13 @@ def test_expand_prompt_command_prints_the_generated_text(tmp_path, capsys):
             break
         kept.append(t)
     assert printed == tokenizer.decode(kept, skip_special_tokens=True) + "\n"
+
+
+def test_sharded_generation_equals_single_device(setup):
+    from qwenimage_jax.parallel.mesh import make_mesh
+
+    _, encoders, paths = setup
+    sharded = load_text_encoder(paths["untied_gqa3"], mesh=make_mesh(fsdp=4, tensor=2))
+    ids, mask = _prompts()
+    np.testing.assert_array_equal(np.asarray(sharded.generate(ids, mask, max_new_tokens=8)),
+                                  np.asarray(encoders["untied_gqa3"].generate(ids, mask, max_new_tokens=8)))
