@@ -113,6 +113,10 @@ def test_encode_prompt_matches_diffusers_pipeline(workdir, encoders, name):
     one = encoders[name].encode_prompt("a dog")
     assert one[1] is None and one_ref[1] is None
     assert max_rel_err(one[0], one_ref[0].numpy()) <= 1e-4
+    # bucketed (extra left padding) encoding: same shapes and masks, values within float rounding
+    bucketed = encoders[name].encode_prompt(prompts, pad_to_multiple=32)
+    assert max_rel_err(bucketed[0], ref_embeds.numpy()) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(bucketed[1]), ref_mask.numpy())
 
 
 def test_sharded_forward_matches_single_device(workdir, encoders):

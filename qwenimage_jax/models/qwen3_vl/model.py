@@ -311,10 +311,15 @@ class TextEncoder:
         out["attention_mask"] = np.asarray(batch["attention_mask"], np.int64)
         return out
 
-    def encode_prompt(self, prompts, images: Optional[Sequence[Any]] = None):
+    def encode_prompt(self, prompts, images: Optional[Sequence[Any]] = None, pad_to_multiple: Optional[int] = None):
         """(prompt_embeds (B, L, D), mask (B, L) int32 or None when all ones, image_pad_mask (B, L) bool), built as
         diffusers' QwenImage21Pipeline does: raw template, left padding, pre-norm last layer, valid tokens only,
-        system turn dropped, right-padded to the batch maximum."""
+        system turn dropped, right-padded to the batch maximum.
+
+        pad_to_multiple: extra left padding of the encoder input up to a multiple of this many tokens, so prompts of
+        nearby lengths share one compiled program. Outputs keep their shapes; values move by float rounding only
+        (RoPE sees offsets within a row), not bit-exact to the pipeline — leave None for exact replication.
+        """
         from qwenimage_jax.text import templates
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -329,6 +334,11 @@ class TextEncoder:
         pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
         input_ids = np.asarray(batch["input_ids"], np.int32)
         mask = np.asarray(batch["attention_mask"], np.int32)
+        if pad_to_multiple:
+            extra = -input_ids.shape[1] % int(pad_to_multiple)
+            pad_id = self.tokenizer.pad_token_id or 0
+            input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+            mask = np.pad(mask, ((0, 0), (extra, 0)))
         hidden = np.asarray(self.encode(input_ids, mask, pixel_values, grid))
         drop = templates.drop_index(self.tokenizer)
         image_id = self.module.ids.image_token_id
