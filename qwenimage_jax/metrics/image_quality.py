@@ -65,6 +65,13 @@ def ssim(a, b, data_range: float):
     size = 2 * SSIM_RADIUS + 1
     if a.shape[1] < size or a.shape[2] < size:
         raise ValueError(f"ssim: images of {a.shape[1]}x{a.shape[2]} are smaller than the {size}x{size} window")
+    value = _ssim_per_image(a, b, jnp.asarray(data_range, a.dtype))
+    return value[0] if single else value
+
+
+@jax.jit
+def _ssim_per_image(a, b, data_range):
+    """(B, H, W, C) pair -> (B,) mean SSIM."""
     taps = _gaussian_taps(a.dtype)
     mu_a, mu_b = _blur_valid(a, taps), _blur_valid(b, taps)
     var_a = _blur_valid(a * a, taps) - mu_a * mu_a
@@ -73,5 +80,5 @@ def ssim(a, b, data_range: float):
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    value = jnp.mean(ssim_map, axis=(1, 2, 3))  # equal-size channels: mean of per-channel means
-    return value[0] if single else value
+    return jnp.mean(ssim_map, axis=(1, 2, 3))  # equal-size channels: mean of per-channel means
+
