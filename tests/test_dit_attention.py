@@ -3,6 +3,7 @@
 "dot_product_attention" (jax.nn, XLA) and "splash" (Pallas, in interpret mode on CPU) must give the einsum's answer
 for the block-causal mask with key padding, alone and inside the whole DiT (also with the splash kernel in
 shard_map under a data x tensor mesh). "cudnn" and non-interpreted "splash" must refuse CPU with a clear message.
+Also the runtime options of the module: remat leaves gradients unchanged, bf16 compute stays close to fp32.
 """
 import dataclasses
 
@@ -113,3 +114,24 @@ def test_layout_and_mask_are_built_once_per_shape():
     assert first is again
     assert first.mask is again.mask
     assert first.mask.shape == (first.seq_len, first.seq_len) == (17, 17)
+
+
+def test_remat_keeps_gradients_and_bf16_stays_close_to_fp32(tiny_model):
+    model, inputs, _ = tiny_model
+    latents, text = inputs[:2]
+    timestep = jnp.array([0.5, 0.25])        # exact in bf16 (the reference rounds t to the compute dtype first)
+
+    def loss(params, cfg):
+        return jnp.mean(DiT(cfg).apply({"params": params}, latents, text, timestep, SHAPES, IMG_MASK) ** 2)
+
+    plain = jax.jit(jax.grad(lambda p: loss(p, TINY)))(model.params)
+    remat = jax.jit(jax.grad(lambda p: loss(p, dataclasses.replace(TINY, remat="full"))))(model.params)
+    for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
+        assert max_rel_err(a, b) <= 1e-5
+
+    fp32 = jax.jit(lambda p: DiT(TINY).apply({"params": p}, latents, text, timestep, SHAPES, IMG_MASK))(model.params)
+    bf16_cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16)
+    bf16 = jax.jit(lambda p: DiT(bf16_cfg).apply({"params": p}, latents, text, timestep, SHAPES, IMG_MASK))(
+        model.params)
+    assert bf16.dtype == jnp.bfloat16
+    assert max_rel_err(bf16.astype(jnp.float32), fp32) <= 3e-2

@@ -132,6 +132,15 @@ class DiTConfig:
         return {"_class_name": "QwenImage21Transformer2DModel", **out}
 
 
+def dit_config_from(config) -> DiTConfig:
+    """A `configs/dit_*.py` ConfigDict (`model` = diffusers fields; dtype, param_dtype, attention, remat) -> DiTConfig.
+    `compute_dtype` is accepted as a synonym of `dtype` (trainer configs)."""
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    dtype = get("dtype", None) or get("compute_dtype", None) or "float32"
+    return DiTConfig.from_diffusers(dict(get("model")), dtype=dtype, param_dtype=get("param_dtype", None) or "float32",
+                                    attention=get("attention", None) or "xla", remat=get("remat", None) or "none")
+
+
 def check_parallelism(config: DiTConfig, mesh, batch_size: int | None = None) -> None:
     """Raises a readable error when the model or batch cannot be split over `mesh` (a Mesh or AbstractMesh)."""
     if mesh is None or getattr(mesh, "empty", False):
