@@ -93,3 +93,14 @@ def test_rejects_sizes_off_the_patch_grid(models):
     _, ours = models
     with pytest.raises(ValueError, match="multiples of the patch size 7"):
         ours.features(np.zeros((1, 30, 28, 3), np.float32), layer=1)
+
+
+def test_orbax_round_trip(models, tmp_path):
+    from qwenimage_jax.convert.orbax_io import save_component
+
+    _, ours = models
+    save_component(str(tmp_path / "dino"), ours.params, ours.config, "dinov2")
+    restored = load_dinov2(str(tmp_path / "dino"))
+    pixel_values = np.random.default_rng(4).normal(size=(1, 28, 42, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(restored(pixel_values)["last_hidden_state"]),
+                                  np.asarray(ours(pixel_values)["last_hidden_state"]))

@@ -114,3 +114,20 @@ def test_demo_writes_grid_and_figures(tmp_path, capsys):
     grid = np.asarray(Image.open(tmp_path / "reconstructions.png"))
     assert grid.shape == (64, 64, 3)
     assert len(ROW.findall(stdout)) == 2 and MEAN.search(stdout)
+
+
+def test_bundled_photos_are_small_attributed_rgb():
+    from qwenimage_jax.assets import PHOTO_DIR, load_photo
+
+    paths = photo_paths()
+    assert 6 <= len(paths) <= 8
+    attribution = (PHOTO_DIR / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    assert sum(p.stat().st_size for p in paths.values()) < 2 * 1024 * 1024
+    for name, path in paths.items():
+        assert f"`{path.name}`" in attribution, f"{path.name} has no attribution row"
+        image = load_photo(name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert max(image.shape[:2]) <= 512 and image.shape[0] % 16 == 0 and image.shape[1] % 16 == 0
+    assert load_photo("chelsea", (48, 80)).shape == (48, 80, 3)
+    with pytest.raises(KeyError, match="no bundled photo named 'lena'"):
+        load_photo("lena")
