@@ -92,3 +92,14 @@ def test_assemble_places_leaves_on_shardings():
     shardings = {"dense": {"kernel": rep}, "norm": {"scale": rep}, "layers": {"kernel": spec}}
     params = assemble_params(_store(), _plan(), _target(), shardings=shardings)
     assert params["layers"]["kernel"].sharding == spec
+
+
+def test_export_tensors_inverts_the_plan():
+    store = _store()
+    params = assemble_params(store, _plan(), _target())
+    shapes = {k: v.shape for k, v in store.items()}
+    exported = __import__("qwenimage_jax.convert.params", fromlist=["export_tensors"]).export_tensors(
+        params, _plan(), shapes)
+    assert sorted(exported) == sorted(store)
+    for k in store:
+        np.testing.assert_array_equal(exported[k], store[k])

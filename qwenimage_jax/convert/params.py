@@ -129,3 +129,39 @@ def assemble_params(
         raise WeightKeyError(f"cannot load {source}: {len(shape_errors)} shape mismatch(es):\n  - "
                              + "\n  - ".join(shape_errors[:30]))
     return flax.traverse_util.unflatten_dict(flat_out)
+
+
+def export_tensors(params: Mapping, plan: Mapping[tuple[str, ...], WeightSpec],
+                   torch_shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """The inverse of `assemble_params`: Flax params -> `{torch_key: array}` in the reference layout.
+
+    Works for every plan whose transforms only move elements (transpose, reshape, stack): each transform is
+    applied to arrays of element indices, which tells where every element of the Flax leaf came from.
+    `torch_shapes` gives the reference shape of each key (e.g. from the reference model's state dict, or the
+    keys of a checkpoint written earlier).
+    """
+    flat = _flatten(_unbox(params))
+    out: dict[str, np.ndarray] = {}
+    for path, spec in plan.items():
+        if path not in flat:
+            raise WeightKeyError(f"params have no leaf {'/'.join(path)} required by the plan")
+        missing = [k for k in spec.keys if k not in torch_shapes]
+        if missing:
+            raise WeightKeyError(f"no reference shape for {missing}")
+        shapes = [tuple(int(d) for d in torch_shapes[k]) for k in spec.keys]
+        sizes = [int(np.prod(s)) for s in shapes]
+        offsets = np.cumsum([0] + sizes)
+        probes = [np.arange(o, o + n, dtype=np.int64).reshape(s) for o, n, s in zip(offsets, sizes, shapes)]
+        index = np.rint(np.asarray(spec.transform(probes), dtype=np.float64)).astype(np.int64)
+        value = np.asarray(jax.device_get(flat[path]))
+        if index.shape != value.shape:
+            raise WeightKeyError(f"{'/'.join(path)}: the plan maps {spec.keys[0]} to shape {index.shape}, "
+                                 f"but the params hold {value.shape}")
+        total = int(offsets[-1])
+        if index.size != total or not np.array_equal(np.sort(index.ravel()), np.arange(total)):
+            raise WeightKeyError(f"{'/'.join(path)}: its transform is not a pure rearrangement; export it by hand")
+        buffer = np.empty(total, value.dtype)
+        buffer[index.ravel()] = value.ravel()
+        for key, shape, start, size in zip(spec.keys, shapes, offsets, sizes):
+            out[key] = buffer[start:start + size].reshape(shape)
+    return out
