@@ -386,12 +386,29 @@ def build_module(hf_config: dict, dtype=jnp.float32, param_dtype=None, with_visi
                    param_dtype if param_dtype is not None else dtype)
 
 
-def abstract_params(module: Qwen3VL):
-    """Boxed (nn.Partitioned) ShapeDtypeStruct params tree, without allocating."""
+def abstract_params(module: Qwen3VL, hf_config: Optional[dict] = None):
+    """Boxed (nn.Partitioned) ShapeDtypeStruct params tree, without allocating.
+
+    With a vision tower, a dummy one-token image (grid (1, merge, merge)) is traced so its params exist too;
+    hf_config supplies the patch geometry then.
+    """
     ids = jnp.zeros((1, 4), jnp.int32)
     pos = jnp.zeros((3, 1, 4), jnp.int32)
-    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones((1, 4), jnp.int32), pos,
-                                              compute_logits=True))["params"]
+    pixels = grid = None
+    if module.vision_config is not None:
+        vision = (hf_config or {}).get("vision_config", {})
+        merge = vision.get("spatial_merge_size", 2)
+        patch_dim = (vision.get("in_channels", 3) * vision.get("temporal_patch_size", 2)
+                     * vision.get("patch_size", 16) ** 2)
+        ids = ids.at[0, 1].set(module.ids.image_token_id)
+        pixels = jnp.zeros((merge * merge, patch_dim), module.dtype)
+        grid = ((1, merge, merge),)
+
+    def init():
+        return module.init(jax.random.PRNGKey(0), ids, jnp.ones((1, 4), jnp.int32), pos, pixels, grid,
+                           compute_logits=True)["params"]
+
+    return jax.eval_shape(init)
 
 
 def _weight_plan(module: Qwen3VL, hf_config: dict):
@@ -426,7 +443,7 @@ def load_text_encoder(path: str, dtype=jnp.float32, mesh=None, tokenizer_path: O
     if "text_config" not in hf_config and hf_config.get("model_type") not in (None, "qwen3_vl", "qwen3_vl_text"):
         raise ValueError(f"{path!r} holds a {hf_config.get('model_type')!r} model, expected qwen3_vl")
     module = build_module(hf_config, dtype, with_vision=with_vision)
-    abstract = abstract_params(module)
+    abstract = abstract_params(module, hf_config)
     shardings = logical_shardings(abstract, mesh) if mesh is not None else None
     if orbax:
         params = restore_params(path, nn.meta.unbox(abstract), shardings)
