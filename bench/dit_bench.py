@@ -121,7 +121,12 @@ def gpu(args):
     from qwenimage_jax.models.dit import DiT, DiTConfig, init_transformer, joint_layout, layout_key
 
     print(f"[gpu] devices: {jax.devices()}")
-    cfg = DiTConfig(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=args.attention)
+    if args.dry_run:  # the same code path on a tiny model (checks the script itself on CPU)
+        cfg = DiTConfig(in_channels=64, out_channels=64, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                        context_in_dim=4096, axes_dims_rope=(4, 6, 6), dtype=jnp.bfloat16,
+                        param_dtype=jnp.bfloat16, attention=args.attention)
+    else:
+        cfg = DiTConfig(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=args.attention)
     text_len, grid = args.text_tokens, (1, args.resolution // 16, args.resolution // 16)
     n_tgt = grid[1] * grid[2]
     shapes, mask = layout_key([grid], [False] * text_len + [True] * (n_tgt // 4))
@@ -161,7 +166,8 @@ def gpu(args):
     from diffusers import QwenImage21Transformer2DModel
 
     with torch.device("cuda"):
-        ref = QwenImage21Transformer2DModel().to(torch.bfloat16).eval()
+        ref = QwenImage21Transformer2DModel(**{k: v for k, v in cfg.to_diffusers().items()
+                                               if not k.startswith("_")}).to(torch.bfloat16).eval()
     th = torch.randn(1, n_tgt, 64, device="cuda", dtype=torch.bfloat16)
     te = torch.randn(1, text_len, 4096, device="cuda", dtype=torch.bfloat16)
     tt = torch.tensor([0.5], device="cuda")
@@ -187,8 +193,11 @@ def main():
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--dry-run", action="store_true", help="run the --gpu code path on a 2-layer model (CPU ok)")
     args = parser.parse_args()
-    if args.gpu:
+    if args.gpu or args.dry_run:
+        # leave room for the diffusers model on the same GPU
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
         gpu(args)
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -139,6 +139,26 @@ def test_prefix_kv_extract_and_cached_match_reference(models):
     assert cached.sample.shape == ref_cached.shape == (2, n_tgt, model.config.out_channels)
     assert max_rel_err(cached.sample, ref_cached) <= TOL
     assert max_rel_err(cached.sample, ref_full[:, -n_tgt:]) <= TOL
+    # the reference-style call (all latents, text and mask passed again) gives the same answer
+    cached_full = ours(new_hidden.numpy(), text.numpy(), np.array([0.4, 0.2]), shapes, img_mask.numpy(),
+                       encoder_hidden_states_mask=mask.numpy(), kv_cache_mode="cached", kv_cache=prefix_kv)
+    assert max_rel_err(cached_full.sample, ref_cached) <= TOL
+
+
+def test_without_causal_condition_every_token_uses_its_own_timestep(tmp_path):
+    torch.manual_seed(2)
+    model = QwenImage21Transformer2DModel(**{**CONFIGS["A"], "causal_condition": False}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    ours = load_transformer(str(tmp_path))
+    hidden, text, img_mask, shapes = edit_inputs("A")
+    out, ref = run_both(model, ours, hidden, text, torch.tensor([0.3, 0.5]), shapes, img_mask,
+                        padded_mask(img_mask, text.shape[1], pad=1))
+    assert max_rel_err(out, ref) <= TOL
+    with pytest.raises(ValueError, match="causal_condition=True"):
+        ours(hidden.numpy(), text.numpy(), np.array([0.3, 0.5]), shapes, img_mask.numpy(), kv_cache_mode="extract")
 
 
 # ---- reference helpers, compared directly ----------------------------------------------------------------------
