@@ -17,6 +17,8 @@ $(VENV)/.base: setup.py
 $(VENV)/.test: $(VENV)/.base setup.py
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
+	# lpips (the PyTorch reference for our LPIPS) declares torchvision, which must not replace the CPU torch.
+	$(PIP) install -q --no-deps "lpips==0.1.4"
 	touch $@
 
 venv: $(VENV)/.base

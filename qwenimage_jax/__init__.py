@@ -17,6 +17,8 @@ _LAZY = {
     "load_text_encoder": "qwenimage_jax.models.qwen3_vl",
     "QwenImagePipeline": "qwenimage_jax.sampling.pipeline",
     "make_mesh": "qwenimage_jax.parallel.mesh",
+    "load_lpips": "qwenimage_jax.models.lpips",
+    "load_dinov2": "qwenimage_jax.models.dinov2",
 }
 
 

@@ -17,6 +17,8 @@ COMMANDS = {
     "sample": ("qwenimage_jax.commands.sample", "text-to-image / editing with a Qwen-Image-2 model directory"),
     "expand-prompt": ("qwenimage_jax.commands.expand_prompt", "expand a short prompt with a decoder LM (KV cache)"),
     "train-vae": ("qwenimage_jax.commands.train_vae", "train the VAE (L1 + LPIPS + annealed alignment)"),
+    "eval-vae": ("qwenimage_jax.commands.eval_vae", "VAE reconstruction metrics (PSNR/SSIM/LPIPS/rFD) vs bicubic"),
+    "cache-latents": ("qwenimage_jax.commands.cache_latents", "encode images + captions into DiT training shards"),
     "train-dit": ("qwenimage_jax.commands.train_dit", "train the DiT with flow matching"),
     "distill": ("qwenimage_jax.commands.distill", "DMD step distillation of the DiT"),
 }

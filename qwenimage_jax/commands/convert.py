@@ -9,6 +9,7 @@ LOADERS = {
     "vae": ("qwenimage_jax.models.vae", "load_vae"),
     "transformer": ("qwenimage_jax.models.dit", "load_transformer"),
     "text_encoder": ("qwenimage_jax.models.qwen3_vl", "load_text_encoder"),
+    "dinov2": ("qwenimage_jax.models.dinov2", "load_dinov2"),
 }
 
 
