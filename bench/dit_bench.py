@@ -49,7 +49,7 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cpu_latency(repeats: int = 7):
+def cpu_latency(repeats: int = 7, threads: int = 1):
     import jax
     import numpy as np
     import torch
@@ -57,7 +57,7 @@ def cpu_latency(repeats: int = 7):
 
     from qwenimage_jax.models.dit import load_transformer
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))   # the same cores XLA uses
+    torch.set_num_threads(threads)   # XLA gets the same count through XLA_FLAGS (set in main)
     config = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=4, attention_head_dim=64,
                   num_attention_heads=4, context_in_dim=256, mlp_ratio=3, axes_dims_rope=[16, 24, 24], eps=1e-6,
                   causal_condition=True)
@@ -86,7 +86,7 @@ def cpu_latency(repeats: int = 7):
         jax_times.append(_median_time(lambda: ours(*args).sample.block_until_ready(), 1))
     torch_s, jax_s = statistics.median(torch_times), statistics.median(jax_times)
     print(f"[cpu] config width {4 * 64}, 4 layers, {text_len} text + {n_tgt} image tokens, batch 1, fp32, "
-          f"{jax.device_count()} device(s)")
+          f"{threads} thread(s) each")
     print(f"[cpu] diffusers eager {torch_s * 1e3:.1f} ms | ours jit {jax_s * 1e3:.1f} ms | "
           f"ratio ours/diffusers {jax_s / torch_s:.2f} | max rel err {err:.1e}")
 
@@ -193,6 +193,9 @@ def main():
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for both sides (1 = stable figures on a shared machine; torch's OpenMP "
+                             "threads degrade badly when cores are oversubscribed)")
     parser.add_argument("--dry-run", action="store_true", help="run the --gpu code path on a 2-layer model (CPU ok)")
     args = parser.parse_args()
     if args.gpu or args.dry_run:
@@ -201,10 +204,13 @@ def main():
         gpu(args)
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if args.threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                       + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest")
-        cpu_latency(args.repeats)
+        cpu_latency(args.repeats, args.threads)
         compile_time_vs_depth()
 
 

@@ -35,6 +35,23 @@ The Linen module, for use inside jit (training, the sampling loop):
     img_shapes / img_mask fix every shape, so they must be concrete Python/numpy values at trace time: close over
     them or pass them through `static_argnames` as tuples (`layout_key(img_shapes, img_mask)` normalises them).
 
+A denoising loop with the prefix cache (one jit; `shapes`, `mask` are Python tuples from `layout_key`):
+    module = DiT(cfg)
+    def step(i, carry):
+        latents, prefix_kv = carry                                   # latents: (B, N_tgt, C)
+        v = module.apply({"params": params}, latents, None, sigmas[i], shapes, mask,
+                         kv_cache_mode="cached", kv_cache=prefix_kv)
+        return latents + (sigmas[i + 1] - sigmas[i]) * v, prefix_kv
+    out, prefix_kv = module.apply({"params": params}, all_latents, text, sigmas[0], shapes, mask,
+                                  text_mask, kv_cache_mode="extract")       # step 0: full sequence
+    latents = latents + (sigmas[1] - sigmas[0]) * out[:, -n_tgt:]
+    latents, _ = jax.lax.fori_loop(1, n_steps, step, (latents, prefix_kv))
+
+Other helpers: `DiTConfig.from_diffusers(dict, **runtime)`, `dit_config_from(configs/dit_*.py ConfigDict)`,
+`abstract_params(cfg)` (boxed, with logical names), `param_shardings(cfg, mesh)`, `check_parallelism(cfg, mesh,
+batch)`, `joint_layout(*layout_key(img_shapes, img_mask))` (static metadata: seq_len, prefix_len, n_target,
+image_ids, target_mask, position_ids, mask).
+
 Joint sequence (reference): every True of img_mask becomes 4 consecutive positions; latent tokens fill those
 positions in order (condition images, then target); text keeps its other positions. Block boundaries come from the
 token counts of img_shapes. With `causal_condition`, text and condition tokens are modulated from t = 0.
