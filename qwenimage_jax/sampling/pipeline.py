@@ -1,0 +1,480 @@
+"""`QwenImagePipeline`: Qwen-Image-2 text-to-image and image editing in JAX, called like diffusers'
+`QwenImage21Pipeline`.
+
+    pipe = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image-2.1", dtype=jnp.bfloat16, mesh=make_mesh(data=-1))
+    images = pipe("a capybara wearing a wizard hat", num_inference_steps=40, seed=0).images      # PIL (RGBA)
+    arrays = pipe(prompt=[...], image=ref_png, true_cfg_scale=4.0, negative_prompt=" ", output_type="np").images
+
+What runs where:
+  * host: prompt templating/tokenisation, condition-image resizing (PIL, as the reference), the sigma grid
+    (`scheduler.flow_match_sigmas`), PNG/PIL conversion.
+  * one jit, `_denoise`: the whole sampling loop. Step 0 runs the DiT in "extract" mode (full joint sequence) and
+    keeps the text/condition-image K/V prefix; the remaining steps run `lax.fori_loop` over "cached" calls that only
+    compute the target tokens. CFG runs the conditional and negative branches as one doubled batch when their
+    token layouts agree (same padded prompt length and image slots), else as two calls per step inside the same
+    loop (the RoPE positions of the target depend on the prompt length, so padding one branch would change it).
+    The sigma grid is padded to a bucket of 16 and the step count is a traced value, so 3-, 4- and 8-step calls
+    share one program; the compile cache is keyed on (batch, prompt length, image layout, resolution, CFG mode).
+  * one jit, `_decode`: unpack, de-normalise, VAE decode, map to [0, 1], for the whole batch.
+  * with a mesh: latents, prompt embeddings and condition latents are sharded over ("data", "fsdp") on the batch
+    axis (the rules' `activation_batch`), DiT/VAE/text-encoder parameters by the logical rules; the batch
+    (prompts x images per prompt) must be a multiple of data x fsdp.
+
+Deviations from diffusers, all documented: height/width must be multiples of 32 (error instead of silent
+rounding); one negative prompt is broadcast over a batch of prompts; `seed`/`rng` replace torch generators (the
+noise differs from torch's; pass `latents` to reproduce a diffusers run); `image_pad_mask` /
+`negative_image_pad_mask` may accompany `prompt_embeds` for editing from pre-computed embeddings. Prompts are not
+truncated (the reference does not truncate either); very long prompts cost memory and a compile per length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenimage_jax.sampling import images as image_utils
+from qwenimage_jax.sampling import latents as latent_utils
+from qwenimage_jax.sampling import scheduler as sched
+
+IMG_TOKENS_PER_SLOT = 4
+SIGMA_BUCKET = 16
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclasses.dataclass
+class QwenImagePipelineOutput:
+    """`.images`: list of PIL images, a (B, H, W, C) float32 array in [0, 1], or packed latents (B, N, C)."""
+    images: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """Everything static about one sampling program (part of the jit cache key)."""
+    img_shapes: tuple[tuple[int, int, int], ...]   # condition grids then the target grid, (1, h, w)
+    cond_mask: tuple[bool, ...]                    # DiT img_mask of the conditional branch
+    neg_mask: tuple[bool, ...] | None              # ... of the negative branch (None without CFG)
+    cfg: str                                       # "none" | "batched" | "split"
+    progress: bool
+
+
+class _Progress:
+    """Host end of the progress callback: a tqdm bar the jitted loop ticks once per step."""
+
+    def __init__(self):
+        self.bar = None
+
+    def tick(self, step):
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _layout_mask(image_pad_mask: np.ndarray, n_target: int) -> tuple[bool, ...]:
+    """Row 0 of the prompt's image-pad mask plus one slot per 2x2 group of target tokens (as the reference)."""
+    row = np.asarray(image_pad_mask).astype(bool)
+    row = row[0] if row.ndim == 2 else row
+    return tuple(bool(v) for v in row) + (True,) * (n_target // IMG_TOKENS_PER_SLOT)
+
+
+def _repeat_rows(x, n: int):
+    """(B, ...) -> (B * n, ...), each row repeated n times in place (diffusers' repeat + view)."""
+    return x if x is None or n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def _as_array(x, dtype=None):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy() if dtype is not None else x.detach().cpu().numpy()
+    x = jnp.asarray(x)
+    return x.astype(dtype) if dtype is not None else x
+
+
+def _normalize_mask(mask, batch: int, length: int):
+    """A (B, L) mask as int32, or None when there is none or it is all ones (like the reference)."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask)
+    if mask.shape != (batch, length):
+        raise ValueError(f"prompt mask shape {mask.shape} does not match the embeddings (batch {batch}, length "
+                         f"{length})")
+    if mask.astype(bool).all():
+        return None
+    return jnp.asarray(mask.astype(np.int32))
+
+
+class QwenImagePipeline:
+    """Loaded Qwen-Image-2 components + the jitted sampler. Build with `from_pretrained` or from components.
+
+    transformer: `models.dit.Transformer`; vae: `models.vae.VAE`; text_encoder: `models.qwen3_vl.TextEncoder` or
+    None (then pass `prompt_embeds`); scheduler_config: diffusers scheduler config dict; sample_sigmas: default
+    grid from model_index.json (Turbo) or None; mesh: optional `jax.sharding.Mesh` with a data/fsdp axis.
+    """
+
+    def __init__(self, transformer, vae, text_encoder=None, scheduler_config: dict | None = None,
+                 sample_sigmas: Sequence[float] | None = None, mesh=None):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.scheduler_config = sched.SchedulerConfig.from_dict(
+            scheduler_config if scheduler_config is not None else sched.QWEN_IMAGE_SCHEDULER_CONFIG)
+        self.sample_sigmas = None if sample_sigmas is None else [float(s) for s in sample_sigmas]
+        self.mesh = mesh
+        self.dtype = transformer.dit_config.dtype
+        self.latent_channels = transformer.dit_config.in_channels
+        vae_z = int(vae.config.get("z_dim", self.latent_channels))
+        if vae_z != self.latent_channels:
+            raise ValueError(f"the VAE has z_dim={vae_z} but the transformer reads in_channels="
+                             f"{self.latent_channels}; the two components do not belong together")
+        self.vae_channels = int(vae.config.get("in_channels", 4) or 4)
+        self.num_traces = 0          # incremented whenever `_denoise` is traced (a compile)
+        self.num_decode_traces = 0
+        self._progress = _Progress()
+        self._denoise_jit = jax.jit(self._denoise, static_argnames=("spec",))
+        self._decode_jit = jax.jit(self._decode, static_argnames=("height", "width"))
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=jnp.float32, mesh=None, *, vae_dtype=None,
+                        load_text_encoder: bool = True, **transformer_runtime) -> "QwenImagePipeline":
+        """Loads a diffusers-format Qwen-Image-2 directory (model_index.json, scheduler/, vae/, transformer/,
+        text_encoder/, processor/ or tokenizer/); each component may also be our Orbax format.
+
+        dtype: compute and parameter dtype of the DiT and text encoder (and the VAE unless `vae_dtype`).
+        mesh: shard parameters by the logical rules and the batch over data/fsdp.
+        transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn".
+        """
+        from qwenimage_jax.convert.safetensors_io import load_json_config
+        from qwenimage_jax.models.dit import load_transformer
+        from qwenimage_jax.models.vae import load_vae
+        from qwenimage_jax.models.vae import param_shardings as vae_param_shardings
+        from qwenimage_jax.models.vae import VAEConfig
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        index_path = os.path.join(path, "model_index.json")
+        index = {}
+        if os.path.exists(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        for component in ("transformer", "vae"):
+            if not os.path.isdir(os.path.join(path, component)):
+                raise FileNotFoundError(f"{path!r} has no {component}/ directory; expected a diffusers-format "
+                                        "Qwen-Image-2 directory (model_index.json, transformer/, vae/, ...)")
+        scheduler_config = None
+        sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.exists(sched_path):
+            scheduler_config = load_json_config(os.path.join(path, "scheduler"), "scheduler_config.json")
+        transformer = load_transformer(os.path.join(path, "transformer"), dtype, mesh=mesh, **transformer_runtime)
+        vae_dtype = dtype if vae_dtype is None else vae_dtype
+        vae_shardings = None
+        if mesh is not None:
+            vae_cfg = VAEConfig.from_diffusers(load_json_config(os.path.join(path, "vae"))) \
+                if not _is_orbax(os.path.join(path, "vae")) else None
+            if vae_cfg is not None:
+                vae_shardings = vae_param_shardings(vae_cfg, mesh)
+        vae = load_vae(os.path.join(path, "vae"), vae_dtype, vae_shardings)
+        text_encoder = None
+        te_entry = index.get("text_encoder", ["", ""])
+        te_dir = os.path.join(path, "text_encoder")
+        if load_text_encoder and os.path.isdir(te_dir) and not (isinstance(te_entry, list) and te_entry[0] is None):
+            from qwenimage_jax.models.qwen3_vl import load_text_encoder as load_te
+
+            tok_dir = next((os.path.join(path, d) for d in ("processor", "tokenizer")
+                            if os.path.isdir(os.path.join(path, d))), None)
+            text_encoder = load_te(te_dir, dtype, mesh=mesh, tokenizer_path=tok_dir)
+        return cls(transformer, vae, text_encoder, scheduler_config, index.get("sample_sigmas"), mesh)
+
+    # ------------------------------------------------------------------------------------------- prompts
+    def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, prompt_embeds=None,
+                      prompt_embeds_mask=None, image_pad_mask=None):
+        """(prompt_embeds (B*n, L, D), mask (B*n, L) int32 or None, image_pad_mask (B, L) bool) as diffusers'
+        `encode_prompt` returns them. `image`: condition images (already resized PIL) or None."""
+        if prompt_embeds is None:
+            if self.text_encoder is None:
+                raise ValueError("this pipeline has no text encoder; pass prompt_embeds (and prompt_embeds_mask) or "
+                                 "load one with from_pretrained(..., load_text_encoder=True)")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_embeds_mask, image_pad_mask = self.text_encoder.encode_prompt(prompts, image)
+        else:
+            prompt_embeds = _as_array(prompt_embeds, self.dtype)
+            if image_pad_mask is None:
+                if image is not None:
+                    raise ValueError("pass image_pad_mask alongside prompt_embeds when the embeddings cover condition "
+                                     "images, so the transformer knows which positions hold image tokens")
+                image_pad_mask = np.zeros(prompt_embeds.shape[:2], bool)
+        prompt_embeds = jnp.asarray(prompt_embeds).astype(self.dtype)
+        if prompt_embeds.ndim != 3:
+            raise ValueError(f"prompt_embeds must be (batch, tokens, features), got shape {prompt_embeds.shape}")
+        batch, length = prompt_embeds.shape[:2]
+        mask = _normalize_mask(prompt_embeds_mask, batch, length)
+        image_pad_mask = np.asarray(image_pad_mask.detach().cpu().numpy() if hasattr(image_pad_mask, "detach")
+                                    else image_pad_mask).astype(bool)
+        if image_pad_mask.ndim == 1:
+            image_pad_mask = image_pad_mask[None]
+        if image_pad_mask.shape[-1] != length:
+            raise ValueError(f"image_pad_mask has {image_pad_mask.shape[-1]} positions but prompt_embeds has {length}")
+        return _repeat_rows(prompt_embeds, num_images_per_prompt), _repeat_rows(mask, num_images_per_prompt), \
+            image_pad_mask
+
+    # ------------------------------------------------------------------------------------- jitted programs
+    def _denoise(self, params, latents, image_latents, text, text_mask, neg_text, neg_mask, sigmas, timesteps,
+                 num_steps, guidance, *, spec: SamplerSpec):
+        """latents (B, N, C) noise -> (B, N, C) after `num_steps` Euler steps.
+
+        image_latents (B, N_cond, C) or None; text (B, L, D), text_mask (B, L) or None; neg_* the same for the
+        negative branch (None without CFG); sigmas (bucket,) float32 padded with zeros; timesteps (bucket,);
+        num_steps () int32; guidance () float32.
+        """
+        self.num_traces += 1
+        module = self.transformer.module
+        batch, n_target = latents.shape[:2]
+        dtype = latents.dtype
+
+        def dit(hidden, enc, enc_mask, t, img_mask, mode, cache=None):
+            return module.apply({"params": params}, hidden, enc, t, spec.img_shapes, img_mask,
+                                encoder_hidden_states_mask=enc_mask, kv_cache_mode=mode, kv_cache=cache)
+
+        def with_condition(x):
+            return x if image_latents is None else jnp.concatenate([image_latents.astype(x.dtype), x], axis=1)
+
+        def model_time(i, n):
+            t = (timesteps[i].astype(dtype) / 1000).astype(dtype)
+            return jnp.broadcast_to(t, (n,))
+
+        if spec.cfg == "batched":
+            both_text = jnp.concatenate([text, neg_text], axis=0)
+            both_mask = None
+            if text_mask is not None or neg_mask is not None:
+                ones = lambda m, ref: jnp.ones(ref.shape[:2], jnp.int32) if m is None else m.astype(jnp.int32)
+                both_mask = jnp.concatenate([ones(text_mask, text), ones(neg_mask, neg_text)], axis=0)
+
+        def combine(cond, neg):
+            return neg + guidance.astype(cond.dtype) * (cond - neg)
+
+        def first_velocity(x):
+            t = model_time(0, batch)
+            if spec.cfg == "batched":
+                hidden = with_condition(jnp.concatenate([x, x], axis=0))
+                out, kv = dit(hidden, both_text, both_mask, jnp.concatenate([t, t]), spec.cond_mask, "extract")
+                out = out[:, -n_target:]
+                return combine(out[:batch], out[batch:]), (kv,)
+            out, kv = dit(with_condition(x), text, text_mask, t, spec.cond_mask, "extract")
+            v = out[:, -n_target:]
+            if spec.cfg == "split":
+                neg_out, neg_kv = dit(with_condition(x), neg_text, neg_mask, t, spec.neg_mask, "extract")
+                return combine(v, neg_out[:, -n_target:]), (kv, neg_kv)
+            return v, (kv,)
+
+        def cached_velocity(x, i, caches):
+            t = model_time(i, batch)
+            if spec.cfg == "batched":
+                out = dit(jnp.concatenate([x, x], axis=0), None, None, jnp.concatenate([t, t]), spec.cond_mask,
+                          "cached", caches[0])
+                return combine(out[:batch], out[batch:])
+            v = dit(x, None, None, t, spec.cond_mask, "cached", caches[0])
+            if spec.cfg == "split":
+                return combine(v, dit(x, None, None, t, spec.neg_mask, "cached", caches[1]))
+            return v
+
+        def tick(i):
+            if spec.progress:
+                jax.debug.callback(self._progress.tick, i)
+
+        velocity, caches = first_velocity(latents)
+        latents = sched.euler_step(latents, velocity, sigmas[0], sigmas[1])
+        tick(0)
+
+        def body(i, x):
+            v = cached_velocity(x, i, caches)
+            x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
+            tick(i)
+            return x
+
+        return jax.lax.fori_loop(1, num_steps, body, latents)
+
+    def _decode(self, params, latents, mean, std, *, height, width):
+        """Packed normalised latents (B, N, C) -> images (B, H, W, C_out) float32 in [0, 1]."""
+        self.num_decode_traces += 1
+        z = latent_utils.unpack(latents, height, width).astype(jnp.float32) * std + mean
+        z = z.astype(self.vae.vae_config.dtype)
+        x = self.vae.module.apply({"params": params}, z, method="decode")
+        return jnp.clip(x.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)
+
+    def _batch_sharding(self):
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+
+    def _place(self, x):
+        sharding = self._batch_sharding()
+        if x is None or sharding is None:
+            return x
+        return jax.device_put(x, sharding)
+
+    def _mesh_context(self):
+        import contextlib
+
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def decode_latents(self, latents, height: int, width: int) -> np.ndarray:
+        """Packed latents (B, N, C) -> (B, H, W, C_out) float32 numpy in [0, 1] (one jitted, batched VAE decode)."""
+        with self._mesh_context():
+            out = self._decode_jit(self.vae.params, self._place(latents), self.vae.latents_mean,
+                                   self.vae.latents_std, height=height, width=width)
+        return np.asarray(out)
+
+    # ---------------------------------------------------------------------------------------------- call
+    def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt: str | list[str] | None = None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 40, sigmas: Sequence[float] | None = None,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
+                 negative_prompt_embeds=None, negative_prompt_embeds_mask=None, output_type: str = "pil",
+                 return_dict: bool = True, output_resolution: int = 1024, seed: int | None = None,
+                 rng: jax.Array | None = None, progress: bool = True, image_pad_mask=None,
+                 negative_image_pad_mask=None):
+        """Generates images; arguments as diffusers' `QwenImage21Pipeline.__call__` plus `seed`/`rng` (noise when
+        `latents` is None; default seed 0), `progress` (tqdm bar over steps) and, for editing from pre-computed
+        embeddings, `image_pad_mask`/`negative_image_pad_mask`. Returns `QwenImagePipelineOutput(images)` or
+        `(images,)`."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass one of `prompt` or `prompt_embeds`")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}; it must be >= 1")
+
+        # 1. condition images: one resize feeds the text encoder and the VAE.
+        conditions = []
+        if image is not None:
+            raw = image if isinstance(image, list) else [image]
+            if not raw:
+                raise ValueError("`image` is an empty list; pass None for text-to-image")
+            if len(raw) > 10:
+                raise ValueError(f"{len(raw)} condition images given; Qwen-Image-2 takes at most 10")
+            pil = [image_utils.to_pil(img) for img in raw]
+            area = output_resolution * output_resolution
+            calc_w, calc_h = image_utils.calculate_dimensions(area, pil[-1].size[0] / pil[-1].size[1])
+            height, width = height or calc_h, width or calc_w
+            conditions = [image_utils.prepare_condition_image(img, area, self.vae_channels) for img in pil]
+        height, width = height or output_resolution, width or output_resolution
+        latent_utils.check_size(height, width)
+
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None:
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        total = batch_size * num_images_per_prompt
+
+        # 2. prompt embeddings
+        vlm_images = [c.vlm for c in conditions] or None
+        has_neg = negative_prompt is not None or negative_prompt_embeds is not None
+        do_cfg = true_cfg_scale > 1 and has_neg
+        text, text_mask, pad_mask = self.encode_prompt(prompt, vlm_images, num_images_per_prompt, prompt_embeds,
+                                                       prompt_embeds_mask, image_pad_mask)
+        neg_text = neg_mask = neg_pad_mask = None
+        if do_cfg:
+            if negative_prompt is not None and negative_prompt_embeds is None:
+                negative_prompt = [negative_prompt] * batch_size if isinstance(negative_prompt, str) \
+                    else list(negative_prompt)
+            neg_text, neg_mask, neg_pad_mask = self.encode_prompt(
+                negative_prompt, vlm_images, num_images_per_prompt, negative_prompt_embeds,
+                negative_prompt_embeds_mask, negative_image_pad_mask if negative_image_pad_mask is not None
+                else (image_pad_mask if negative_prompt_embeds is not None else None))
+            if neg_text.shape[0] != text.shape[0]:
+                raise ValueError(f"negative prompt batch {neg_text.shape[0] // num_images_per_prompt} does not match "
+                                 f"the prompt batch {batch_size}; pass one negative prompt or one per prompt")
+        if text.shape[0] != total:
+            raise ValueError(f"prompt embeddings hold {text.shape[0]} rows, expected {total}")
+
+        # 3. latents
+        h, w = latent_utils.latent_grid(height, width)
+        n_target = h * w
+        if latents is None:
+            key = rng if rng is not None else jax.random.key(0 if seed is None else seed)
+            latents = latent_utils.initial_noise(key, total, height, width, self.latent_channels, self.dtype)
+        else:
+            latents = _as_array(latents).astype(self.dtype)
+            expected = (total, n_target, self.latent_channels)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents shape {tuple(latents.shape)} != {expected} (batch, (H/16)*(W/16), "
+                                 f"channels), packed as the reference packs them")
+        image_latents = None
+        if conditions:
+            packed = []
+            for cond in conditions:
+                with self._mesh_context():
+                    z = self.vae.encode(jnp.asarray(cond.vae[None], self.vae.vae_config.param_dtype), normalize=True)
+                packed.append(latent_utils.pack(z))
+            image_latents = jnp.broadcast_to(jnp.concatenate(packed, axis=1).astype(self.dtype),
+                                             (total,) + jnp.concatenate(packed, axis=1).shape[1:])
+
+        # 4. schedule (host) and the static layout
+        grid = sigmas if sigmas is not None else self.sample_sigmas
+        sigma_grid, timesteps = sched.flow_match_sigmas(num_inference_steps if grid is None else None, n_target,
+                                                        self.scheduler_config, sigmas=grid)
+        steps = len(timesteps)
+        bucket = -(-(steps + 1) // SIGMA_BUCKET) * SIGMA_BUCKET
+        sigma_pad = np.zeros((bucket,), np.float32)
+        sigma_pad[:steps + 1] = sigma_grid
+        time_pad = np.zeros((bucket,), np.float32)
+        time_pad[:steps] = timesteps
+        img_shapes = tuple((1, c.size[1] // 16, c.size[0] // 16) for c in conditions) + ((1, h, w),)
+        cond_layout = _layout_mask(pad_mask, n_target)
+        neg_layout = _layout_mask(neg_pad_mask, n_target) if do_cfg else None
+        cfg_mode = "none" if not do_cfg else ("batched" if neg_layout == cond_layout else "split")
+        spec = SamplerSpec(img_shapes, cond_layout, neg_layout, cfg_mode, bool(progress))
+
+        if self.mesh is not None:
+            shards = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+            parts = shards.get("data", 1) * shards.get("fsdp", 1)
+            if total % parts:
+                raise ValueError(f"batch {total} (prompts x num_images_per_prompt) is not divisible by the mesh's "
+                                 f"data x fsdp = {parts}; use a multiple of {parts}")
+
+        # 5. the jitted loop
+        args = [self._place(a) for a in (latents, image_latents, text, text_mask, neg_text, neg_mask)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc="sampling", unit="step")
+        self._progress.bar = bar
+        try:
+            with self._mesh_context():
+                out = self._denoise_jit(self.transformer.params, *args, jnp.asarray(sigma_pad),
+                                        jnp.asarray(time_pad), jnp.asarray(steps, jnp.int32),
+                                        jnp.asarray(true_cfg_scale, jnp.float32), spec=spec)
+                out = jax.block_until_ready(out)
+        finally:
+            if bar is not None:
+                jax.effects_barrier()
+                bar.close()
+            self._progress.bar = None
+
+        # 6. decode
+        if output_type == "latent":
+            result = out
+        else:
+            result = self.decode_latents(out, height, width)
+            if output_type == "pil":
+                result = image_utils.numpy_to_pil(result)
+        if not return_dict:
+            return (result,)
+        return QwenImagePipelineOutput(images=result)
+
+
+def _is_orbax(path: str) -> bool:
+    from qwenimage_jax.convert.orbax_io import is_orbax_component
+
+    return os.path.isdir(path) and is_orbax_component(path)
