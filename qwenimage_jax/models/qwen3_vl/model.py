@@ -263,15 +263,15 @@ class TextEncoder:
     def image_processor(self):
         """Callable `(images=[...], return_tensors="np") -> {"pixel_values", "image_grid_thw"}` (with `.merge_size`).
 
-        Default: transformers' Qwen2-VL image processor read from the tokenizer/processor directory (its PIL
-        backend needs no torchvision). Assign another implementation to replace it.
+        Default: our numpy port (`processor.ImageProcessor`) configured from the processor directory's
+        preprocessor_config.json. Assign another implementation (e.g. transformers' image processor) to replace it.
         """
         if self._image_processor is None:
             if self.tokenizer_path is None or self.image_processor_config is None:
                 raise FileNotFoundError("no preprocessor_config.json beside the tokenizer; cannot process images "
                                         "(pass tokenizer_path= a Qwen3-VL processor directory)")
-            from transformers import AutoImageProcessor
-            self._image_processor = AutoImageProcessor.from_pretrained(self.tokenizer_path)
+            from qwenimage_jax.models.qwen3_vl.processor import ImageProcessor
+            self._image_processor = ImageProcessor.from_pretrained(self.tokenizer_path)
         return self._image_processor
 
     @image_processor.setter
