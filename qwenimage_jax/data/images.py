@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np

@@ -12,10 +12,8 @@ fold_in(seed, step).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -260,14 +258,22 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     if aligner is not None:
         frozen["aligner"] = aligner.params
     frozen = jax.device_put(frozen, replicated)
-    step_fn = jax.jit(make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner),
-                      in_shardings=(state_shardings, batch_sharding, replicated),
-                      out_shardings=(state_shardings, replicated),
-                      donate_argnums=(0,) if config.get("donate_state", True) else ())
+    jitted_step = jax.jit(make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner),
+                          in_shardings=(state_shardings, batch_sharding, replicated),
+                          out_shardings=(state_shardings, replicated),
+                          donate_argnums=(0,) if config.get("donate_state", True) else ())
+    jitted_reconstruct = jax.jit(make_reconstruct(vae_module), out_shardings=replicated)
+
+    def under_mesh(fn):  # traces (and runs) with this mesh and the logical rules active
+        def call(*args):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+                return fn(*args)
+        return call
+
     return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module,
                  init_state=lambda: train_state.sharded_init(init_params, tx, mesh, key, use_ema)[0],
                  abstract_state=abstract, state_shardings=state_shardings, batch_sharding=batch_sharding,
-                 frozen=frozen, step_fn=step_fn, reconstruct=jax.jit(make_reconstruct(vae_module)))
+                 frozen=frozen, step_fn=under_mesh(jitted_step), reconstruct=under_mesh(jitted_reconstruct))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[int, dict], None] | None = None,
@@ -281,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
 
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
-    mesh, vae_cfg, reconstruct, frozen = setup.mesh, setup.vae_cfg, setup.reconstruct, setup.frozen
+    vae_cfg, reconstruct, frozen = setup.vae_cfg, setup.reconstruct, setup.frozen
     r = vae_cfg.spatial_compression
     data_iter = iter(image_data.train_dataset(config.data, int(config.batch_size), int(config.seed), r))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3)),
@@ -314,7 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     if show_progress and jax.process_index() == 0:
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=start_step, desc="train-vae", dynamic_ncols=True)
-    with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with PreemptionGuard() as guard:
         step = start_step
         while step < total_steps:
             batch = setup.put_batch(next(data_iter))
