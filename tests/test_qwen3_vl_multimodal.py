@@ -118,3 +118,19 @@ def test_encode_prompt_with_images_marks_image_pad_positions(workdir):
     per_prompt = sum(int(np.prod(g)) // 4 for g in enc.prepare_inputs([build_prompt("x", 2)], images)["image_grid_thw"])
     assert np.asarray(pad_mask).sum(axis=1).tolist() == [per_prompt, per_prompt]
     assert embeds.shape[0] == 2 and np.isfinite(np.asarray(embeds)).all()
+
+
+def test_sharded_forward_with_images_matches_single_device(workdir):
+    from qwenimage_jax.parallel.mesh import make_mesh
+
+    name = NAMES[0]
+    enc = workdir["encoders"][name]
+    sharded = load_text_encoder(workdir["models"][name][1], tokenizer_path=workdir["proc_dir"],
+                                mesh=make_mesh(fsdp=4, tensor=2))
+    kernel = sharded.params["visual"]["blocks"]["qkv"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8
+    texts, images, _ = _inputs(workdir, "padded_batch")
+    batch = enc.prepare_inputs(texts, images)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+    valid = batch["attention_mask"].astype(bool)
+    assert max_rel_err(np.asarray(sharded.encode(*args))[valid], np.asarray(enc.encode(*args))[valid]) <= 1e-5
