@@ -145,7 +145,7 @@ def test_config_overrides_reach_the_trainer_config():
         _config("--config.total_stepz=3")
 
 
-def test_export_loads_and_eval_vae_beats_nothing_trivial(uninterrupted, capsys):
+def test_exported_ema_weights_load_in_eval_vae(uninterrupted, capsys):
     workdir, result = uninterrupted
     from qwenimage_jax import cli
 
