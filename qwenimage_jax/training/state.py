@@ -93,7 +93,9 @@ def state_shardings(init_params: Callable[[jax.Array], Any], tx: optax.GradientT
 def abstract_state(state_or_fn: Any, shardings: Any = None, *args) -> Any:
     """ShapeDtypeStructs (with shardings when given) for a state, or for `fn(*args)` via `jax.eval_shape`."""
     tree = jax.eval_shape(state_or_fn, *args) if callable(state_or_fn) else state_or_fn
-    tree = nn.unbox(tree)
+    # Unbox without sharding constraints: these are abstract values, possibly under an active mesh + rules.
+    tree = jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     if shardings is None:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
