@@ -237,3 +237,46 @@ def test_layouts_the_reference_rejects_fail_with_a_readable_error():
         JointLayout(*layout_key([(1, 3, 5)], [False] * 4 + [True] * 3)).image_ids
     with pytest.raises(ValueError, match="img_shapes"):
         JointLayout(*layout_key([(1, 2, 2), (1, 4, 4)], [False] * 4 + [True] * 4)).image_ids
+
+
+def test_jitted_euler_loop_with_cached_prefix_matches_reference_loop(models):
+    """The pipeline pattern: step 0 'extract', later steps 'cached' inside one jit + fori_loop (static layout)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwenimage_jax.models.dit import DiT
+
+    name, model, ours = models
+    hidden, text, img_mask, shapes = edit_inputs(name, seed=5)
+    mask = padded_mask(img_mask, text.shape[1], pad=1)
+    n_tgt = int(np.prod(shapes[0][-1]))
+    sigmas = np.array([1.0, 0.75, 0.4, 0.0], np.float32)
+    c_in = hidden.shape[-1]   # config B has more output than input channels: the update uses the first c_in
+    with torch.no_grad():  # reference: full forward at every step, no cache
+        ref = hidden.clone()
+        for i in range(3):
+            v = model(ref, text, torch.tensor([sigmas[i]] * 2), shapes, img_mask,
+                      encoder_hidden_states_mask=mask).sample[:, -n_tgt:, :c_in]
+            ref[:, -n_tgt:] = ref[:, -n_tgt:] + float(sigmas[i + 1] - sigmas[i]) * v
+
+    layout_shapes, layout_mask = layout_key(shapes, img_mask.numpy())
+    module = DiT(ours.dit_config)
+
+    @jax.jit
+    def sample(params, latents, text_states, text_mask, sig):
+        def apply(*args, **kw):
+            return module.apply({"params": params}, *args, img_shapes=layout_shapes, img_mask=layout_mask, **kw)
+
+        out, prefix_kv = apply(latents, text_states, sig[0], encoder_hidden_states_mask=text_mask,
+                               kv_cache_mode="extract")
+        target = latents[:, -n_tgt:] + (sig[1] - sig[0]) * out[:, -n_tgt:, :c_in]
+
+        def step(i, carry):
+            v = apply(carry, None, sig[i], kv_cache_mode="cached", kv_cache=prefix_kv)
+            return carry + (sig[i + 1] - sig[i]) * v[..., :c_in]
+
+        return jax.lax.fori_loop(1, 3, step, target)
+
+    out = sample(ours.params, jnp.asarray(hidden.numpy()), jnp.asarray(text.numpy()), jnp.asarray(mask.numpy()),
+                 jnp.asarray(sigmas))
+    assert max_rel_err(out, ref[:, -n_tgt:].numpy()) <= TOL
