@@ -1,11 +1,11 @@
 """The released Qwen-Image-2 (diffusers "Qwen-Image 2.1") DiT: 32 single-stream blocks, width 4096, 7.1B params.
 
     python bench/dit_bench.py --gpu                       # per-step latency + MFU at 1024x1024, bf16, random weights
-    python -c "from qwenimage_jax.models.dit import load_transformer; load_transformer('Qwen-Image-2.1/transformer', \
-        dtype=jnp.bfloat16, attention='cudnn')"
+    # in Python: load_transformer("Qwen-Image-2.1/transformer", dtype=jnp.bfloat16, attention="cudnn")
 
 `model` holds the diffusers config fields exactly as `transformer/config.json`; the rest are our runtime options
-(see `models.dit.DiTConfig`). One 1024x1024 step sees 4096 target tokens + ~128 text tokens: ~68 TFLOP forward (bench/dit_bench.py formula).
+(see `models.dit.DiTConfig`). One 1024x1024 step sees 4096 target tokens + ~128 text tokens: ~68 TFLOP forward
+(66 TFLOP for a cached step; formula in bench/dit_bench.py).
 """
 import ml_collections
 
