@@ -7,7 +7,8 @@ import os
 from qwenimage_jax.sampling.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
 
 LATENT_CHANNELS = 8
-TEXT_HIDDEN = 64  # hidden size of tests/qwen3_vl_tiny.py "tied_gqa2"
+TEXT_HIDDEN = 64
+VISION_PATCH = 16
 
 VAE_CONFIG = dict(base_dim=8, decoder_base_dim=12, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=1,
                   attn_scales=[], temperal_downsample=[False, True, True, True], is_residual=True, in_channels=4,
@@ -15,6 +16,26 @@ VAE_CONFIG = dict(base_dim=8, decoder_base_dim=12, z_dim=LATENT_CHANNELS, dim_mu
 DIT_CONFIG = dict(patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
                   attention_head_dim=16, num_attention_heads=2, context_in_dim=TEXT_HIDDEN, mlp_ratio=3,
                   axes_dims_rope=(4, 6, 6), eps=1e-6, causal_condition=True)
+
+
+def build_text_encoder(token_ids: dict, seed: int = 0):
+    """Tiny random Qwen3VLForConditionalGeneration whose vision patches match the pipeline (16 px, merge 2)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=token_ids["vocab_size"], hidden_size=TEXT_HIDDEN, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                                            "mrope_interleaved": True, "mrope_section": [4, 2, 2]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=VISION_PATCH,
+                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=TEXT_HIDDEN,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+        vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return _perturb(Qwen3VLForConditionalGeneration(config), seed, 0.1)
 
 
 def _perturb(model, seed: int, noise: float):
@@ -28,8 +49,7 @@ def _perturb(model, seed: int, noise: float):
 
 
 def build_reference_pipeline(directory: str, with_text_encoder: bool = True, seed: int = 0,
-                             vae_config: dict | None = None, dit_config: dict | None = None,
-                             text_config_name: str = "tied_gqa2"):
+                             vae_config: dict | None = None, dit_config: dict | None = None):
     """Builds diffusers' QwenImage21Pipeline from tiny random components and saves it under `directory/pipe`.
 
     Returns (reference pipeline, pipeline directory, tokenizer/processor directory).
@@ -40,7 +60,9 @@ def build_reference_pipeline(directory: str, with_text_encoder: bool = True, see
 
     from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision, special_token_ids
 
-    proc_dir = build_tiny_processor(os.path.join(directory, "processor_src"))
+    # One VLM image slot must cover 2x2 latent tokens = 32x32 px, as in the released model: patch 16, merge 2.
+    proc_dir = build_tiny_processor(os.path.join(directory, "processor_src"), patch_size=VISION_PATCH, merge_size=2,
+                                    min_pixels=32 * 32, max_pixels=512 * 512)
     processor = load_processor_without_torchvision(proc_dir)
     vae_config = dict(VAE_CONFIG if vae_config is None else vae_config)
     z_dim = vae_config["z_dim"]
@@ -52,10 +74,7 @@ def build_reference_pipeline(directory: str, with_text_encoder: bool = True, see
     transformer = _perturb(QwenImage21Transformer2DModel(**(dit_config or DIT_CONFIG)), seed + 3, 0.05)
     text_encoder = None
     if with_text_encoder:
-        from tests.qwen3_vl_tiny import build_reference
-
-        text_encoder, _ = build_reference(os.path.join(directory, "te_src"), text_config_name,
-                                          special_token_ids(proc_dir), seed=seed + 4)
+        text_encoder = build_text_encoder(special_token_ids(proc_dir), seed=seed + 4)
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG)
     pipe = QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, processor=processor,
                                transformer=transformer)

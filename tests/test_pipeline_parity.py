@@ -35,11 +35,14 @@ def _embeds(batch, length, valid, seed):
 
 
 def _run_both(ref, ours, steps, reference_kwargs, ours_kwargs=None, batch=1, height=HEIGHT, width=WIDTH,
-              ref_encode_prompt=None):
+              ref_encode_prompt=None, pass_size=True):
     """Final images (np) of both pipelines; also checks the denoised latents (output_type="latent") directly,
-    since decoded pixels can sit on the VAE's clamp."""
+    since decoded pixels can sit on the VAE's clamp. pass_size=False: both derive the size from the condition
+    image; (height, width) then only shape the noise."""
     latents = reference_noise(batch, height, width, seed=steps)
-    common = dict(num_inference_steps=steps, height=height, width=width)
+    common = dict(num_inference_steps=steps)
+    if pass_size:
+        common.update(height=height, width=width)
     ours_kwargs = ours_kwargs or reference_kwargs
     if ref_encode_prompt is not None:
         original = ref.encode_prompt
@@ -112,6 +115,24 @@ def test_raw_prompts_through_both_pipelines(pipes):
     prompts = ["a cat sitting on a red sofa", "mountains, snow, blue sky, a lake reflecting the trees"]
     kwargs = dict(prompt=prompts, negative_prompt=" ", true_cfg_scale=3.0)
     got, expected = _run_both(ref, ours, 3, dict(kwargs, negative_prompt=[" ", " "]), kwargs, batch=2)
+    assert max_rel_err(got, expected) <= 1e-4
+
+
+def test_raw_prompt_editing_through_both_pipelines(pipes):
+    # Two condition images (RGBA with transparent pixels, then RGB): the text encoder sees them (vision tower +
+    # DeepStack), the DiT their VAE latents; the target takes the last image's aspect ratio.
+    from PIL import Image
+
+    ref, ours = pipes
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((40, 56)) < 0.3, 0, 255)
+    images = [Image.fromarray(rgba, mode="RGBA"), Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8))]
+    kwargs = dict(prompt="a dog running on the beach", image=images, output_resolution=64, negative_prompt=" ",
+                  true_cfg_scale=2.5)
+    # area 64^2: 56x40 -> 64x64 (4x4 latents); 64x32 -> 96x32 (6x2 latents), which is also the target size
+    got, expected = _run_both(ref, ours, 3, kwargs, height=32, width=96, pass_size=False)
+    assert got.shape == (1, 32, 96, 4)
     assert max_rel_err(got, expected) <= 1e-4
 
 
