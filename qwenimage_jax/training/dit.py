@@ -242,8 +242,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                 steps_cache[layout] = make_train_step(module, tx, lr_schedule, config, layout, null_text,
                                                       shardings, mesh)
             batch = _global_batch(local, batch_sharding)
-            if config.get("record_batch_checksums", False):
-                batch_checksums.append(float(jnp.sum(batch["latents"])))
+            if config.get("record_batch_checksums", False):  # multi-host tests: global vs this host's data
+                batch_checksums.append((float(jnp.sum(batch["latents"])), float(np.sum(local["latents"]))))
             t0 = time.perf_counter()
             state, metrics = steps_cache[layout](state, batch, jax.random.fold_in(key, step))
             step += 1
