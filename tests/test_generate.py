@@ -172,3 +172,33 @@ def test_sharded_generation_equals_single_device(setup):
     ids, mask = _prompts()
     np.testing.assert_array_equal(np.asarray(sharded.generate(ids, mask, max_new_tokens=8)),
                                   np.asarray(encoders["untied_gqa3"].generate(ids, mask, max_new_tokens=8)))
+
+
+def test_greedy_with_images_equals_transformers_generate(tmp_path):
+    """Prompts holding images of different sizes: vision embeddings, DeepStack and 3D positions in the prefill,
+    rope deltas in the decode positions, left-padded batch of 2."""
+    import torch
+    from PIL import Image
+
+    from qwenimage_jax.text.templates import build_prompt
+    from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision
+
+    proc_dir = build_tiny_processor(str(tmp_path / "processor"), patch_size=4)
+    model, path = build_reference(str(tmp_path), "untied_gqa3", special_token_ids(proc_dir), seed=7, noise=0.3)
+    enc = load_text_encoder(path, tokenizer_path=proc_dir)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, size=(20, 28, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 255, size=(36, 16, 3), dtype=np.uint8))]
+    texts = [build_prompt("a cat", 1), build_prompt("describe this picture in detail please", 1)]
+    inputs = load_processor_without_torchvision(proc_dir)(text=texts, images=images, padding=True,
+                                                          padding_side="left", return_tensors="pt")
+    assert (inputs["attention_mask"][0] == 0).any()  # row 0 is left padded
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    ref = ref[:, inputs["input_ids"].shape[1]:].numpy()
+    ours = np.asarray(enc.generate(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), 12,
+                                   pixel_values=inputs["pixel_values"].numpy(),
+                                   image_grid_thw=inputs["image_grid_thw"].numpy()))
+    np.testing.assert_array_equal(ours, ref)
+    text_only = np.asarray(enc.generate(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), 12))
+    assert (text_only != ref).any()  # the image path matters

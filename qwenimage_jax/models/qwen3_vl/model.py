@@ -162,6 +162,7 @@ class TextEncoder:
         self._tokenizer = None
         self._image_processor = None
         self._forward = jax.jit(self._apply_forward, static_argnames=("grid_thw", "compute_logits"))
+        self._embed = jax.jit(self._apply_embed, static_argnames=("grid_thw",))
         from qwenimage_jax.text.generate import Decoder
         self.decoder = Decoder(init_cache=self._init_cache, forward=self._apply_step)
 
@@ -199,11 +200,11 @@ class TextEncoder:
             return self.module.apply({"params": params}, input_ids, positions, kv_mask, cache, cache_index, extra,
                                      method=Qwen3VL.step)
 
-    def _positions(self, input_ids, attention_mask, image_grid_thw):
-        """(3, B, S) position ids as transformers' forward builds them."""
+    def _rope_index(self, input_ids, attention_mask, image_grid_thw):
+        """((3, B, S) position ids as transformers' forward builds them, rope deltas (B,))."""
         b, s = input_ids.shape
-        if image_grid_thw is None:
-            return np.broadcast_to(np.arange(s, dtype=np.int32)[None, None], (3, b, s))  # pads included
+        if image_grid_thw is None:  # text only: arange(S), pads included; no delta
+            return np.broadcast_to(np.arange(s, dtype=np.int32)[None, None], (3, b, s)), np.zeros((b,), np.int32)
         from qwenimage_jax.models.qwen3_vl import processor as vl_processor
         ids = self.module.ids
         image_mask = np.asarray(input_ids) == ids.image_token_id
@@ -213,10 +214,11 @@ class TextEncoder:
                          vision_start_token_id=ids.vision_start_token_id,
                          spatial_merge_size=self.config.get("vision_config", {}).get("spatial_merge_size", 2),
                          config=self.config)
-        position_ids, _ = _call_with_accepted(vl_processor.get_rope_index, available)
-        return np.asarray(position_ids, np.int32)
+        position_ids, deltas = _call_with_accepted(vl_processor.get_rope_index, available)
+        return np.asarray(position_ids, np.int32), np.asarray(deltas, np.int32).reshape(b)
 
-    def _run(self, input_ids, attention_mask, pixel_values, image_grid_thw, compute_logits):
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """Validated numpy ids/mask, pixel_values (or None) and the static grid tuple (or None)."""
         input_ids = np.asarray(input_ids, np.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
@@ -235,10 +237,33 @@ class TextEncoder:
                 raise ValueError(f"image_grid_thw {grid} gives {expected} image tokens but input_ids holds {found} "
                                  f"<|image_pad|> tokens; expand each placeholder with the processor")
             pixel_values = jnp.asarray(pixel_values, self.dtype)
-        position_ids = self._positions(input_ids, attention_mask, image_grid_thw if grid else None)
+        return input_ids, attention_mask, pixel_values, grid
+
+    def _run(self, input_ids, attention_mask, pixel_values, image_grid_thw, compute_logits):
+        input_ids, attention_mask, pixel_values, grid = self._check_inputs(input_ids, attention_mask, pixel_values,
+                                                                           image_grid_thw)
+        position_ids, _ = self._rope_index(input_ids, attention_mask, grid)
         with self._context():
             return self._forward(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
                                  jnp.asarray(position_ids), pixel_values, grid, compute_logits)
+
+    def _apply_embed(self, params, input_ids, pixel_values, grid_thw):
+        with self._rules():
+            return self.module.apply({"params": params}, input_ids, pixel_values, grid_thw,
+                                     method=Qwen3VL.embed_inputs)
+
+    def _generation_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """ids, mask, prefill_extra and position_offset for `text.generate` (images: embeddings, DeepStack rows,
+        3D prompt positions and rope deltas, as transformers' generate uses them)."""
+        input_ids, attention_mask, pixel_values, grid = self._check_inputs(input_ids, attention_mask, pixel_values,
+                                                                           image_grid_thw)
+        if grid is None:
+            return input_ids, attention_mask, None, None
+        position_ids, deltas = self._rope_index(input_ids, attention_mask, grid)
+        with self._context():
+            embeds, deepstack = self._embed(self.params, jnp.asarray(input_ids), pixel_values, grid)
+        extra = {"inputs_embeds": embeds, "deepstack": deepstack, "position_ids": jnp.asarray(position_ids)}
+        return input_ids, attention_mask, extra, jnp.asarray(deltas)
 
     # ------------------------------------------------------------------------------------------------ public
     def encode(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
@@ -358,20 +383,24 @@ class TextEncoder:
         return jnp.asarray(embeds), (None if out_mask.all() else jnp.asarray(out_mask)), jnp.asarray(image_pad_mask)
 
     def generate(self, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_token_ids: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None):
-        """New token ids (B, max_new_tokens) int32 for left-padded text prompts (rows padded after a stop token)."""
+                 seed: int = 0, stop_token_ids: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None,
+                 pixel_values=None, image_grid_thw=None):
+        """New token ids (B, max_new_tokens) int32 for left-padded prompts (rows padded after a stop token);
+        prompts may hold images (pixel_values + image_grid_thw as the processor gives them)."""
         from qwenimage_jax.text.generate import generate
+        ids, mask, extra, offset = self._generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
         with self._context():
-            return generate(self.decoder, self.params, np.asarray(input_ids, np.int32),
-                            np.asarray(attention_mask, np.int32), max_new_tokens, temperature, top_p, seed,
-                            stop_token_ids, pad_token_id)
+            return generate(self.decoder, self.params, ids, mask, max_new_tokens, temperature, top_p, seed,
+                            stop_token_ids, pad_token_id, prefill_extra=extra, position_offset=offset)
 
-    def stream(self, input_ids, attention_mask, max_new_tokens: int, chunk: int = 8, **kwargs):
+    def stream(self, input_ids, attention_mask, max_new_tokens: int, chunk: int = 8, pixel_values=None,
+               image_grid_thw=None, **kwargs):
         """Like `generate`, yielding numpy (B, n) blocks of new ids as they are produced."""
         from qwenimage_jax.text.generate import stream
+        ids, mask, extra, offset = self._generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
         with self._context():
-            yield from stream(self.decoder, self.params, np.asarray(input_ids, np.int32),
-                              np.asarray(attention_mask, np.int32), max_new_tokens, chunk=chunk, **kwargs)
+            yield from stream(self.decoder, self.params, ids, mask, max_new_tokens, chunk=chunk,
+                              prefill_extra=extra, position_offset=offset, **kwargs)
 
 
 def build_module(hf_config: dict, dtype=jnp.float32, param_dtype=None, with_vision: Optional[bool] = None) -> Qwen3VL:
