@@ -2,6 +2,7 @@
 diffusers-format directory, loaded by `QwenImagePipeline.from_pretrained`, both pipelines fed the same prompt
 embeddings (or raw prompts) and the same initial noise drawn by the reference."""
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -11,17 +12,23 @@ from tests.conftest import max_rel_err
 from tests.pipeline_tiny import TEXT_HIDDEN, build_reference_pipeline, reference_noise
 
 HEIGHT, WIDTH = 64, 96   # 4 x 6 latent tokens
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
+def built(tmp_path_factory):
+    ref, path, _ = build_reference_pipeline(str(tmp_path_factory.mktemp("qwenimage21")), with_text_encoder=True)
+    return ref, path
+
+
+@pytest.fixture(scope="module")
+def pipes(built):
     import jax.numpy as jnp
 
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
-    ref, path, _ = build_reference_pipeline(str(tmp_path_factory.mktemp("qwenimage21")), with_text_encoder=True)
-    ours = QwenImagePipeline.from_pretrained(path, dtype=jnp.float32)
-    return ref, ours
+    ref, path = built
+    return ref, QwenImagePipeline.from_pretrained(path, dtype=jnp.float32)
 
 
 def _embeds(batch, length, valid, seed):
@@ -148,3 +155,26 @@ def test_images_per_prompt_and_pil_output(pipes):
     assert [im.mode for im in got] == [im.mode for im in expected] == ["RGBA", "RGBA"]
     diffs = [np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() for a, b in zip(got, expected)]
     assert max(diffs) <= 1, diffs
+
+
+def test_cli_sample_writes_grid_with_metadata(built, pipes, tmp_path, capsys):
+    from PIL import Image
+
+    from qwenimage_jax import cli
+
+    _, path = built
+    _, ours = pipes
+    out = tmp_path / "grid.png"
+    prompts = ["a cat sitting on a red sofa", "a bowl of fruit"]
+    argv = ["sample", "--model", path, "--config", f"{CONFIGS}/sampling.py:tiny", "--prompt", prompts[0], "--prompt",
+            prompts[1], "--steps", "2", "--seed", "3", "--width", "96", "--out", str(out), "--save-individual"]
+    assert cli.main(argv) == 0
+    grid = Image.open(out)
+    assert grid.size == (2 * 96, 64) and grid.mode == "RGBA"
+    assert grid.text["prompt"] == " | ".join(prompts) and grid.text["seed"] == "3" and grid.text["steps"] == "2"
+    expected = ours(prompt=prompts, num_inference_steps=2, seed=3, height=64, width=96, progress=False).images
+    for i, image in enumerate(expected):
+        single = Image.open(tmp_path / f"grid-{i}.png")
+        np.testing.assert_array_equal(np.asarray(single), np.asarray(image))
+        np.testing.assert_array_equal(np.asarray(grid)[:, 96 * i:96 * (i + 1)], np.asarray(image))
+    assert "wrote" in capsys.readouterr().out

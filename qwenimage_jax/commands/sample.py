@@ -1,0 +1,139 @@
+"""`qwenimage-jax sample --model PATH --prompt "..." --out out.png`: text-to-image / editing with a Qwen-Image-2
+model directory (diffusers format, components optionally converted to Orbax).
+
+    qwenimage-jax sample --model Qwen-Image-2.1 --prompt "a red fox in snow" --steps 40 --seed 0 --out fox.png
+    qwenimage-jax sample --model Qwen-Image-2.1 --prompt "make it night" --image day.png --out night.png
+    qwenimage-jax sample --model Qwen-Image-2.1 --prompt "..." --batch 4 --cfg 4 --negative-prompt " " --out grid.png
+    qwenimage-jax sample --model DIR --config configs/sampling.py:turbo --prompt "..." --out t.png
+
+Several `--prompt`s form one batch; `--batch N` draws N images per prompt. One image is written as is; more are
+tiled into a grid PNG (`--save-individual` also writes out-0.png, out-1.png, ...). Every PNG carries the prompt,
+negative prompt, seed, steps, guidance and size as text metadata. A tqdm bar counts the denoising steps (from a host
+callback inside the one jitted loop); `--no-progress` removes it. Flags override the `--config` preset.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="diffusers-format Qwen-Image-2 directory")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text; repeat the flag for a batch of prompts")
+    parser.add_argument("--image", nargs="+", default=None, help="condition image(s) for editing (up to 10)")
+    parser.add_argument("--out", required=True, help="output PNG path (a grid when more than one image)")
+    parser.add_argument("--config", default=None, help="sampling preset, e.g. configs/sampling.py:turbo")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (preset: 40)")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=None, help="custom sigma grid (no terminal 0)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--batch", type=int, default=1, help="images per prompt")
+    parser.add_argument("--cfg", type=float, default=None, help="true CFG scale (>1 with a negative prompt)")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt for CFG")
+    parser.add_argument("--height", type=int, default=None, help="output height (multiple of 32)")
+    parser.add_argument("--width", type=int, default=None, help="output width (multiple of 32)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default side length and condition-image area side (preset: 1024)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model dtype")
+    parser.add_argument("--attention", default=None, help="DiT attention backend (xla, cudnn, splash, ...)")
+    parser.add_argument("--mesh", default=None,
+                        help="device mesh, e.g. 'data=-1' (all devices data-parallel) or 'data=2,fsdp=4'")
+    parser.add_argument("--grid-cols", type=int, default=None, help="grid columns (default ~sqrt(n))")
+    parser.add_argument("--save-individual", action="store_true", help="also write each image separately")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _settings(args):
+    """The preset (configs/sampling.py or its `base` defaults) with the command-line flags applied."""
+    import importlib.util
+
+    if args.config:
+        from qwenimage_jax.config_cli import load_config
+        config = load_config(args.config)
+    else:
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sampling.py")
+        if os.path.exists(path):
+            spec = importlib.util.spec_from_file_location("_sampling_presets", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            config = module.get_config("base")
+        else:  # installed without the configs folder
+            import ml_collections
+            config = ml_collections.ConfigDict(dict(steps=40, cfg=1.0, negative_prompt="", resolution=1024,
+                                                    height=0, width=0, dtype="bfloat16", attention="xla",
+                                                    mesh=dict(data=1, fsdp=1, tensor=1)))
+    out = dict(config)
+    for flag, key in (("steps", "steps"), ("cfg", "cfg"), ("negative_prompt", "negative_prompt"),
+                      ("resolution", "resolution"), ("height", "height"), ("width", "width"), ("dtype", "dtype"),
+                      ("attention", "attention")):
+        value = getattr(args, flag)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _mesh(spec: str | None, settings: dict):
+    from qwenimage_jax.parallel.mesh import make_mesh
+
+    sizes = dict(settings.get("mesh") or {})
+    if spec:
+        sizes = {}
+        for item in spec.split(","):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in ("data", "fsdp", "tensor"):
+                raise ValueError(f"--mesh item {item!r}; use data=N, fsdp=N, tensor=N (one may be -1)")
+            sizes[name.strip()] = int(value)
+    if all(int(v) == 1 for v in sizes.values()):
+        return None
+    return make_mesh(data=int(sizes.get("data", 1)), fsdp=int(sizes.get("fsdp", 1)),
+                     tensor=int(sizes.get("tensor", 1)))
+
+
+def run(args):
+    import jax
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from qwenimage_jax.sampling import images as image_utils
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    settings = _settings(args)
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}; it must be >= 1")
+    dtype = getattr(jnp, settings["dtype"])
+    mesh = _mesh(args.mesh, settings)
+    runtime = {} if settings.get("attention", "xla") == "xla" else {"attention": settings["attention"]}
+    start = time.perf_counter()
+    pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, **runtime)
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f}s on {jax.device_count()} device(s)")
+    condition = [Image.open(p) for p in args.image] if args.image else None
+    if condition is not None:
+        for img in condition:
+            img.load()
+    negative = settings.get("negative_prompt") or None
+    prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    start = time.perf_counter()
+    result = pipe(prompt=prompts, image=condition, negative_prompt=negative, true_cfg_scale=float(settings["cfg"]),
+                  height=settings.get("height") or None, width=settings.get("width") or None,
+                  num_inference_steps=int(settings["steps"]), sigmas=args.sigmas, num_images_per_prompt=args.batch,
+                  output_resolution=int(settings["resolution"]), seed=args.seed, output_type="pil",
+                  progress=not args.no_progress)
+    images = result.images
+    elapsed = time.perf_counter() - start
+    metadata = {"prompt": " | ".join(args.prompt), "negative_prompt": negative or "", "seed": args.seed,
+                "steps": len(args.sigmas) if args.sigmas else settings["steps"], "true_cfg_scale": settings["cfg"],
+                "size": f"{images[0].size[0]}x{images[0].size[1]}", "model": os.path.abspath(args.model),
+                "images": len(images), "generator": "qwenimage-jax"}
+    if args.image:
+        metadata["condition_images"] = " | ".join(args.image)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    picture = images[0] if len(images) == 1 else image_utils.make_grid(images, args.grid_cols)
+    image_utils.save_png(picture, args.out, metadata)
+    if args.save_individual and len(images) > 1:
+        stem, ext = os.path.splitext(args.out)
+        for i, img in enumerate(images):
+            image_utils.save_png(img, f"{stem}-{i}{ext or '.png'}", dict(metadata, index=i))
+    print(f"wrote {args.out}: {len(images)} image(s) {metadata['size']} in {elapsed:.1f}s "
+          f"({elapsed / len(images):.2f}s per image, including compilation on the first call)")
+    return 0
