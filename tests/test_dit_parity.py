@@ -280,3 +280,30 @@ def test_jitted_euler_loop_with_cached_prefix_matches_reference_loop(models):
     out = sample(ours.params, jnp.asarray(hidden.numpy()), jnp.asarray(text.numpy()), jnp.asarray(mask.numpy()),
                  jnp.asarray(sigmas))
     assert max_rel_err(out, ref[:, -n_tgt:].numpy()) <= TOL
+
+
+def test_released_config_has_the_reference_parameter_shapes():
+    """configs/dit_7b.py builds (abstractly) exactly the reference's 7.1B parameters, leaf by leaf via the plan."""
+    import importlib.util
+
+    import flax.linen as nn
+
+    from qwenimage_jax.convert.dit import dit_plan
+    from qwenimage_jax.models.dit import abstract_params, dit_config_from
+
+    spec = importlib.util.spec_from_file_location("dit_7b", "configs/dit_7b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = dit_config_from(module.get_config())
+    with torch.device("meta"):
+        reference = QwenImage21Transformer2DModel(**module.get_config().model)
+    ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    ours = {tuple(k): v for k, v in
+            __import__("flax").traverse_util.flatten_dict(nn.meta.unbox(abstract_params(config))).items()}
+    plan = dit_plan(config)
+    assert set(plan) == set(ours)
+    assert {k for spec in plan.values() for k in spec.keys} == set(ref_shapes)
+    for path, leaf in ours.items():
+        sizes = [int(np.prod(ref_shapes[k])) for k in plan[path].keys]
+        assert int(np.prod(leaf.shape)) == sum(sizes), path
+    assert sum(int(np.prod(s)) for s in ref_shapes.values()) == sum(int(np.prod(v.shape)) for v in ours.values())

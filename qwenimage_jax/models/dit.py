@@ -617,9 +617,15 @@ def _dummy_inputs(cfg: DiTConfig):
             jnp.zeros((1,), jnp.float32), shapes, mask)
 
 
+def _init_module(config: DiTConfig) -> DiT:
+    """The module used for init: parameters do not depend on the attention backend or remat, and the einsum
+    backend traces on any platform (so a cuDNN/splash config can be set up on a CPU host)."""
+    return DiT(dataclasses.replace(config, attention="xla", remat="none"))
+
+
 def abstract_params(config: DiTConfig):
     """Boxed (`nn.Partitioned`) ShapeDtypeStruct tree of the params collection, without allocating anything."""
-    module = DiT(config)
+    module = _init_module(config)
     args = _dummy_inputs(config)
     variables = jax.eval_shape(lambda key: module.init(key, *args), jax.random.key(0))
     return variables["params"]
@@ -718,12 +724,11 @@ def init_transformer(config, key, mesh=None) -> Transformer:
         runtime = {k: raw.pop(k) for k in list(raw) if k in {f.name for f in dataclasses.fields(DiTConfig)}
                    and k not in DIFFUSERS_DEFAULTS}
         config = DiTConfig.from_diffusers(raw, **runtime)
-    module = DiT(config)
     args = _dummy_inputs(config)
 
     def init(k):
-        return nn.meta.unbox(module.init(k, *args)["params"])
+        return nn.meta.unbox(_init_module(config).init(k, *args)["params"])
 
     out_shardings = param_shardings(config, mesh) if mesh is not None else None
     params = jax.jit(init, out_shardings=out_shardings)(key)
-    return Transformer(module, params, config.to_diffusers(), mesh=mesh)
+    return Transformer(DiT(config), params, config.to_diffusers(), mesh=mesh)
