@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -381,6 +382,12 @@ class QwenImagePipeline:
         vlm_images = [c.vlm for c in conditions] or None
         has_neg = negative_prompt is not None or negative_prompt_embeds is not None
         do_cfg = true_cfg_scale > 1 and has_neg
+        if true_cfg_scale > 1 and not has_neg:
+            warnings.warn(f"true_cfg_scale={true_cfg_scale} but no negative prompt was given, so classifier-free "
+                          "guidance is off; pass negative_prompt (e.g. ' ') to enable it", stacklevel=2)
+        elif true_cfg_scale <= 1 and has_neg:
+            warnings.warn("a negative prompt was given but true_cfg_scale <= 1, so classifier-free guidance is off",
+                          stacklevel=2)
         text, text_mask, pad_mask = self.encode_prompt(prompt, vlm_images, num_images_per_prompt, prompt_embeds,
                                                        prompt_embeds_mask, image_pad_mask)
         neg_text = neg_mask = neg_pad_mask = None
