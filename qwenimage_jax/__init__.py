@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_vae": "qwenimage_jax.models.vae",
     "load_transformer": "qwenimage_jax.models.dit",
+    "init_transformer": "qwenimage_jax.models.dit",
+    "init_vae": "qwenimage_jax.models.vae",
     "load_text_encoder": "qwenimage_jax.models.qwen3_vl",
     "QwenImagePipeline": "qwenimage_jax.sampling.pipeline",
     "make_mesh": "qwenimage_jax.parallel.mesh",
