@@ -121,8 +121,9 @@ def assemble_params(
                                 f"checkpoint gives {tuple(array.shape)}, model expects {want}")
             continue
         leaf_dtype = expected[path].dtype if (keep_dtype is not None and keep_dtype(path)) else dtype
-        array = np.asarray(array, dtype=np.float32).astype(leaf_dtype) if np.issubdtype(
-            np.asarray(array).dtype, np.floating) or array.dtype.name == "bfloat16" else array
+        # Cast straight to the target dtype (no fp32 detour: a stacked 8B leaf would double host memory).
+        if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+            array = array.astype(jnp.dtype(leaf_dtype), copy=False)
         sharding = target_shardings.get(path)
         flat_out[path] = jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
     if shape_errors:
