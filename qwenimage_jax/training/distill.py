@@ -1,0 +1,461 @@
+"""DMD step distillation of the DiT: a few-step student (4 Euler steps by default) from a many-step teacher.
+
+    qwenimage-jax distill --config configs/distill_tiny.py --workdir DIR --config.teacher=TEACHER_DIR \
+        --config.data.path=LATENTS_DIR
+
+Three networks with the same architecture and the same sharding rules (METHODS.md section 3):
+  G      the student, initialised from the teacher, trained (AdamW, EMA);
+  real   the teacher, frozen; optional true CFG inside the real score (decoupled DMD's "CFG augmentation");
+  fake   the fake score, initialised from the teacher, trained online by flow matching on G's samples.
+One distillation step = `fake.updates` fake-score updates (DMD2's two time-scale rule), each on fresh student
+samples, then one student update:
+  k ~ U{0..n-1};  x_k = k Euler steps of G from noise z along the student grid (backward simulation, no grad)
+  x0 = x_k - sigma_k G(x_k, sigma_k)                               (the only term with a gradient)
+  t ~ [t_min, t_max];  x_t = (1 - t) sg(x0) + t eps
+  grad = (x0_fake(x_t) - x0_real(x_t)) / mean|x0 - x0_real|;   L = w_dmd 0.5 |x0 - sg(x0 - grad)|^2
+       (+ w_reg |x0 - teacher_ODE(z)|^2, the teacher's own many-step solution from the same noise, when enabled)
+The student grid is exactly what the exported pipeline samples with: `student.sample_sigmas` (pre-shift, the
+model_index.json `sample_sigmas`; default linspace(1, 1/n, n)) through the scheduler's mu shift and terminal
+stretch at the batch's token count; the network reads the pipeline's `timestep / 1000` at each grid point.
+
+Text conditions and layouts come from a cached latent dataset (`data.latent_records`; the image latents are not
+used, DMD needs no real images). The Orbax checkpoint holds the whole trainable state (student + EMA + optimizer,
+fake + optimizer, step) and the data iterator; the frozen teacher is re-read from `config.teacher` on resume.
+At the end the student (EMA when kept) is written as a diffusers pipeline directory with `sample_sigmas`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwenimage_jax.data import latent_records
+from qwenimage_jax.models.dit import (DiT, DiTConfig, _dummy_inputs, check_parallelism, init_transformer,
+                                      load_transformer, param_shardings)
+from qwenimage_jax.parallel.distributed import maybe_initialize
+from qwenimage_jax.parallel.mesh import mesh_from_config
+from qwenimage_jax.parallel.rules import LOGICAL_RULES
+from qwenimage_jax.sampling import scheduler as sched
+from qwenimage_jax.training import dmd
+from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard, all_hosts_agree
+from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout
+from qwenimage_jax.training.metrics_writer import MetricsWriter
+from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
+                                          param_count, state_shardings)
+
+log = logging.getLogger("qwenimage_jax.training.distill")
+
+
+@flax.struct.dataclass
+class DistillState:
+    """Everything trainable: step (int32, student updates), student (TrainState with EMA when enabled),
+    fake (TrainState, no EMA). The teacher's params travel separately (frozen, not checkpointed)."""
+    step: jax.Array
+    student: TrainState
+    fake: TrainState
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration helpers
+
+
+def teacher_fields(config) -> dict:
+    """The diffusers architecture fields: from the teacher checkpoint's config.json when `config.teacher` is set
+    (config.model is then ignored), else `config.model` (random teacher: smoke tests only)."""
+    if config.get("teacher"):
+        path = config.teacher
+        from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config
+        from qwenimage_jax.convert.safetensors_io import load_json_config
+
+        return load_component_config(path, "transformer") if is_orbax_component(path) else load_json_config(path)
+    return dict(config.model)
+
+
+def model_configs(config) -> tuple[DiTConfig, DiTConfig]:
+    """(student/fake DiTConfig with remat, teacher DiTConfig without remat and with its own storage dtype)."""
+    fields = teacher_fields(config)
+    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+    cfg = DiTConfig.from_diffusers(fields, dtype=dtype, param_dtype=jnp.float32, remat=config.get("remat", "none"),
+                                   attention=config.get("attention", "xla"))
+    teacher = dataclasses.replace(cfg, remat="none",
+                                  param_dtype=jnp.dtype(config.get("teacher_param_dtype", "float32")))
+    return cfg, teacher
+
+
+def scheduler_config(config) -> dict:
+    return {**sched.QWEN_IMAGE_SCHEDULER_CONFIG, **dict(config.get("scheduler", None) or {})}
+
+
+def student_sample_sigmas(config) -> list[float]:
+    """The pre-shift student grid = the `sample_sigmas` written to model_index.json."""
+    grid = config.student.get("sample_sigmas", None)
+    if grid:
+        return [float(s) for s in grid]
+    n = int(config.student.num_steps)
+    return [float(s) for s in np.linspace(1.0, 1.0 / n, n)]
+
+
+def student_grid(config, n_target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas (n + 1,) ending in 0, model times (n,)) the pipeline uses for the student at n_target tokens."""
+    sigmas, timesteps = sched.flow_match_sigmas(None, n_target, scheduler_config(config),
+                                                sigmas=student_sample_sigmas(config))
+    return sigmas, sched.model_timesteps(timesteps)
+
+
+def teacher_grid(config, n_target: int) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's own many-step grid (regression targets), `regression.teacher_steps` steps."""
+    sigmas, timesteps = sched.flow_match_sigmas(int(config.regression.teacher_steps), n_target,
+                                                scheduler_config(config))
+    return sigmas, sched.model_timesteps(timesteps)
+
+
+def _dummy_batch_inputs(cfg: DiTConfig, mesh):
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    return tuple(jnp.repeat(a, n_batch, axis=0) if isinstance(a, jax.Array) and a.ndim else a
+                 for a in _dummy_inputs(cfg))
+
+
+def optimizers(config):
+    """((student tx, student lr schedule), (fake tx, fake lr schedule))."""
+    return make_optimizer(config.optimizer), make_optimizer(config.fake.optimizer)
+
+
+@functools.lru_cache(maxsize=16)
+def _shardings_cached(config_json: str, mesh) -> tuple[Any, Any, Any]:
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    cfg, teacher_cfg = model_configs(config)
+    (tx_s, _), (tx_f, _) = optimizers(config)
+    dummy = _dummy_batch_inputs(cfg, mesh)
+    init = lambda k: DiT(cfg).init(k, *dummy)["params"]  # noqa: E731
+    use_ema = float(config.ema_decay) > 0
+    key = jax.random.key(0)
+    abs_s, sh_s = state_shardings(init, tx_s, mesh, key, use_ema=use_ema)
+    abs_f, sh_f = state_shardings(init, tx_f, mesh, key, use_ema=False)
+    replicated = NamedSharding(mesh, P())
+    shardings = DistillState(step=replicated, student=sh_s, fake=sh_f)
+    abstract = DistillState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), student=abs_s, fake=abs_f)
+    return shardings, abstract, param_shardings(teacher_cfg, mesh)
+
+
+def distill_shardings(config, mesh):
+    """(state shardings, abstract state with shardings, teacher param shardings), all rule-derived on `mesh`."""
+    return _shardings_cached(_step_key(config), mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def load_teacher(config, mesh, shardings):
+    """The frozen teacher's params on `shardings`: from `config.teacher`, or random (`config.seed`) when empty."""
+    _, teacher_cfg = model_configs(config)
+    if config.get("teacher"):
+        loaded = load_transformer(config.teacher, dtype=teacher_cfg.dtype, param_dtype=teacher_cfg.param_dtype,
+                                  shardings=shardings)
+        return loaded.params
+    log.warning("config.teacher is empty: distilling a RANDOM teacher (smoke test only)")
+    return init_transformer(teacher_cfg, jax.random.key(int(config.seed) + 1), mesh=mesh).params
+
+
+def init_from_teacher(config, mesh, teacher_params):
+    """DistillState with student and fake both copied from the teacher (fp32 masters), on their shardings."""
+    shardings, _, _ = distill_shardings(config, mesh)
+    (tx_s, _), (tx_f, _) = optimizers(config)
+    use_ema = float(config.ema_decay) > 0
+
+    def create(tparams):
+        params = jax.tree.map(lambda p: p.astype(jnp.float32), tparams)
+        student = TrainState.create(jax.tree.map(jnp.copy, params), tx_s, use_ema)
+        fake = TrainState.create(jax.tree.map(jnp.copy, params), tx_f, use_ema=False)
+        return DistillState(step=jnp.zeros((), jnp.int32), student=student, fake=fake)
+
+    with jax.set_mesh(mesh):
+        return jax.jit(create, out_shardings=shardings)(teacher_params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def make_distill_step(config, layout, mesh):
+    """A jitted (state, teacher_params, batch, null_text, key) -> (state, metrics) for one layout bucket; cached
+    on (config, layout, mesh) so repeated runs (resume, tests) reuse the compiled program."""
+    return _make_distill_step(_step_key(config), layout, mesh)
+
+
+def _step_key(config) -> str:
+    """The config as JSON without the fields that cannot change the compiled step (run length, logging,
+    checkpointing, export, data location), so a resumed or longer run reuses the program."""
+    key = ml_collections.ConfigDict(config.to_dict())
+    for name in ("steps", "checkpoint", "log_every", "progress", "export", "data"):
+        if name in key:
+            del key[name]
+    return key.to_json()
+
+
+@functools.lru_cache(maxsize=32)
+def _make_distill_step(config_json: str, layout, mesh):
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    cfg, teacher_cfg = model_configs(config)
+    student_mod, teacher_mod = DiT(cfg), DiT(teacher_cfg)
+    (tx_s, lr_s), (tx_f, lr_f) = optimizers(config)
+    img_shapes, img_mask = layout
+    n_target = img_shapes[-1][1] * img_shapes[-1][2]
+    sigmas, model_t = student_grid(config, n_target)
+    n_steps = len(model_t)
+    is_t2i = len(img_shapes) == 1 and not any(img_mask[:len(img_mask) - n_target // 4])
+    real_cfg = float(config.dmd.real_cfg_scale) if is_t2i else 1.0
+    reg_weight = float(config.regression.weight)
+    reg_cfg = float(config.regression.get("cfg_scale", None) or config.dmd.real_cfg_scale) if is_t2i else 1.0
+    if reg_weight > 0:
+        t_sigmas, t_model_t = teacher_grid(config, n_target)
+    n_fake = int(config.fake.updates)
+    sim_mode = config.student.get("backward_sim", "euler")
+    mu = sched.mu_for(n_target, sched.SchedulerConfig.from_dict(scheduler_config(config))) \
+        if config.dmd.get("shift", "none") == "tokens" else None
+    times = dict(t_min=float(config.dmd.t_min), t_max=float(config.dmd.t_max),
+                 distribution=config.dmd.distribution, mean=float(config.dmd.get("mean", 0.0)),
+                 std=float(config.dmd.get("std", 1.0)), mu=mu)
+    fake_times = dict(times, **dict(config.fake.get("times", None) or {}))
+
+    def velocity(module, params, x, t, text, text_mask, cond):
+        # x: (B, N_tgt, C) target latents; t: (B,) model time; returns v (B, N_tgt, C) float32
+        hidden = x if cond is None else jnp.concatenate([cond, x.astype(cond.dtype)], axis=1)
+        out = module.apply({"params": params}, hidden.astype(module.config.dtype), text.astype(module.config.dtype),
+                           t, img_shapes, img_mask, encoder_hidden_states_mask=text_mask)
+        return out[:, -n_target:].astype(jnp.float32)
+
+    def conditions(batch):
+        cond = batch.get("cond_latents")
+        if cond is not None:
+            cond = cond.reshape(cond.shape[0], -1, cond.shape[-1])
+        return batch["text_embeds"], batch["text_mask"], cond
+
+    def real_velocity(tparams, x, t, batch, null_text, scale):
+        text, mask, cond = conditions(batch)
+        if scale == 1.0:
+            return velocity(teacher_mod, tparams, x, t, text, mask, cond)
+        # conditional and empty-prompt branches as one doubled batch (same layout: text-to-image only)
+        bsz = x.shape[0]
+        null_embeds = jnp.broadcast_to(null_text[0][None].astype(text.dtype), (bsz,) + null_text[0].shape)
+        null_mask = jnp.broadcast_to(null_text[1][None], (bsz,) + null_text[1].shape).astype(mask.dtype)
+        both = velocity(teacher_mod, tparams, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                        jnp.concatenate([text, null_embeds]), jnp.concatenate([mask, null_mask]), None)
+        return dmd.guided_velocity(both[:bsz], both[bsz:], scale)
+
+    def student_state(sparams, batch, key):
+        """Backward simulation: (z, x_k, sigma_k, t_k) for a random grid index k (one per batch)."""
+        k_k, k_z, k_sim = jax.random.split(key, 3)
+        k = jax.random.randint(k_k, (), 0, n_steps)
+        x0_shape = batch["latents"].shape
+        z = jax.random.normal(k_z, (x0_shape[0], n_target, x0_shape[-1]), jnp.float32)
+        text, mask, cond = conditions(batch)
+        frozen = jax.lax.stop_gradient(sparams)
+        fn = lambda x, t: velocity(student_mod, frozen, x, t, text, mask, cond)  # noqa: E731
+        x_k, sigma_k, t_k = dmd.backward_simulate(fn, z, sigmas, model_t, k, mode=sim_mode, key=k_sim)
+        return z, x_k, sigma_k, t_k, k
+
+    def fake_update(fake: TrainState, sparams, batch, key):
+        k_state, k_t, k_eps = jax.random.split(key, 3)
+        _, x_k, sigma_k, t_k, _ = student_state(sparams, batch, k_state)
+        text, mask, cond = conditions(batch)
+        x0 = jax.lax.stop_gradient(dmd.x0_from_velocity(
+            x_k, velocity(student_mod, sparams, x_k, t_k, text, mask, cond), sigma_k))
+        t = dmd.sample_times(k_t, x0.shape[0], **fake_times)
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        x_t = dmd.renoise(x0, eps, t)
+
+        def loss_fn(fparams):
+            return dmd.fake_score_loss(velocity(student_mod, fparams, x_t, t, text, mask, cond), x0, eps)
+
+        loss, grads = jax.value_and_grad(loss_fn)(fake.params)
+        return apply_gradients(fake, grads, tx_f, 0.0), loss, optax.global_norm(grads)
+
+    def teacher_ode(tparams, z, batch, null_text):
+        def body(j, x):
+            t = jnp.broadcast_to(jnp.asarray(t_model_t)[j], (x.shape[0],))
+            v = real_velocity(tparams, x, t, batch, null_text, reg_cfg)
+            return x + (jnp.asarray(t_sigmas)[j + 1] - jnp.asarray(t_sigmas)[j]) * v
+        return jax.lax.stop_gradient(jax.lax.fori_loop(0, len(t_model_t), body, z))
+
+    def student_loss(sparams, fparams, tparams, batch, null_text, key):
+        k_state, k_t, k_eps = jax.random.split(key, 3)
+        fparams, tparams = jax.lax.stop_gradient(fparams), jax.lax.stop_gradient(tparams)
+        z, x_k, sigma_k, t_k, k = student_state(sparams, batch, k_state)
+        text, mask, cond = conditions(batch)
+        x0 = dmd.x0_from_velocity(x_k, velocity(student_mod, sparams, x_k, t_k, text, mask, cond), sigma_k)
+        t = dmd.sample_times(k_t, x0.shape[0], **times)
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        x_t = dmd.renoise(jax.lax.stop_gradient(x0), eps, t)
+        x0_real = dmd.x0_from_velocity(x_t, real_velocity(tparams, x_t, t, batch, null_text, real_cfg), t)
+        x0_fake = dmd.x0_from_velocity(x_t, velocity(student_mod, fparams, x_t, t, text, mask, cond), t)
+        grad = dmd.dmd_gradient(x0, x0_real, x0_fake)
+        dmd_term = dmd.dmd_loss(x0, grad)
+        loss = float(config.dmd.weight) * dmd_term
+        aux = {"dmd_loss": dmd_term, "dmd_grad_abs": jnp.mean(jnp.abs(grad)), "k": k.astype(jnp.float32),
+               "student_x0_std": jnp.std(x0)}
+        if reg_weight > 0:
+            reg = dmd.regression_loss(x0, teacher_ode(tparams, z, batch, null_text))
+            loss = loss + reg_weight * reg
+            aux["regression_loss"] = reg
+        return loss, aux
+
+    def step(state: DistillState, tparams, batch, null_text, key):
+        k_fake, k_student = jax.random.split(jax.random.fold_in(key, state.step))
+        fake = state.fake
+        metrics = {}
+        if n_fake > 0:
+            def body(f, i):
+                f, loss, gnorm = fake_update(f, state.student.params, batch, jax.random.fold_in(k_fake, i))
+                return f, (loss, gnorm)
+
+            fake, (f_loss, f_gnorm) = jax.lax.scan(body, fake, jnp.arange(n_fake))
+            metrics.update(fake_loss=jnp.mean(f_loss), fake_loss_first=f_loss[0], fake_loss_last=f_loss[-1],
+                           fake_grad_norm=jnp.mean(f_gnorm))
+        (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(
+            state.student.params, fake.params, tparams, batch, null_text, k_student)
+        student = apply_gradients(state.student, grads, tx_s, float(config.ema_decay))
+        metrics.update(aux, loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr_s(state.student.step),
+                       fake_learning_rate=lr_f(state.fake.step))
+        return DistillState(step=state.step + 1, student=student, fake=fake), metrics
+
+    shardings, _, teacher_shardings = _shardings_cached(config_json, mesh)
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(shardings, teacher_shardings, batch_sharding, replicated, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def null_text_for(config) -> tuple[jax.Array, jax.Array]:
+    """(embeds (L, D), mask (L,)) of the empty prompt padded to data.max_text_tokens; zeros when the dataset has
+    none (then CFG inside the real score is refused)."""
+    null = _null_text(config.data.path, int(config.data.max_text_tokens))
+    if null is None:
+        if float(config.dmd.real_cfg_scale) != 1.0:
+            raise ValueError(f"dmd.real_cfg_scale={config.dmd.real_cfg_scale} needs the empty-prompt embedding, but "
+                             f"{config.data.path!r} has no null_text_embeds.npy; re-cache the data or set "
+                             "--config.dmd.real_cfg_scale=1.0")
+        n, d = int(config.data.max_text_tokens), int(teacher_fields(config).get("context_in_dim", 4096))
+        return jnp.zeros((n, d), jnp.float32), jnp.zeros((n,), bool)
+    return null
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def distill(config, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) distillation in `workdir`; returns {"losses": {step: loss}, "metrics": {step: dict},
+    "final_step", "state", "teacher_params", "export_dir"}."""
+    maybe_initialize()
+    mesh = mesh_from_config(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    global_batch = int(config.batch_size)
+    if global_batch % n_proc:
+        raise ValueError(f"batch_size {global_batch} is not divisible by the {n_proc} processes")
+    cfg, _ = model_configs(config)
+    check_parallelism(cfg, mesh, global_batch)
+    key = jax.random.key(int(config.seed))
+
+    _, abstract, teacher_shardings = distill_shardings(config, mesh)
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        teacher_params = load_teacher(config, mesh, teacher_shardings)
+
+    dataset = latent_records.bucketed_batches(
+        config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
+        seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
+        process_index=proc, process_count=n_proc)
+    data_iter = latent_records.iterate(dataset)
+    null_text = null_text_for(config)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.keep),
+                        save_interval_steps=int(config.checkpoint.every),
+                        async_save=bool(config.checkpoint.get("async_save", True)))
+    if ckpt.latest_step() is not None:
+        state, start_step = ckpt.restore(abstract, data_iter)
+        log.info("resumed distillation from step %d", start_step)
+    else:
+        state, start_step = init_from_teacher(config, mesh, teacher_params), 0
+    log.info("DMD: student/fake/teacher of %.2fM parameters each on mesh %s; %d fake updates per student update",
+             param_count(state.student.params) / 1e6, dict(mesh.shape), int(config.fake.updates))
+
+    writer = MetricsWriter(workdir, console_every=int(config.log_every))
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    losses: dict[int, float] = {}
+    all_metrics: dict[int, dict] = {}
+    total_steps = int(config.steps)
+    step = start_step
+    progress = _progress(start_step, total_steps, proc == 0 and config.get("progress", True))
+    with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        while step < total_steps:
+            local = next(data_iter)
+            layout = batch_layout(local)
+            step_fn = make_distill_step(config, layout, mesh)
+            batch = _global_batch(local, batch_sharding)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, teacher_params, batch, null_text, key)
+            step += 1
+            if step % int(config.log_every) == 0 or step == total_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                scalars["step_time_s"] = time.perf_counter() - t0
+                if not np.isfinite(scalars["loss"]):
+                    raise FloatingPointError(f"distillation loss became {scalars['loss']} at step {step}; lower "
+                                             "the learning rates or check the teacher and the cached data")
+                losses[step] = scalars["loss"]
+                all_metrics[step] = scalars
+                writer.write_scalars(step, scalars)
+                progress.set_postfix(dmd=f"{scalars['dmd_loss']:.3g}", fake=f"{scalars.get('fake_loss', 0):.3g}")
+            progress.update(1)
+            ckpt.save(step, state, data_iter)
+            if all_hosts_agree(guard.requested) or ckpt.reached_preemption(step):
+                log.warning("preemption requested: saving step %d and stopping", step)
+                ckpt.save(step, state, data_iter, force=True)
+                break
+    if ckpt.latest_step() != step:
+        ckpt.save(step, state, data_iter, force=True)
+    ckpt.close()
+    writer.close()
+    progress.close()
+    export_dir = None
+    if step >= total_steps and config.export.get("enabled", True) and proc == 0:
+        export_dir = export_student(config, state, os.path.join(workdir, "export"))
+    return {"losses": losses, "metrics": all_metrics, "final_step": step, "state": state,
+            "teacher_params": teacher_params, "export_dir": export_dir, "mesh": mesh}
+
+
+def export_student(config, state: DistillState, dst: str) -> str:
+    """Writes the student (EMA when kept) as a QwenImage21Pipeline directory with the student's `sample_sigmas`;
+    other components are copied from `config.export.components` ({"vae": DIR, ...}) when given."""
+    from qwenimage_jax.convert.export_dit import write_pipeline_dir
+
+    cfg, _ = model_configs(config)
+    params = state.student.ema_params if state.student.ema_params is not None else state.student.params
+    if os.path.exists(os.path.join(dst, "model_index.json")):
+        log.warning("%s already holds an export; leaving it unchanged", dst)
+        return dst
+    components = {k: v for k, v in dict(config.export.get("components", None) or {}).items() if v}
+    write_pipeline_dir(dst, params, cfg, sample_sigmas=student_sample_sigmas(config), components=components,
+                       scheduler_config=scheduler_config(config), dtype=config.export.get("dtype", "float32"),
+                       link=bool(config.export.get("link", False)))
+    log.info("student exported to %s (sample_sigmas %s)", dst, student_sample_sigmas(config))
+    return dst
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="distill", dynamic_ncols=True)
