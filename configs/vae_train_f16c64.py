@@ -33,7 +33,7 @@ def get_config(arg=None):
                                      decay_steps=199_000, end_value=1e-5)
     c.ema_decay = 0.999
     c.losses.lpips = 1.0
-    c.losses.align = dict(aligner="dinov2", path="", layer=12,
+    c.losses.align = dict(aligner="dinov2", path="", layer=12, probe_only=False,
                           weight=dict(name="hold_then_cosine", init_value=1.0, end_value=0.1, hold_steps=40_000,
                                       transition_steps=120_000),
                           m_cos=dict(name="hold_then_cosine", init_value=0.1, end_value=0.5, hold_steps=40_000,

@@ -43,7 +43,8 @@ def make_optimizer(opt_config) -> tuple[optax.GradientTransformation, Callable]:
     """config.optimizer -> (tx, learning-rate schedule).
 
     Fields: learning_rate (number or schedule spec, see `schedules.make_schedule`), b1, b2, eps, weight_decay,
-    grad_clip_norm (<= 0 disables clipping), decay_all (bool: also decay biases/norms; default False).
+    grad_clip_norm (<= 0 disables clipping), clip_per_group (clip each top-level params entry on its own),
+    decay_all (bool: also decay biases/norms; default False).
     """
     lr = make_schedule(opt_config.get("learning_rate", 1e-4))
     mask = None if opt_config.get("decay_all", False) else _decay_mask
@@ -51,8 +52,23 @@ def make_optimizer(opt_config) -> tuple[optax.GradientTransformation, Callable]:
                         eps=opt_config.get("eps", 1e-8), weight_decay=opt_config.get("weight_decay", 1e-4),
                         mask=mask)
     clip = float(opt_config.get("grad_clip_norm", 1.0))
-    tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
-    return tx, lr
+    if clip <= 0:
+        return adamw, lr
+    clipper = clip_each_group(clip) if opt_config.get("clip_per_group", False) else optax.clip_by_global_norm(clip)
+    return optax.chain(clipper, adamw), lr
+
+
+def clip_each_group(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping applied separately to each top-level entry of a dict of params (e.g. "vae" and an
+    auxiliary "proj" head), so an auxiliary head's gradients never rescale the main model's."""
+    def update(updates, state, params=None):  # noqa: ARG001
+        def clip(tree):
+            norm = optax.tree.norm(tree)
+            scale = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-12), 1.0)
+            return jax.tree.map(lambda g: (g * scale).astype(g.dtype), tree)
+        return {name: clip(tree) for name, tree in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation,

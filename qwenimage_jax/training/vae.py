@@ -130,6 +130,7 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
     w_l1, w_l2 = float(loss_cfg.get("l1", 1.0)), float(loss_cfg.get("l2", 0.0))
     w_lpips, w_kl = float(loss_cfg.get("lpips", 0.0)), float(loss_cfg.get("kl", 0.0))
     sample = bool(loss_cfg.get("sample_posterior", False))
+    probe_only = bool(loss_cfg.align.get("probe_only", False))
     ema_decay = float(config.get("ema_decay", 0.0))
     seed = int(config.seed)
 
@@ -150,10 +151,13 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
             total += w_kl * metrics["kl"]
         if aligner is not None:
             features = jax.lax.stop_gradient(aligner.apply(frozen["aligner"], batch, mean.shape[1:3]))
-            projected = proj_module.apply({"params": params["proj"]}, mean)
+            # probe_only (the ablation's control): the projection learns on frozen latents, the VAE gets no
+            # alignment gradient, so `align_cosine` is comparable between alignment on and off
+            probed = jax.lax.stop_gradient(mean) if probe_only else mean
+            projected = proj_module.apply({"params": params["proj"]}, probed)
             align, aux = losses.alignment_loss(projected, features, sched["m_cos"], sched["m_dist"])
             metrics.update(align=align, **aux)
-            total += sched["align_weight"] * align
+            total += (1.0 if probe_only else sched["align_weight"]) * align
         metrics["loss"] = total
         return total, metrics
 
@@ -390,10 +394,10 @@ def default_config() -> ml_collections.ConfigDict:
                   min_scale=0.35, max_scale=1.0, ratio_jitter=1.1, flip=True, num_threads=2, prefetch=4)
     c.optimizer = dict(learning_rate=dict(name="warmup_cosine", peak_value=1e-4, warmup_steps=1000,
                                           decay_steps=99_000, end_value=1e-5),
-                       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0)
+                       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0, clip_per_group=True)
     c.ema_decay = 0.999
     c.losses = dict(l1=1.0, l2=0.0, lpips=1.0, kl=0.0, sample_posterior=False)
-    c.losses.align = dict(aligner="vgg16", layer="relu4_3",
+    c.losses.align = dict(aligner="vgg16", layer="relu4_3", probe_only=False,
                           weight=dict(name="hold_then_cosine", init_value=1.0, end_value=0.1, hold_steps=20_000,
                                       transition_steps=60_000),
                           m_cos=dict(name="hold_then_cosine", init_value=0.1, end_value=0.5, hold_steps=20_000,
