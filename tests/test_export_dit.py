@@ -1,6 +1,7 @@
 """Export of our DiT params as a diffusers transformer directory: diffusers loads it and computes what our module
 computes; our loader reads it back bit-exactly (also as a multi-shard directory and in bf16); the pipeline
-directory carries `sample_sigmas` and diffusers' QwenImage21Pipeline loads and samples with it."""
+directory carries `sample_sigmas`, and diffusers' QwenImage21Pipeline and our QwenImagePipeline load it and produce
+the same image."""
 import json
 
 import jax
@@ -114,16 +115,6 @@ def test_pipeline_dir_sample_sigmas_drive_diffusers_pipeline(ours, tmp_path):
     write_pipeline_dir(path, ours.params, ours.dit_config, sample_sigmas=grid)
     assert read_sample_sigmas(path) == grid
 
-    class _StubProcessor:  # only consulted in __init__ when prompt_embeds are given
-        class tokenizer:
-            @staticmethod
-            def encode(text, **_):
-                return [0] * 3
-
-        @staticmethod
-        def apply_chat_template(*_, **__):
-            return [[0] * 3]
-
     pipe = QwenImage21Pipeline.from_pretrained(path, vae=None, text_encoder=None, processor=_StubProcessor())
     assert list(pipe.config.sample_sigmas) == grid
     hidden, text, _, img_mask, shapes, _ = _inputs(batch=1, grid=(1, 4, 4))
@@ -142,3 +133,46 @@ def test_pipeline_dir_sample_sigmas_drive_diffusers_pipeline(ours, tmp_path):
     err = max_rel_err(ours_out.reshape(pipe_out.shape), pipe_out)
     print(f"4-step pipeline from exported dir vs our Euler loop: max rel err {err:.2e}")
     assert err <= 1e-4
+
+
+def test_exported_student_dir_gives_the_same_image_in_our_pipeline_and_diffusers(ours, tmp_path):
+    """A pipeline dir written by `write_pipeline_dir` (our transformer + a tiny diffusers VAE + the 4-step grid):
+    our QwenImagePipeline and diffusers' QwenImage21Pipeline load it and decode the same image from the same
+    latents and prompt states, both on the exported `sample_sigmas`."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+    from tests.pipeline_tiny import VAE_CONFIG
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage21(**dict(VAE_CONFIG, z_dim=16, latents_mean=[0.1] * 16, latents_std=[0.9] * 16))
+    vae_dir = str(tmp_path / "vae_src")
+    vae.eval().save_pretrained(vae_dir)
+    path = str(tmp_path / "student")
+    grid = [1.0, 0.75, 0.5, 0.25]
+    write_pipeline_dir(path, ours.params, ours.dit_config, sample_sigmas=grid, components={"vae": vae_dir})
+
+    hidden, text, _, _, _, _ = _inputs(batch=1, grid=(1, 4, 4), seed=3)
+    ref_pipe = QwenImage21Pipeline.from_pretrained(path, text_encoder=None, processor=_StubProcessor())
+    want = ref_pipe(prompt_embeds=torch.from_numpy(text), prompt_embeds_mask=None, height=64, width=64,
+                    latents=torch.from_numpy(hidden), output_type="np", return_dict=False)[0]
+    pipe = QwenImagePipeline.from_pretrained(path, load_text_encoder=False)
+    assert pipe.sample_sigmas == grid
+    got = pipe(prompt_embeds=text, height=64, width=64, latents=hidden, output_type="np", progress=False).images
+    got, want = np.asarray(got), np.asarray(want)
+    err = max_rel_err(got[..., :want.shape[-1]], want)
+    print(f"exported pipeline dir, our pipeline vs diffusers: image max rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+class _StubProcessor:
+    """diffusers' pipeline consults the processor only in __init__ when prompt_embeds are given."""
+
+    class tokenizer:
+        @staticmethod
+        def encode(text, **_):
+            return [0] * 3
+
+    @staticmethod
+    def apply_chat_template(*_, **__):
+        return [[0] * 3]
