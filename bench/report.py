@@ -1,0 +1,247 @@
+"""Runs every benchmark in bench/ with small settings and writes ONE markdown report, docs/benchmarks.md.
+
+    python bench/report.py                     # CPU: all five scripts, small settings (~10-20 min on 2 loaded cores)
+    python bench/report.py --only vae dit      # a subset (the other rows are marked "not run")
+    python bench/report.py --gpu               # also the scripts' --gpu modes (released shapes, random weights)
+
+Each script runs in its own subprocess and measures ours AND the PyTorch reference (diffusers / transformers) in that
+same process, so every ratio compares two measurements taken minutes apart on the same machine. The table gives the
+reference's time, ours, the speed-up (reference time / our time: > 1 means ours is faster) and our one-off compile
+time. A script that fails or times out gets a row saying so, with its last error line; nothing is filled in by hand.
+The full stdout of every script is kept in the report's appendix.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "docs", "benchmarks.md")
+
+# name -> (script, small CPU arguments, --gpu arguments or None)
+BENCHES = {
+    "vae": ("vae_bench.py", ["--configs", "tiny,medium", "--repeats", "3"], None),
+    "dit": ("dit_bench.py", ["--repeats", "3"], ["--gpu", "--repeats", "3"]),
+    "text_encoder": ("text_encoder_bench.py", ["--batch", "2", "--prompt-len", "64", "--new-tokens", "16",
+                                                "--repeats", "3"], ["--gpu", "--repeats", "3"]),
+    "sample": ("sample_bench.py", ["--cpu-resolution", "128", "--cpu-steps", "4", "--cpu-batch", "1",
+                                   "--repeats", "2"], ["--gpu", "--repeats", "2"]),
+    "train": ("train_bench.py", ["--repeats", "3"], ["--gpu", "--repeats", "3"]),
+}
+NUM = r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)"
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model, cores, load, accelerator, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    versions = []
+    for mod in ("jax", "flax", "torch", "diffusers", "transformers"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - a missing library is reported, not fatal
+            versions.append(f"{mod} missing")
+    return (f"{cpu}, {os.cpu_count()} logical cores, 1-min load average {load:.1f} at start "
+            f"({platform.system()} {platform.release()}, Python {platform.python_version()}; {', '.join(versions)})")
+
+
+def run_script(script: str, args: list[str], timeout: int) -> dict:
+    cmd = [sys.executable, os.path.join("bench", script)] + args
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
+            f"timed out after {timeout} s"
+    return dict(cmd="python " + " ".join(["bench/" + script] + args), rc=rc, stdout=out, stderr=err or "",
+                wall_s=time.perf_counter() - start)
+
+
+def _last_error(run: dict) -> str:
+    lines = [line.strip() for line in (run["stderr"] + "\n" + run["stdout"]).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line or "timed out" in line:
+            return line[:200]
+    return lines[-1][:200] if lines else "no output"
+
+
+def _row(bench, what, ref, ours, speedup, compile_s, note=""):
+    return dict(bench=bench, what=what, ref=ref, ours=ours, speedup=speedup, compile=compile_s, note=note)
+
+
+def parse_vae(out: str) -> list[dict]:
+    rows = []
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0] not in ("config",) and not cells[0].startswith("---"):
+            rows.append(_row("VAE encode+decode", f"{cells[0]} ({cells[1]} params), input {cells[2]}",
+                             f"{cells[4]} ms", f"{cells[3]} ms", cells[7], f"{cells[8]} s",
+                             f"max rel diff {cells[9]}"))
+    return rows
+
+
+def parse_dit(out: str) -> list[dict]:
+    rows = []
+    m = re.search(rf"diffusers eager {NUM} ms \| ours jit {NUM} ms .*max rel err {NUM}", out)
+    c = re.search(rf"2 layers {NUM} s \| 32 layers {NUM} s", out)
+    cfg = re.search(r"\[cpu\] config (.*)", out)
+    if m:
+        ref, ours, err = float(m.group(1)), float(m.group(2)), m.group(3)
+        rows.append(_row("DiT forward", cfg.group(1).strip() if cfg else "CPU config", f"{ref:.1f} ms",
+                         f"{ours:.1f} ms", f"{ref / ours:.2f}x",
+                         f"{float(c.group(1)):.1f} s (2 layers) / {float(c.group(2)):.1f} s (32 layers)" if c else "-",
+                         f"max rel err {err}"))
+    for g in re.finditer(r"\[gpu\] ours (\S+)\s+step ([0-9.]+) ms \| .*", out):
+        rows.append(_row("DiT forward (GPU, 7B, bf16)", g.group(1), "-", f"{g.group(2)} ms", "-", "-",
+                         g.group(0).split("|", 1)[-1].strip()))
+    return rows
+
+
+def parse_text_encoder(out: str) -> list[dict]:
+    rows = []
+    comp = re.search(rf"first call \(compile\) ours: encode {NUM}s, generate {NUM}s", out)
+    enc = re.search(rf"encode latency \(ms\)\s+{NUM}\s+{NUM}\s+{NUM}x", out)
+    gen = re.search(rf"greedy decode \(tok/s\)\s+{NUM}\s+{NUM}\s+{NUM}x", out)
+    same = re.search(r"greedy tokens identical to transformers: (\S+)", out)
+    cfg = re.search(r"batch=(\d+) prompt=(\d+) new_tokens=(\d+)", out)
+    setting = f"batch {cfg.group(1)}, prompt {cfg.group(2)}, {cfg.group(3)} new tokens" if cfg else "CPU config"
+    if enc:
+        rows.append(_row("Text encoder: encode", setting, f"{enc.group(1)} ms", f"{enc.group(2)} ms",
+                         f"{enc.group(3)}x", f"{comp.group(1)} s" if comp else "-"))
+    if gen:
+        rows.append(_row("Text encoder: greedy decode", setting, f"{gen.group(1)} tok/s", f"{gen.group(2)} tok/s",
+                         f"{gen.group(3)}x", f"{comp.group(2)} s" if comp else "-",
+                         f"tokens identical: {same.group(1)}" if same else ""))
+    for line in out.splitlines():
+        if line.startswith(("encode latency:", "generate:")) and "transformers" not in line:
+            rows.append(_row("Text encoder (GPU, 8B shape)", line.split(":")[0], "-", line.split(":", 1)[1].strip(),
+                             "-", "-"))
+    return rows
+
+
+def parse_sample(out: str) -> list[dict]:
+    rows = []
+    full = re.search(rf"diffusers {NUM} img/s \({NUM} s/call\) \| ours {NUM} img/s \({NUM} s/call\) \| "
+                     rf"speed-up ours vs diffusers {NUM}x \| max rel err {NUM}", out)
+    loop = re.search(rf"denoising loop only: diffusers {NUM} s \| ours {NUM} s \| speed-up {NUM}x", out)
+    comp = re.search(rf"compile ~{NUM} s", out)
+    cfg = re.search(r"\[cpu\] DiT (.*)", out)
+    setting = cfg.group(1).split(";")[-1].strip() if cfg else "CPU config"
+    if full:
+        rows.append(_row("Sampling (loop + VAE decode)", setting, f"{full.group(2)} s/call", f"{full.group(4)} s/call",
+                         f"{full.group(5)}x", f"{comp.group(1)} s" if comp else "-", f"max rel err {full.group(6)}"))
+    if loop:
+        rows.append(_row("Sampling: denoising loop only", setting, f"{loop.group(1)} s", f"{loop.group(2)} s",
+                         f"{loop.group(3)}x", "-"))
+    for g in re.finditer(r"\[gpu\] ours (.*?): (.*)", out):
+        rows.append(_row("Sampling (GPU, released shapes, bf16)", g.group(1), "-", g.group(2), "-", "-"))
+    return rows
+
+
+def parse_train(out: str) -> list[dict]:
+    rows = []
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 7 and cells[0] not in ("config",) and not cells[0].startswith("---"):
+            rows.append(_row("DiT train step (fwd+bwd+AdamW)", f"{cells[0]} config",
+                             f"{cells[3]} s/step ({cells[4]} tok/s)", f"{cells[1]} s/step ({cells[2]} tok/s)",
+                             cells[5], f"{cells[6]} s", f"MFU {cells[7]}" if len(cells) > 7 else ""))
+    return rows
+
+
+PARSERS = dict(vae=parse_vae, dit=parse_dit, text_encoder=parse_text_encoder, sample=parse_sample, train=parse_train)
+
+
+def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
+    lines = [
+        "# Benchmarks: qwenimage-jax vs the PyTorch reference",
+        "",
+        "Generated by `python bench/report.py` (do not edit by hand; re-run it). Every row's reference and ours were",
+        "measured in the same process, one after the other, on the same machine and the same random weights.",
+        "**Speed-up = reference time / our time (> 1: ours faster).** Compile time is our one-off `jit` compile.",
+        "",
+        f"- Run: {started}",
+        f"- Machine: {machine_line}",
+        "- Reference: diffusers (VAE, DiT, pipeline) and transformers (Qwen3-VL) in PyTorch eager, CPU build, fp32;",
+        "  ours: jitted JAX on CPU, fp32, the same thread budget where the script sets one (see each command).",
+        "",
+        "| benchmark | setting | reference | ours | speed-up | ours compile | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        if run is None:
+            lines.append(f"| {name} | not run in this report | - | - | - | - | - |")
+            continue
+        rows = PARSERS[name](run["stdout"]) if run["rc"] == 0 else []
+        if run["rc"] != 0:
+            lines.append(f"| {name} | **FAILED** (exit {run['rc']}) | - | - | - | - | `{_last_error(run)}` |")
+        elif not rows:
+            lines.append(f"| {name} | ran, but its output had no parsable figures (see appendix) | - | - | - | - | - |")
+        for r in rows:
+            lines.append(f"| {r['bench']} | {r['what']} | {r['ref']} | {r['ours']} | {r['speedup']} | {r['compile']} "
+                         f"| {r['note']} |")
+    if gpu_runs:
+        lines += ["", "## Accelerator (released shapes, random weights)", ""]
+        lines += ["| benchmark | setting | reference | ours | speed-up | ours compile | notes |", "|---|---|---|---|---|---|---|"]
+        for name, run in gpu_runs.items():
+            rows = PARSERS[name](run["stdout"]) if run["rc"] == 0 else []
+            if run["rc"] != 0:
+                lines.append(f"| {name} --gpu | **FAILED** (exit {run['rc']}) | - | - | - | - | `{_last_error(run)}` |")
+            for r in rows:
+                lines.append(f"| {r['bench']} | {r['what']} | {r['ref']} | {r['ours']} | {r['speedup']} | "
+                             f"{r['compile']} | {r['note']} |")
+    lines += ["", "## Commands and raw output", ""]
+    for name, run in list(runs.items()) + [(f"{k} --gpu", v) for k, v in gpu_runs.items()]:
+        if run is None:
+            continue
+        lines += [f"### {name}: `{run['cmd']}` (exit {run['rc']}, {run['wall_s']:.0f} s wall)", "", "```"]
+        body = run["stdout"].strip().splitlines()
+        if run["rc"] != 0:
+            body += ["--- stderr (last 15 lines) ---"] + run["stderr"].strip().splitlines()[-15:]
+        lines += body[-60:] + ["```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these benchmarks")
+    parser.add_argument("--gpu", action="store_true", help="also run each script's --gpu mode (needs an accelerator)")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per script before it is recorded as failed")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine_line = machine()
+    runs, gpu_runs = {}, {}
+    for name, (script, cpu_args, gpu_args) in BENCHES.items():
+        if args.only and name not in args.only:
+            runs[name] = None
+            continue
+        print(f"[report] {name}: python bench/{script} {' '.join(cpu_args)}", flush=True)
+        runs[name] = run_script(script, cpu_args, args.timeout)
+        print(f"[report] {name}: exit {runs[name]['rc']} in {runs[name]['wall_s']:.0f} s", flush=True)
+        if args.gpu and gpu_args is not None:
+            gpu_runs[name] = run_script(script, gpu_args, args.timeout)
+            print(f"[report] {name} --gpu: exit {gpu_runs[name]['rc']}", flush=True)
+    text = render(machine_line, runs, started, gpu_runs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"[report] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
