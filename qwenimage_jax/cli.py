@@ -21,6 +21,7 @@ COMMANDS = {
     "cache-latents": ("qwenimage_jax.commands.cache_latents", "encode images + captions into DiT training shards"),
     "train-dit": ("qwenimage_jax.commands.train_dit", "train the DiT with flow matching"),
     "distill": ("qwenimage_jax.commands.distill", "DMD step distillation of the DiT"),
+    "eval-t2i": ("qwenimage_jax.commands.eval_t2i", "small-world GenEval: judge accuracy of generated images"),
 }
 
 

@@ -1,9 +1,14 @@
-"""`qwenimage-jax demo [--out out/demo]`: the bundled photos through a VAE, as a side-by-side grid + PSNR/SSIM.
+"""`qwenimage-jax demo [--out out/demo]`: text-to-image with the shipped tiny world model (the README's first command).
 
-The VAE is, in order: `--vae PATH`; the bundled `qwenimage_jax/assets/tiny_vae/` if the package ships one; else a
-randomly initialised tiny VAE (f16, RGBA, like the released shape but ~0.6 M params), announced loudly: no trained
-VAE is shipped yet, so its figures only show that the pipeline runs. Later milestones turn this into text-to-image.
-Writes `OUT/reconstructions.png` (rows: photos; columns: original | reconstruction) and prints the metrics.
+Loads `qwenimage_jax/assets/tiny_world/` (a diffusers-format Qwen-Image-2 directory: tiny DiT, VAE, Qwen3-VL text
+encoder, trained on the small world, see its README.md) through `QwenImagePipeline.from_pretrained` - the same
+path as `qwenimage-jax sample` - and generates, in one batch: world captions of scenes it never saw (some with
+held-out shape/colour compositions), and one short casual prompt both as written and after the shipped prompt
+expander. Writes `OUT/demo_grid.png` (rows: prompts; columns: the world's own rendering | its VAE reconstruction |
+generated) and prints each prompt's judge score and the mean accuracy.
+
+`--photos NAME ...` runs the earlier VAE-only demo instead (bundled photos through `--vae`, side-by-side grid +
+PSNR/SSIM in `OUT/reconstructions.png`).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 TINY_VAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae"
+TINY_WORLD_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
 
 RANDOM_VAE_BANNER = """\
 ################################################################################################
@@ -25,10 +31,15 @@ RANDOM_VAE_BANNER = """\
 
 def add_arguments(parser):
     parser.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
-    parser.add_argument("--vae", default=None, help="VAE directory; default: bundled tiny VAE, else a random one")
-    parser.add_argument("--size", type=int, default=256, help="square crop size of each photo (multiple of 16)")
-    parser.add_argument("--photos", nargs="+", default=list(DEFAULT_PHOTOS),
-                        help=f"bundled photo names (default: {' '.join(DEFAULT_PHOTOS)})")
+    parser.add_argument("--model", default=None, help=f"model directory (default: {TINY_WORLD_DIR})")
+    parser.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
+    parser.add_argument("--num-prompts", type=int, default=6, help="world captions to generate (default 6)")
+    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (negative prompt ' ')")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--photos", nargs="+", default=None,
+                        help="run the VAE-only photo demo on these bundled photos instead")
+    parser.add_argument("--vae", default=None, help="(photo demo) VAE directory")
+    parser.add_argument("--size", type=int, default=256, help="(photo demo) square crop size (multiple of 16)")
 
 
 def random_tiny_vae(seed: int = 0):
@@ -62,6 +73,78 @@ def random_tiny_vae(seed: int = 0):
 
 
 def run(args):
+    if args.photos is not None:
+        return run_photos(args)
+    return run_text_to_image(args)
+
+
+def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def run_text_to_image(args):
+    import time
+
+    from PIL import Image
+
+    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.data import judge
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+    from qwenimage_jax.training.text_lm import expand_prompts
+
+    t0 = time.time()
+    model = str(args.model or TINY_WORLD_DIR)
+    if not Path(model, "model_index.json").exists():
+        raise SystemExit(f"qwenimage-jax demo: {model!r} is not a model directory (no model_index.json); the tiny "
+                         "world model is built by `python -m qwenimage_jax.world_assets`")
+    pipe = QwenImagePipeline.from_pretrained(model)
+    size = eval_t2i.model_size(pipe)
+    n_held = args.num_prompts // 2
+    items = (eval_t2i.world_prompts("train", args.num_prompts - n_held, size)
+             + eval_t2i.world_prompts("heldout", n_held, size))
+    short_item = eval_t2i.world_prompts("train", 1, size, seed=eval_t2i.EVAL_SEED + 1)[0]
+    expander = eval_t2i.load_expander(model)
+    short = short_item["short_caption"]
+    expanded = expand_prompts(expander, [short])[0]
+    print(f"model: {model}")
+    print(f"prompt expansion: {short!r}\n                -> {expanded!r}")
+    prompts = [r["caption"] for r in items] + [short, expanded]
+    records = [r["record"] for r in items] + [short_item["short_record"]] * 2
+    truths = [r["image"] for r in items] + [short_item["image"]] * 2
+    kinds = ["train composition"] * (len(items) - n_held) + ["held-out composition"] * n_held
+    kinds += ["short prompt as written", "short prompt, expanded"]
+    t1 = time.time()
+    images = eval_t2i.generate(pipe, prompts, args.steps, size, args.cfg, args.seed, batch_size=len(prompts))
+    t_gen = time.time() - t1
+    truth = np.stack(truths)
+    recon = np.asarray(pipe.vae.decode(pipe.vae.encode(truth.astype(np.float32) / 127.5 - 1.0)))
+    recon = judge.to_uint8(recon[..., :3])
+    scores = [judge.judge(img, rec) for img, rec in zip(images, records)]
+    truth_scores = [judge.judge(img, rec) for img, rec in zip(truth, records)]
+    for prompt, kind, score, gt in zip(prompts, kinds, scores, truth_scores):
+        print(f"[{kind:<24}] judge {score['overall']:.2f} (ground truth {gt['overall']:.2f})  {prompt}")
+    n = len(items)
+    gen = judge.summarise(scores[:n])
+    gt = judge.summarise(truth_scores[:n])
+    print(f"judge accuracy over {n} world captions ({args.steps} steps, CFG {args.cfg}): generated "
+          f"{gen['overall']:.3f} (all-correct {gen['all_correct']:.2f}), ground truth {gt['overall']:.3f}")
+    print(f"short prompt: as written {scores[n]['overall']:.2f}, expanded {scores[n + 1]['overall']:.2f} "
+          "(judged on what the short prompt states)")
+    psnr = float(np.mean([10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float32) - b) ** 2), 1e-6))
+                          for a, b in zip(truth[:n], recon[:n])]))
+    print(f"VAE reconstruction PSNR on these scenes: {psnr:.2f} dB")
+    rows = [np.concatenate([_upscale(a, 2), _upscale(b, 2), _upscale(c, 2)], axis=1)
+            for a, b, c in zip(truth, recon, images)]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "demo_grid.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(target)
+    print(f"wrote {target} (rows: prompts above; columns: world rendering | VAE reconstruction | generated)")
+    print(f"sampling {t_gen:.1f}s (incl. compile), total {time.time() - t0:.1f}s")
+    return 0
+
+
+def run_photos(args):
     from PIL import Image
     from tqdm import tqdm
 

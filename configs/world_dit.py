@@ -1,0 +1,45 @@
+"""The small world's shipped DiT: a tiny Qwen-Image-2 transformer trained with flow matching on cached world latents.
+
+Data: `num_scenes` 64 px scenes of the train split (no held-out composition) encoded by the world VAE (4 x 4 x 16
+latents) and the world text encoder (64-wide states), written by cache-latents:
+
+    qwenimage-jax cache-latents --source world:3000:train:64 --vae /tmp/world/vae/vae_export \
+        --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents
+    qwenimage-jax train-dit --config configs/world_dit.py --workdir /tmp/world/dit \
+        --config.data.path=/tmp/world/latents
+
+`python -m qwenimage_jax.world_assets --stage cache --stage dit` runs both and exports the EMA weights. A SIGTERM
+stops the trainer at a checkpoint (PreemptionGuard); the stage then exports the weights of the step reached and
+records it (final_step in times.json / the shipped README).
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_scenes = 3000          # read by world_assets' cache stage
+    c.image_size = 64
+    c.model = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=16,
+                   num_attention_heads=4, context_in_dim=64, mlp_ratio=3, axes_dims_rope=[4, 6, 6], eps=1e-6,
+                   causal_condition=True)
+    c.compute_dtype = "float32"
+    c.remat = "none"
+    c.attention = "xla"
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    c.batch_size = 16
+    c.grad_accum = 1
+    c.steps = 1500
+    c.optimizer = dict(learning_rate=dict(name="warmup_cosine", peak_value=1e-3, warmup_steps=100,
+                                          decay_steps=1500, end_value=5e-5),
+                       b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0)
+    c.ema_decay = 0.99
+    c.flow = dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens")
+    c.cfg_dropout = 0.1
+    c.data = dict(path="", max_text_tokens=64, seed=0, bucket_weights={})
+    c.checkpoint = dict(every=250, keep=1, async_save=False)
+    c.log_every = 50
+    c.peak_flops_per_device = 0.0
+    c.init_from = ""
+    c.progress = True
+    return c

@@ -1,0 +1,322 @@
+"""Tiny Qwen3-VL-architecture language models for the small world: tokenizer, next-token pretraining, prompt expansion.
+
+Three steps, each a plain function (the recipe that chains them is `qwenimage_jax.world_assets`):
+
+  * `build_tokenizer(dir, texts)`: a byte-level BPE trained on the world's captions and prompt templates, plus
+    Qwen's special tokens and a chat template with the same output as Qwen3-VL's for text messages, saved as a
+    transformers `Qwen2TokenizerFast` directory.
+  * `train_lm(config, tokenizer, sequences, ...)`: jitted AdamW next-token prediction of our Flax `Qwen3VL` module
+    (text path) on left-padded token sequences with a per-token loss mask. Pretraining uses the world's rich captions
+    in the Qwen-Image-2 encoder template (so the text encoder's states are trained on exactly what it will read);
+    fine-tuning on (short prompt -> rich caption) chats, loss on the answer only, gives the prompt expander.
+  * `save_text_model(params, hf_config, dir, tokenizer_dir)`: a transformers `Qwen3VLForConditionalGeneration`
+    directory (config.json + model.safetensors + tokenizer files). The vision tower is untrained (seeded init):
+    the world's text encoder only reads text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+# Same rendering as Qwen3-VL's chat template for string / text-image-video content lists (no tools, no thinking).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' or 'image' in content -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif content['type'] == 'video' or 'video' in content -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in content -%}{{- content['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def world_text_pairs(num: int, seed: int = 0, split: str = "train") -> list[tuple[str, str]]:
+    """(rich caption, short prompt) for `num` random world scene contents of `split`.
+
+    Text only: the scene content is sampled and captioned without rendering the image (rendering costs ~50 ms a
+    scene on a loaded CPU; the caption depends on the content alone), so these pairs are not the WorldSource records.
+    """
+    from qwenimage_jax.data import prompts, world
+
+    rng = np.random.default_rng([seed, 7919, {"train": 0, "heldout": 1, "all": 2}[split]])
+    out = []
+    for _ in range(num):
+        scene = world._sample_content(rng, split, 0.0)
+        out.append((world.rich_caption(scene, rng), prompts.degrade_record(scene, rng)[0]))
+    return out
+
+
+def tokenizer_corpus(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Everything the models will read: captions, short prompts and the fixed template/instruction strings."""
+    from qwenimage_jax.text import templates
+
+    fixed = [templates.SYSTEM_PROMPT, templates.EXPAND_SYSTEM_PROMPT, "system user assistant"] * 50
+    return [c for c, _ in pairs] + [s for _, s in pairs] + fixed
+
+
+def build_tokenizer(directory: str, texts: Iterable[str], vocab_size: int = 1024):
+    """Trains a byte-level BPE (`vocab_size` regular tokens at most) + Qwen specials; saves and returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    os.makedirs(directory, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(list(texts), trainer=trainer)
+    bpe.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(CHAT_TEMPLATE)
+    return tokenizer
+
+
+def encoder_sequences(tokenizer, captions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) of each caption in the Qwen-Image-2 encoder template, closed by <|im_end|>; loss on the
+    user turn and after (the system turn is constant)."""
+    from qwenimage_jax.text import templates
+
+    drop = templates.drop_index(tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for caption in captions:
+        ids = tokenizer(templates.build_prompt(caption))["input_ids"]
+        # the template ends with "<|im_start|>assistant\n"; predicting the caption's end is what matters
+        ids = list(ids) + [end]
+        out.append((ids, [0] * drop + [1] * (len(ids) - drop)))
+    return out
+
+
+def expansion_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the expansion chat (system instruction + short prompt) up to the assistant's turn."""
+    from qwenimage_jax.text import templates
+
+    return list(tokenizer.apply_chat_template(templates.expand_messages(prompt), add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def expansion_sequences(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) of (short prompt -> rich caption) chats; loss on the answer and its <|im_end|> only."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for rich, short in pairs:
+        prompt = expansion_prompt_ids(tokenizer, short)
+        answer = list(tokenizer(rich)["input_ids"]) + [end]
+        out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return out
+
+
+def pad_left(sequences: Sequence[tuple[list[int], list[int]]], length: int, pad_id: int):
+    """-> ids (N, length) int32, attention (N, length) int32, loss mask (N, length) float32; left padded."""
+    n = len(sequences)
+    ids = np.full((n, length), pad_id, np.int32)
+    attn = np.zeros((n, length), np.int32)
+    loss = np.zeros((n, length), np.float32)
+    for i, (seq, mask) in enumerate(sequences):
+        if len(seq) > length:
+            raise ValueError(f"sequence {i} has {len(seq)} tokens > length {length}; raise max_length")
+        ids[i, length - len(seq):] = seq
+        attn[i, length - len(seq):] = 1
+        loss[i, length - len(seq):] = mask
+    return ids, attn, loss
+
+
+# ------------------------------------------------------------------------------------------------ model
+def hf_config(tokenizer, model: dict) -> dict:
+    """A transformers `Qwen3VLConfig` dict (text decoder from `model`, a minimal vision tower) for `tokenizer`."""
+    tid = tokenizer.convert_tokens_to_ids
+    vocab = int(np.ceil(len(tokenizer) / 64) * 64)
+    hidden = int(model["hidden_size"])
+    text = dict(model_type="qwen3_vl_text", vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=int(model["intermediate_size"]), num_hidden_layers=int(model["num_hidden_layers"]),
+                num_attention_heads=int(model["num_attention_heads"]),
+                num_key_value_heads=int(model["num_key_value_heads"]), head_dim=int(model["head_dim"]),
+                hidden_act="silu", max_position_embeddings=int(model.get("max_position_embeddings", 1024)),
+                rms_norm_eps=1e-6, attention_bias=False, attention_dropout=0.0, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
+                                 "mrope_section": list(model["mrope_section"])},
+                bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
+    vision = dict(model_type="qwen3_vl", depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, out_hidden_size=hidden,
+                  num_position_embeddings=16, deepstack_visual_indexes=[], hidden_act="gelu_pytorch_tanh")
+    return dict(model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"], text_config=text,
+                vision_config=vision, image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+                vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+                tie_word_embeddings=True)
+
+
+def text_module(config: dict):
+    """Our Flax Qwen3VL (text path only) for a `hf_config` dict."""
+    from qwenimage_jax.models.qwen3_vl.model import build_module
+
+    return build_module(config, jnp.float32, with_vision=False)
+
+
+def init_params(module, seed: int):
+    """Jitted init of the text decoder params (unboxed)."""
+    import flax.linen as nn
+
+    ids = jnp.zeros((1, 4), jnp.int32)
+
+    @jax.jit
+    def init(key):
+        return nn.meta.unbox(module.init(key, ids, jnp.ones((1, 4), jnp.int32), jnp.zeros((3, 1, 4), jnp.int32),
+                                         compute_logits=True)["params"])
+
+    return init(jax.random.PRNGKey(seed))
+
+
+def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate: float, warmup_steps: int = 50,
+             weight_decay: float = 0.01, seed: int = 0, log: Optional[Callable[[str], None]] = print,
+             log_every: int = 100):
+    """AdamW (warmup + cosine) next-token training on `data` = (ids, attention, loss_mask) (N, L) arrays.
+
+    Returns (params, history list of (step, mean loss over the last log_every steps)).
+    """
+    import optax
+
+    ids_all, attn_all, mask_all = data
+    n, length = ids_all.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, None], (3, batch_size, length))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1),
+                                                  learning_rate * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98,
+                                                                   weight_decay=weight_decay))
+    opt_state = jax.jit(tx.init)(params)
+
+    def loss_fn(p, ids, attn, mask):
+        logits = module.apply({"params": p}, ids, attn, positions, compute_logits=True)["logits"]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        weight = mask[:, 1:]
+        return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+    @jax.jit
+    def step(p, state, ids, attn, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(p, ids, attn, mask)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    rng = np.random.default_rng(seed)
+    history, window, t0 = [], [], time.time()
+    for i in range(1, steps + 1):
+        idx = rng.integers(0, n, batch_size)
+        params, opt_state, loss = step(params, opt_state, ids_all[idx], attn_all[idx], mask_all[idx])
+        window.append(loss)
+        if i % log_every == 0 or i == steps:
+            mean = float(np.mean(jax.device_get(window)))
+            history.append((i, mean))
+            window = []
+            if log:
+                log(f"step {i}/{steps} loss {mean:.4f} ({time.time() - t0:.0f}s)")
+    return params, history
+
+
+def eval_loss(module, params, data, batch_size: int = 64) -> float:
+    """Mean masked next-token loss on (ids, attention, loss_mask)."""
+    ids_all, attn_all, mask_all = data
+    length = ids_all.shape[1]
+    batch_size = min(batch_size, len(ids_all))
+
+    @jax.jit
+    def batch_loss(ids, attn, mask):
+        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, None], (3,) + ids.shape)
+        logits = module.apply({"params": params}, ids, attn, pos, compute_logits=True)["logits"]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        return (nll * mask[:, 1:]).sum(), mask[:, 1:].sum()
+
+    total = count = 0.0
+    for s in range(0, len(ids_all) - batch_size + 1, batch_size):
+        a, b = batch_loss(ids_all[s:s + batch_size], attn_all[s:s + batch_size], mask_all[s:s + batch_size])
+        total, count = total + float(a), count + float(b)
+    return total / max(count, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def save_text_model(params, config: dict, directory: str, tokenizer_dir: Optional[str] = None, seed: int = 0) -> str:
+    """Writes a transformers Qwen3VLForConditionalGeneration directory with our trained text weights (the vision
+    tower keeps torch's seeded init) and, if given, the tokenizer files beside them."""
+    import shutil
+
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from qwenimage_jax.convert.params import export_tensors
+    from qwenimage_jax.convert.qwen3_vl_text import text_plan
+    from qwenimage_jax.models.qwen3_vl.config import text_config_from_hf
+
+    torch.manual_seed(seed)
+    cfg = dict(config)
+    reference = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**{k: v for k, v in cfg.items()
+                                                                 if k not in ("model_type", "architectures")}))
+    state = reference.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    plan = text_plan(text_config_from_hf(cfg))
+    tensors = export_tensors(params["language_model"], plan, shapes)
+    missing = [k for k in tensors if k not in state]
+    if missing:
+        raise KeyError(f"exported keys not in the reference model: {missing[:5]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    os.makedirs(directory, exist_ok=True)
+    reference.save_pretrained(directory, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for name in os.listdir(tokenizer_dir):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
+    return directory
+
+
+def expand_prompts(encoder, prompts: Sequence[str], max_new_tokens: int = 64) -> list[str]:
+    """Greedy expansion of each short prompt with a fine-tuned expander (`load_text_encoder` result)."""
+    tokenizer = encoder.tokenizer
+    rows = [expansion_prompt_ids(tokenizer, p) for p in prompts]
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    out = np.asarray(encoder.generate(ids, mask, max_new_tokens, temperature=0.0, stop_token_ids=stops,
+                                      pad_token_id=pad))
+    texts = []
+    for row in out:
+        tokens = []
+        for t in row.tolist():
+            if t in stops:
+                break
+            tokens.append(t)
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return texts
+
+
+def save_history(path: str, **histories) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(histories, f, indent=1)
