@@ -178,6 +178,12 @@ def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
         "- Reference: diffusers (VAE, DiT, pipeline) and transformers (Qwen3-VL) in PyTorch eager, CPU build, fp32;",
         "  ours: jitted JAX on CPU, fp32, the same thread budget where the script sets one (see each command).",
         "",
+        "Reading the numbers: on the tiny configs most of the reference's time is PyTorch eager per-op overhead,",
+        "which one jitted XLA program removes, so those speed-ups are large and say little about big models; the",
+        "larger CPU configs (VAE medium, DiT train small, the DiT forward at width 256) are closer to compute-bound.",
+        "The machine is shared (see the load average), so absolute times are noisy; the ratios compare",
+        "measurements taken seconds apart in one process. `max rel err/diff` is the parity of the two outputs.",
+        "",
         "| benchmark | setting | reference | ours | speed-up | ours compile | notes |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -193,6 +199,9 @@ def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
         for r in rows:
             lines.append(f"| {r['bench']} | {r['what']} | {r['ref']} | {r['ours']} | {r['speedup']} | {r['compile']} "
                          f"| {r['note']} |")
+    if not gpu_runs:
+        lines += ["", "Accelerator rows (released shapes, random weights: s/image at 1024 x 1024 for 40 and 4 steps, DiT MFU):",
+                  "not run in this report (no GPU/TPU was available); `python bench/report.py --gpu` on one adds them."]
     if gpu_runs:
         lines += ["", "## Accelerator (released shapes, random weights)", ""]
         lines += ["| benchmark | setting | reference | ours | speed-up | ours compile | notes |", "|---|---|---|---|---|---|---|"]
