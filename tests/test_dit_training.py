@@ -62,6 +62,12 @@ def test_loss_falls_on_structured_data(dataset, tmp_path):
     result = dit_trainer.train(tiny_config(dataset, steps=60, ema_decay=0.0), str(tmp_path / "fall"))
     losses = [result["losses"][s] for s in sorted(result["losses"])]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
+    # the run ends with a diffusers-format export that our loader reads back bit-exactly
+    from qwenimage_jax.models.dit import load_transformer
+
+    loaded = load_transformer(result["export_dir"])
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(jax.device_get(result["state"].params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_editing_bucket_layout_and_step(tmp_path):

@@ -271,9 +271,18 @@ def train(config, workdir: str) -> dict[str, Any]:
     if ckpt.latest_step() != step:
         ckpt.save(step, state, data_iter, force=True)
     ckpt.close()
+    export_dir = os.path.join(workdir, "export", "transformer")
+    if config.get("export", True) and step >= total_steps and n_proc == 1 and not os.path.exists(export_dir):
+        # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
+        # --config.teacher=` read. Multi-host runs export from a checkpoint restored on one host instead.
+        from qwenimage_jax.convert.export_dit import export_transformer
+
+        export_transformer(export_params(state), module.config, export_dir)
+        log.info("exported the %s weights to %s", "EMA" if state.ema_params is not None else "raw", export_dir)
     writer.close()
     progress.close()
-    return {"losses": losses, "final_step": step, "state": state, "batch_checksums": batch_checksums,
+    return {"losses": losses, "final_step": step, "export_dir": export_dir, "state": state,
+            "batch_checksums": batch_checksums,
             "mesh": mesh}
 
 
