@@ -14,13 +14,17 @@ import numpy as np
 from qwenimage_jax.parallel.rules import MESH_AXES
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
+def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1, context: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A 4-axis mesh; one axis may be -1 to take the remaining devices.
+    """A 4-axis mesh; one axis may be -1 to take the remaining devices. `data` defaults to -1, or to 1 when
+    another axis is -1.
 
     >>> make_mesh(fsdp=4, tensor=2)   # on 8 devices: data=1
+    >>> make_mesh(fsdp=-1)            # all devices on fsdp
     """
     devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        data = 1 if -1 in (fsdp, tensor, context) else -1
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "context": context}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
