@@ -22,29 +22,8 @@ _CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 <image1> <image2> <image3>",
 ]
 
-# Qwen's special tokens, in Qwen's own order (ids follow the BPE vocabulary).
-SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-)
-
-# A compact Jinja chat template with the same output as Qwen3-VL's for text/image/video content lists.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for content in message['content'] -%}"
-    "{%- if content['type'] == 'image' or 'image' in content -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif content['type'] == 'video' or 'video' in content -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in content -%}{{- content['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# Qwen's special tokens (in Qwen's order) and the compact Qwen3-VL chat template: one definition, in the library.
+from qwenimage_jax.training.text_lm import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
 
 
 def build_tiny_tokenizer(directory: str, vocab_size: int = 400) -> str:
