@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+PROMPT_LENGTH_BUCKET = 64  # tokens
+
 
 def iter_source(spec: str) -> Iterator[tuple[np.ndarray, str]]:
     """Yields (uint8 HWC RGB image, caption) pairs."""
@@ -48,7 +50,9 @@ def encode_examples(pairs, vae, text_encoder, batch_size: int = 16, process_inde
         if vae.module.config.in_channels == 4 and x.shape[-1] == 3:
             x = np.concatenate([x, np.ones(x.shape[:-1] + (1,), np.float32)], axis=-1)
         latents = np.asarray(vae.encode(x, normalize=True))
-        embeds, mask, _ = text_encoder.encode_prompt(list(captions))
+        # Bucket the encoder input length so batches of different caption lengths reuse one compiled program
+        # (values move by float rounding only; the stored embeddings are float16 anyway).
+        embeds, mask, _ = text_encoder.encode_prompt(list(captions), pad_to_multiple=PROMPT_LENGTH_BUCKET)
         embeds = np.asarray(embeds)
         lengths = embeds.shape[1] * np.ones(len(captions), int) if mask is None else np.asarray(mask).sum(1)
         for lat, emb, n, cap in zip(latents, embeds, lengths, captions):
