@@ -60,6 +60,25 @@ class Checkpointer:
         """True when a multi-host preemption notice says every host must save at `step` (jax.distributed)."""
         return bool(self.manager.reached_preemption(step))
 
+    def save_or_stop(self, step: int, state: Any, data_iterator: Any, stop_requested: bool) -> bool:
+        """The per-step bookkeeping every trainer shares: save on the interval, and when any host got SIGTERM
+        (or Orbax saw a preemption notice) save now and return True so the loop stops."""
+        self.save(step, state, data_iterator)
+        if all_hosts_agree(stop_requested) or self.reached_preemption(step):
+            import logging
+
+            logging.getLogger("qwenimage_jax.training").warning("preemption requested: saving step %d and "
+                                                               "stopping", step)
+            self.save(step, state, data_iterator, force=True)
+            return True
+        return False
+
+    def finish(self, step: int, state: Any, data_iterator: Any = None) -> None:
+        """Makes sure the last step is saved, waits for async writes and closes the manager."""
+        if self.latest_step() != step:
+            self.save(step, state, data_iterator, force=True)
+        self.close()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -50,7 +50,7 @@ from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import dmd
-from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard, all_hosts_agree
+from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout
 from qwenimage_jax.training.metrics_writer import MetricsWriter
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
@@ -420,14 +420,9 @@ def distill(config, workdir: str) -> dict[str, Any]:
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(dmd=f"{scalars['dmd_loss']:.3g}", fake=f"{scalars.get('fake_loss', 0):.3g}")
             progress.update(1)
-            ckpt.save(step, state, data_iter)
-            if all_hosts_agree(guard.requested) or ckpt.reached_preemption(step):
-                log.warning("preemption requested: saving step %d and stopping", step)
-                ckpt.save(step, state, data_iter, force=True)
+            if ckpt.save_or_stop(step, state, data_iter, guard.requested):
                 break
-    if ckpt.latest_step() != step:
-        ckpt.save(step, state, data_iter, force=True)
-    ckpt.close()
+    ckpt.finish(step, state, data_iter)
     writer.close()
     progress.close()
     export_dir = None

@@ -32,7 +32,7 @@ from qwenimage_jax.parallel.distributed import maybe_initialize
 from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.training import flow_matching as fm
-from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard, all_hosts_agree
+from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from qwenimage_jax.training.metrics_writer import MetricsWriter
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
                                           param_count, sharded_init)
@@ -263,14 +263,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}")
             progress.update(1)
-            ckpt.save(step, state, data_iter)
-            if all_hosts_agree(guard.requested) or ckpt.reached_preemption(step):
-                log.warning("preemption requested: saving step %d and stopping", step)
-                ckpt.save(step, state, data_iter, force=True)
+            if ckpt.save_or_stop(step, state, data_iter, guard.requested):
                 break
-    if ckpt.latest_step() != step:
-        ckpt.save(step, state, data_iter, force=True)
-    ckpt.close()
+    ckpt.finish(step, state, data_iter)
     export_dir = os.path.join(workdir, "export", "transformer")
     if config.get("export", True) and step >= total_steps and n_proc == 1 and not os.path.exists(export_dir):
         # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
