@@ -35,5 +35,6 @@ def get_config(arg=None):
     c.log_every = 50
     c.peak_flops_per_device = 459e12   # TPU v5p bf16; 989e12 for H100/H200
     c.init_from = ""
+    c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end
     c.progress = True
     return c

@@ -34,5 +34,6 @@ def get_config(arg=None):
     c.log_every = 10
     c.peak_flops_per_device = 0.0    # e.g. 989e12 for an H100/H200 in bf16; 0 disables MFU
     c.init_from = ""
+    c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end
     c.progress = True
     return c
