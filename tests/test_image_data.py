@@ -133,3 +133,22 @@ def test_bad_source_names_fail_clearly(tmp_path):
         images.make_source(dict(name="nope"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         images.make_source(dict(name="folder", path=str(tmp_path / "missing")))
+
+
+def test_skimage_source_holds_out_by_name_and_returns_rgb():
+    import skimage.data
+
+    every = images.make_source({"name": "skimage"})
+    train = images.make_source({"name": "skimage", "exclude": ["chelsea", "coffee"]})
+    assert len(every) == len(images.SKIMAGE_IMAGES) and len(train) == len(every) - 2
+    assert "chelsea" not in train.names and "stereo_motorcycle:1" in train.names
+    for i in range(len(train)):
+        image = train[i]
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3, train.names[i]
+    # gray images are repeated to RGB; the stereo pair gives its two views
+    camera = train[train.names.index("camera")]
+    assert np.array_equal(camera[..., 0], skimage.data.camera()) and np.array_equal(camera[..., 2], camera[..., 0])
+    left, right = (train[train.names.index(f"stereo_motorcycle:{k}")] for k in (0, 1))
+    assert not np.array_equal(left, right)
+    with pytest.raises(KeyError, match="no offline scikit-image image"):
+        images.make_source({"name": "skimage", "names": ["lily"]})

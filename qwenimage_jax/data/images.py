@@ -2,6 +2,7 @@
 
 Sources (each a random-access grain data source whose records are RGB uint8 arrays (H, W, 3) of any size):
   photos          the photos bundled with the package (`qwenimage_jax.assets`), optionally a subset by name
+  skimage         the ~20 CC0 / public-domain images scikit-image ships in its wheel (offline), by name
   folder          every image file under a directory (sorted, recursive)
   tfds            a TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed)
   synthetic_text  glyphs (5-20 px by default, several fonts) rendered with PIL on natural-image backgrounds
@@ -66,6 +67,43 @@ class PhotoSource:
     def __getitem__(self, index):
         with Image.open(self.paths[index]) as pil:
             return np.asarray(pil.convert("RGB"))
+
+
+# scikit-image's images that load without a network (see ../shared/design/ENVIRONMENT.md, section 4a); the
+# stereo pair counts as two images. Gray ones are repeated to RGB; `horse` (binary) and `logo` (RGBA art) are left out.
+SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                  "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
+                  "stereo_motorcycle:0", "stereo_motorcycle:1", "text")
+
+
+class SkimageSource:
+    """scikit-image's bundled images (all of SKIMAGE_IMAGES, or `names`), minus `exclude` (matched by base name)."""
+
+    def __init__(self, names: Sequence[str] | None = None, exclude: Sequence[str] = ()):
+        try:
+            import skimage.data  # noqa: F401
+        except ImportError as e:
+            raise ImportError("the 'skimage' image source needs scikit-image: pip install scikit-image") from e
+        chosen = list(names or SKIMAGE_IMAGES)
+        unknown = [n for n in chosen + list(exclude) if n.split(":")[0] not in {m.split(":")[0] for m in SKIMAGE_IMAGES}]
+        if unknown:
+            raise KeyError(f"no offline scikit-image image(s) named {unknown}; choose from {', '.join(SKIMAGE_IMAGES)}")
+        self.names = [n for n in chosen if n.split(":")[0] not in set(exclude)]
+        if not self.names:
+            raise ValueError(f"skimage selection names={names} exclude={list(exclude)} leaves no images")
+
+    def __len__(self):
+        return len(self.names)
+
+    @functools.lru_cache(maxsize=32)
+    def __getitem__(self, index):
+        import skimage.data
+
+        name, _, view = self.names[index].partition(":")
+        image = getattr(skimage.data, name)()
+        if isinstance(image, tuple):  # stereo_motorcycle -> (left, right, disparity)
+            image = image[int(view or 0)]
+        return _to_rgb_uint8(image)
 
 
 class ImageFolderSource:
@@ -198,6 +236,8 @@ def make_source(spec) -> Any:
     spec.pop("weight", None)
     if name == "photos":
         return PhotoSource(names=spec.get("names"), exclude=spec.get("exclude", ()))
+    if name == "skimage":
+        return SkimageSource(names=spec.get("names"), exclude=spec.get("exclude", ()))
     if name == "folder":
         return ImageFolderSource(spec["path"])
     if name == "tfds":
@@ -210,7 +250,7 @@ def make_source(spec) -> Any:
     if name == "world":
         return WorldSource(spec.get("length", 1000), spec.get("seed", 0), spec.get("size", 128),
                            spec.get("split", "train"))
-    raise ValueError(f"unknown image source {name!r}; choose from photos, folder, tfds, synthetic_text, world")
+    raise ValueError(f"unknown image source {name!r}; choose from photos, skimage, folder, tfds, synthetic_text, world")
 
 
 # ------------------------------------------------------------------------------------------------- transforms
