@@ -129,6 +129,8 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
     lr_schedule = make_schedule(config.optimizer.get("learning_rate", 1e-4))
     w_l1, w_l2 = float(loss_cfg.get("l1", 1.0)), float(loss_cfg.get("l2", 0.0))
     w_lpips, w_kl = float(loss_cfg.get("lpips", 0.0)), float(loss_cfg.get("kl", 0.0))
+    w_salient = float(loss_cfg.get("salient_l1", 0.0))
+    salient_threshold = float(loss_cfg.get("salient_threshold", 0.35))
     sample = bool(loss_cfg.get("sample_posterior", False))
     probe_only = bool(loss_cfg.align.get("probe_only", False))
     ema_decay = float(config.get("ema_decay", 0.0))
@@ -143,6 +145,9 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
         if w_l2 > 0:
             metrics["l2"] = losses.l2_loss(recon, batch)
             total += w_l2 * metrics["l2"]
+        if w_salient > 0:
+            metrics["salient_l1"] = losses.salient_l1_loss(recon, batch, salient_threshold)
+            total += w_salient * metrics["salient_l1"]
         if lpips_net is not None:
             metrics["lpips"] = jnp.mean(lpips_net.apply(frozen["lpips"], (recon, batch)))
             total += w_lpips * metrics["lpips"]
@@ -396,7 +401,7 @@ def default_config() -> ml_collections.ConfigDict:
                                           decay_steps=99_000, end_value=1e-5),
                        b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0, clip_per_group=True)
     c.ema_decay = 0.999
-    c.losses = dict(l1=1.0, l2=0.0, lpips=1.0, kl=0.0, sample_posterior=False)
+    c.losses = dict(l1=1.0, l2=0.0, lpips=1.0, kl=0.0, sample_posterior=False, salient_l1=0.0, salient_threshold=0.35)
     c.losses.align = dict(aligner="vgg16", layer="relu4_3", probe_only=False,
                           weight=dict(name="hold_then_cosine", init_value=1.0, end_value=0.1, hold_steps=20_000,
                                       transition_steps=60_000),
