@@ -6,9 +6,12 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
             expander (fine-tuned on short -> rich pairs)                          -> WORKDIR/{tokenizer,text_encoder,expander}
   vae       configs/world_vae.py through the VAE trainer                           -> WORKDIR/vae/vae_export
   cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents
-  dit       configs/world_dit.py through the DiT trainer                           -> WORKDIR/dit
-  assemble  model_index.json + vae/ transformer/ text_encoder/ processor/ scheduler/ expander/ -> --out
-  figures   eval-t2i at 40 and 4 steps on train / held-out compositions (+ expansion gain) -> README figures
+  dit       configs/world_dit.py through the DiT trainer (the 40-step teacher)     -> WORKDIR/transformer
+  distill   configs/world_distill.py: DMD, 40-step CFG-4 teacher -> 4-step student -> WORKDIR/distill/export
+  assemble  model_index.json (+ the student's sample_sigmas) + vae/ transformer/ (the 4-step student when
+            distilled) teacher/transformer/ text_encoder/ processor/ scheduler/ expander/ -> --out
+  figures   judge accuracy of the teacher at 40 and 4 steps and of the student at 4 steps on train / held-out
+            compositions, sliced-W2 of each to the teacher's 40-step images, expansion gain -> README figures
 
     python -m qwenimage_jax.world_assets --workdir /tmp/world --out qwenimage_jax/assets/tiny_world
     python -m qwenimage_jax.world_assets --workdir /tmp/world --stage text      # one stage
@@ -27,7 +30,7 @@ import time
 
 import numpy as np
 
-STAGES = ("text", "vae", "cache", "dit", "assemble", "figures")
+STAGES = ("text", "vae", "cache", "dit", "distill", "assemble", "figures")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "qwenimage_jax", "assets", "tiny_world")
 
@@ -139,6 +142,12 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
         src = WorldSource(n, seed=seed, split=split, size=size)
         return np.stack([src[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
 
+    def records(n, seed, split):
+        from qwenimage_jax.data.world import Scene
+
+        src = WorldSource(n, seed=seed, split=split, size=size)
+        return [Scene.from_json(src[i]["record_json"]) for i in range(n)]
+
     train = images(num_images, 5, "train")
     z = np.concatenate([np.asarray(vae.encode(train[i:i + 32])) for i in range(0, num_images, 32)])
     mean = z.reshape(-1, z.shape[-1]).mean(0)
@@ -147,6 +156,10 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     recon = np.concatenate([np.asarray(vae.decode(vae.encode(held[i:i + 32]))) for i in range(0, 64, 32)])
     mse = np.mean(((np.clip(recon, -1, 1) - held) / 2.0) ** 2, axis=(1, 2, 3))
     psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+    # The DiT can draw at best what the VAE keeps: the judge on reconstructions bounds the DiT's accuracy.
+    from qwenimage_jax.data import judge
+
+    judge_recon = judge.evaluate(np.clip(recon, -1, 1), records(64, 6, "heldout"))["overall"]
     cfg = dataclasses.replace(vae.vae_config, latents_mean=tuple(float(v) for v in mean),
                               latents_std=tuple(float(v) for v in std))
     raw = cfg.to_diffusers()
@@ -170,7 +183,8 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
     del torch
-    return dict(heldout_psnr=round(psnr, 2), latent_std_mean=round(float(std.mean()), 4))
+    return dict(heldout_psnr=round(psnr, 2), heldout_judge_on_reconstructions=round(float(judge_recon), 3),
+                latent_std_mean=round(float(std.mean()), 4))
 
 
 def stage_cache(workdir: str) -> None:
@@ -203,6 +217,27 @@ def stage_dit(workdir: str) -> None:
             final_loss=round(float(sum(last) / max(len(last), 1)), 4))
 
 
+def stage_distill(workdir: str) -> None:
+    import logging
+
+    from qwenimage_jax.training.distill import distill
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = _config("world_distill")
+    config.teacher = os.path.join(workdir, "transformer")
+    config.data.path = os.path.join(workdir, "latents")
+    print(f"[run] distill --config configs/world_distill.py --workdir {workdir}/distill "
+          f"--config.teacher={config.teacher} --config.data.path={config.data.path}  (in process)", flush=True)
+    t0 = time.time()
+    result = distill(config, os.path.join(workdir, "distill"))
+    if result["export_dir"] is None:
+        raise SystemExit(f"distillation stopped at step {result['final_step']} of {config.steps}; re-run the stage "
+                         "to resume it")
+    last = [result["losses"][k] for k in sorted(result["losses"])[-4:]]
+    _record(workdir, "distill", time.time() - t0, final_step=result["final_step"],
+            final_loss=round(float(sum(last) / max(len(last), 1)), 4))
+
+
 def assemble(workdir: str, out: str) -> str:
     """Copies the trained components into ONE diffusers-format QwenImage21Pipeline directory + expander/."""
     from qwenimage_jax.convert.export_dit import PIPELINE_COMPONENTS, SCHEDULER_CONFIG
@@ -213,7 +248,15 @@ def assemble(workdir: str, out: str) -> str:
             if name not in ("README.md", "__init__.py"):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
-    shutil.copytree(os.path.join(workdir, "transformer"), os.path.join(out, "transformer"))
+    student = os.path.join(workdir, "distill", "export")
+    sample_sigmas = None
+    if os.path.exists(os.path.join(student, "model_index.json")):
+        # the 4-step student is the default transformer (its grid in model_index.json); the teacher stays beside it
+        shutil.copytree(os.path.join(student, "transformer"), os.path.join(out, "transformer"))
+        shutil.copytree(os.path.join(workdir, "transformer"), os.path.join(out, "teacher", "transformer"))
+        sample_sigmas = json.load(open(os.path.join(student, "model_index.json")))["sample_sigmas"]
+    else:
+        shutil.copytree(os.path.join(workdir, "transformer"), os.path.join(out, "transformer"))
     shutil.copytree(os.path.join(workdir, "vae_diffusers"), os.path.join(out, "vae"))
     os.makedirs(os.path.join(out, "text_encoder"))
     for name in ("config.json", "generation_config.json", "model.safetensors"):
@@ -239,7 +282,7 @@ def assemble(workdir: str, out: str) -> str:
         json.dump(SCHEDULER_CONFIG, f, indent=2)
     index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1"}
     index.update({name: list(entry) for name, entry in PIPELINE_COMPONENTS.items()})
-    index["sample_sigmas"] = None
+    index["sample_sigmas"] = sample_sigmas
     with open(os.path.join(out, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     shutil.copy(os.path.join(workdir, "times.json"), os.path.join(out, "build_times.json"))
@@ -275,13 +318,17 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "# tiny_world: the small world's text-to-image model (diffusers format)",
         "",
         "A Qwen-Image-2-format pipeline directory (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`,",
-        "`processor/`, `scheduler/`) plus `expander/` (the prompt-expansion LM), trained from scratch on CPU on the",
+        "`processor/`, `scheduler/`) plus `expander/` (the prompt-expansion LM) and, when distilled, `teacher/`:",
+        "`transformer/` is then the 4-step DMD student (its grid is `sample_sigmas` in model_index.json; it samples",
+        "without CFG) and `teacher/transformer/` the 40-step teacher it was distilled from. Trained from scratch on CPU on the",
         "procedural world of `qwenimage_jax/data/world.py` at 64 x 64 pixels (no rendered words: the world draws",
         "words only at >= 128 px). 20% of the (shape, colour) compositions never appear in any training data.",
         "These are deliberately tiny models trained for minutes; they show the system end to end, not quality.",
         "",
         "    qwenimage-jax demo                                   # text-to-image + judge, out/demo/demo_grid.png",
-        "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --steps 40 --num-prompts 64 --expand",
+        "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --num-prompts 64            # student, 4 steps",
+        "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --transformer teacher/transformer \\",
+        "        --steps 40 --num-prompts 64 --expand                                                   # teacher",
         "",
         "## Reproduce (seeds are fixed in the configs; all stages resume)",
         "",
@@ -294,12 +341,14 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "   expander = that model fine-tuned on (short prompt -> rich caption) chats.",
         "2. `vae`: `qwenimage-jax train-vae --config configs/world_vae.py --workdir /tmp/world/vae` (seed 0), then",
         "   export to diffusers format with per-channel latent mean/std measured on 256 train scenes.",
-        "3. `cache`: `qwenimage-jax cache-latents --source world:N:train:64 --vae /tmp/world/vae_diffusers",
+        "3. `cache`: `qwenimage-jax cache-latents --source world:3000:train:64 --vae /tmp/world/vae_diffusers",
         "   --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents`.",
         "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0); the EMA weights are exported.",
-        "5. `assemble`: this directory.",
+        "5. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 4-step student,",
+        "   regression to the teacher's 40-step ODE), the student's EMA weights exported with sample_sigmas.",
+        "6. `assemble`: this directory; 7. `figures`: the tables below.",
         "",
-        "## Wall times (2 shared CPU cores, heavily loaded by other jobs while this was built)",
+        "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
         "",
     ]
     for stage, info in times.items():
@@ -319,21 +368,37 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
 
 
 def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
-    """The report's figures on the shipped directory: judge accuracy at 40 and 4 steps on train and held-out
-    compositions (with ground truth), and the prompt-expansion gain on short prompts (held-out, 40 steps)."""
+    """The reports' figures on the shipped directory: judge accuracy of the teacher at 40 and 4 steps (CFG 4) and,
+    when distilled, of the 4-step student (no CFG), on train and held-out compositions, with ground truth; the
+    sliced-W2 distance (16 x 16 box-downsampled pixels) of each to the teacher's 40-step images from the same
+    noise; and the prompt-expansion gain on short prompts (teacher, 40 steps)."""
     from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.metrics.distribution import image_features, sliced_wasserstein
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     t0 = time.time()
-    pipe = QwenImagePipeline.from_pretrained(out)
+    distilled = os.path.isdir(os.path.join(out, "teacher", "transformer"))
+    teacher = QwenImagePipeline.from_pretrained(
+        out, transformer_subfolder="teacher/transformer" if distilled else "transformer")
+    runs = [("teacher", teacher, 40, 4.0), ("teacher", teacher, 4, 4.0)]
+    if distilled:
+        runs.append(("student", QwenImagePipeline.from_pretrained(out), 4, 1.0))
     figures, tables = {}, []
-    for steps in (40, 4):
-        for split in ("train", "heldout"):
-            expand = steps == 40
-            result = eval_t2i.evaluate(pipe, out, split, num_prompts, steps, 64, expand=expand)
-            result.pop("images")
-            figures[f"{split}_{steps}"] = result
-            tables.append(eval_t2i.format_table(result))
+    for split in ("train", "heldout"):
+        reference = None
+        for name, pipe, steps, cfg in runs:
+            result = eval_t2i.evaluate(pipe, out, split, num_prompts, steps, 64, cfg=cfg,
+                                       expand=(name == "teacher" and steps == 40))
+            images = result.pop("images")
+            if reference is None:
+                reference = image_features(images)
+            else:
+                result["sliced_w2_to_teacher_40"] = round(sliced_wasserstein(image_features(images), reference), 4)
+            figures[f"{split}_{name}_{steps}"] = result
+            title = f"{name}, {steps} steps" + (f"; sliced-W2 to the teacher's 40-step images "
+                                                f"{result['sliced_w2_to_teacher_40']:.4f}"
+                                                if "sliced_w2_to_teacher_40" in result else "")
+            tables.append(f"[{title}]\n" + eval_t2i.format_table(result))
             print(tables[-1], flush=True)
     with open(os.path.join(workdir, "figures.json"), "w") as f:
         json.dump(figures, f, indent=1)
@@ -359,6 +424,8 @@ def main(argv=None) -> int:
         stage_cache(args.workdir)
     if "dit" in stages:
         stage_dit(args.workdir)
+    if "distill" in stages:
+        stage_distill(args.workdir)
     if "assemble" in stages:
         assemble(args.workdir, args.out)
         write_readme(args.workdir, args.out)

@@ -32,9 +32,14 @@ RANDOM_VAE_BANNER = """\
 def add_arguments(parser):
     parser.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     parser.add_argument("--model", default=None, help=f"model directory (default: {TINY_WORLD_DIR})")
-    parser.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's own grid, 4 for the shipped distilled student; "
+                             "40 for a model without sample_sigmas)")
     parser.add_argument("--num-prompts", type=int, default=6, help="world captions to generate (default 6)")
-    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (negative prompt ' ')")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="true CFG scale (negative prompt ' '; default 1 for a distilled model, else 4)")
+    parser.add_argument("--transformer", default="transformer",
+                        help="transformer subfolder (teacher/transformer: the shipped 40-step teacher)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--photos", nargs="+", default=None,
                         help="run the VAE-only photo demo on these bundled photos instead")
@@ -97,7 +102,8 @@ def run_text_to_image(args):
     if not Path(model, "model_index.json").exists():
         raise SystemExit(f"qwenimage-jax demo: {model!r} is not a model directory (no model_index.json); the tiny "
                          "world model is built by `python -m qwenimage_jax.world_assets`")
-    pipe = QwenImagePipeline.from_pretrained(model)
+    pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder=args.transformer)
+    args.steps, args.cfg = eval_t2i.sampling_defaults(pipe, args.steps, args.cfg)
     size = eval_t2i.model_size(pipe)
     n_held = args.num_prompts // 2
     items = (eval_t2i.world_prompts("train", args.num_prompts - n_held, size)

@@ -23,12 +23,17 @@ TEXT_TOKENS = 64  # configs/world_dit.py data.max_text_tokens: the padded prompt
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="diffusers-format directory (e.g. the shipped tiny_world)")
-    parser.add_argument("--steps", type=int, default=40, help="sampling steps")
+    parser.add_argument("--transformer", default="transformer",
+                        help="transformer subfolder of --model (e.g. teacher/transformer in the shipped tiny_world)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's sample_sigmas when it has them, else 40)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--split", default="heldout", choices=["heldout", "train"],
                         help="heldout: compositions kept out of all training; train: seen compositions")
     parser.add_argument("--expand", action="store_true", help="also score short prompts with/without expansion")
-    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (negative prompt ' '); 1 = off")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="true CFG scale (negative prompt ' '); 1 = off (default: 1 for a distilled model with "
+                             "sample_sigmas, else 4)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -127,6 +132,21 @@ def evaluate(pipe, model_dir: str, split: str, num: int, steps: int, size: int =
     return result
 
 
+def sampling_defaults(pipe, steps: int | None, cfg: float | None) -> tuple[int, float]:
+    """(steps, cfg) to sample with: a distilled model (sample_sigmas in model_index.json) runs its own grid without
+    CFG (guidance is distilled into it); any other model runs 40 steps with CFG 4. Explicit values win."""
+    distilled = pipe.sample_sigmas is not None
+    if steps is None:
+        steps = len(pipe.sample_sigmas) if distilled else 40
+    elif distilled and steps != len(pipe.sample_sigmas):
+        # another step count than the distilled grid: the scheduler's default grid for `steps`, so the printed
+        # step count is the one that runs (the pipeline otherwise always follows sample_sigmas)
+        pipe.sample_sigmas = None
+    if cfg is None:
+        cfg = 1.0 if distilled else 4.0
+    return int(steps), float(cfg)
+
+
 def format_table(result: dict) -> str:
     columns = [("generated", "generated"), ("ground_truth", "ground truth")]
     if "short" in result:
@@ -152,8 +172,9 @@ def run(args, out=None):
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     out = out or sys.stdout
-    pipe = QwenImagePipeline.from_pretrained(args.model)
-    result = evaluate(pipe, args.model, args.split, args.num_prompts, args.steps, model_size(pipe), args.cfg,
+    pipe = QwenImagePipeline.from_pretrained(args.model, transformer_subfolder=args.transformer)
+    steps, cfg = sampling_defaults(pipe, args.steps, args.cfg)
+    result = evaluate(pipe, args.model, args.split, args.num_prompts, steps, model_size(pipe), cfg,
                       args.seed, args.batch_size, args.expand)
     out.write(format_table(result) + "\n")
     if args.json:

@@ -142,12 +142,15 @@ class QwenImagePipeline:
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str, dtype=jnp.float32, mesh=None, *, vae_dtype=None,
-                        load_text_encoder: bool = True, **transformer_runtime) -> "QwenImagePipeline":
+                        load_text_encoder: bool = True, transformer_subfolder: str = "transformer",
+                        **transformer_runtime) -> "QwenImagePipeline":
         """Loads a diffusers-format Qwen-Image-2 directory (model_index.json, scheduler/, vae/, transformer/,
         text_encoder/, processor/ or tokenizer/); each component may also be our Orbax format.
 
         dtype: compute and parameter dtype of the DiT and text encoder (and the VAE unless `vae_dtype`).
         mesh: shard parameters by the logical rules and the batch over data/fsdp.
+        transformer_subfolder: another transformer inside `path` (e.g. "teacher/transformer" beside a distilled
+            default); model_index.json's `sample_sigmas` belong to the default transformer and are then not used.
         transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn".
         """
         from qwenimage_jax.convert.safetensors_io import load_json_config
@@ -171,7 +174,10 @@ class QwenImagePipeline:
         sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.exists(sched_path):
             scheduler_config = load_json_config(os.path.join(path, "scheduler"), "scheduler_config.json")
-        transformer = load_transformer(os.path.join(path, "transformer"), dtype, mesh=mesh, **transformer_runtime)
+        if not os.path.isdir(os.path.join(path, transformer_subfolder)):
+            raise FileNotFoundError(f"{path!r} has no {transformer_subfolder}/ directory")
+        transformer = load_transformer(os.path.join(path, transformer_subfolder), dtype, mesh=mesh,
+                                       **transformer_runtime)
         vae_dtype = dtype if vae_dtype is None else vae_dtype
         vae_shardings = None
         if mesh is not None:
@@ -189,7 +195,8 @@ class QwenImagePipeline:
             tok_dir = next((os.path.join(path, d) for d in ("processor", "tokenizer")
                             if os.path.isdir(os.path.join(path, d))), None)
             text_encoder = load_te(te_dir, dtype, mesh=mesh, tokenizer_path=tok_dir)
-        return cls(transformer, vae, text_encoder, scheduler_config, index.get("sample_sigmas"), mesh)
+        sample_sigmas = index.get("sample_sigmas") if transformer_subfolder == "transformer" else None
+        return cls(transformer, vae, text_encoder, scheduler_config, sample_sigmas, mesh)
 
     # ------------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, prompt_embeds=None,
