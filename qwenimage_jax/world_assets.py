@@ -197,6 +197,9 @@ def stage_cache(workdir: str) -> None:
 
 
 def stage_dit(workdir: str) -> None:
+    """Phase 1: configs/world_dit.py -> WORKDIR/transformer_base; phase 2 (config.high_noise_finetune): the same
+    trainer from those weights with the noise levels pulled towards 1 -> WORKDIR/transformer. Each phase is skipped
+    when its export exists (and resumes from its checkpoints otherwise)."""
     import logging
 
     from qwenimage_jax.convert.export_dit import export_transformer
@@ -206,15 +209,36 @@ def stage_dit(workdir: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = _config("world_dit")
     config.data.path = os.path.join(workdir, "latents")
-    print(f"[run] train-dit --config configs/world_dit.py --workdir {workdir}/dit "
-          f"--config.data.path={config.data.path}  (in process, then EMA export)", flush=True)
-    t0 = time.time()
-    result = train(config, os.path.join(workdir, "dit"))
-    export_transformer(export_params(result["state"]), dit_config_from(config), os.path.join(workdir, "transformer"))
-    losses = result["losses"]
-    last = [losses[k] for k in sorted(losses)[-5:]]
-    _record(workdir, "dit", time.time() - t0, final_step=result["final_step"],
-            final_loss=round(float(sum(last) / max(len(last), 1)), 4))
+    base, final = os.path.join(workdir, "transformer_base"), os.path.join(workdir, "transformer")
+    phases = [("dit", config, base)]
+    tune = config.get("high_noise_finetune")
+    if tune is not None and int(tune.steps) > 0:
+        tuned = _config("world_dit")
+        tuned.data.path = config.data.path
+        tuned.init_from = base
+        tuned.steps = int(tune.steps)
+        tuned.flow.mean = float(tune.flow_mean)
+        tuned.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=float(tune.learning_rate),
+                                             warmup_steps=20, decay_steps=int(tune.steps), end_value=1e-5)
+        tuned.checkpoint.every = int(tune.steps)
+        phases.append(("dit_high_noise", tuned, final))
+    else:
+        phases = [("dit", config, final)]
+    for name, cfg, out in phases:
+        if os.path.exists(os.path.join(out, "config.json")):
+            print(f"[{name}] {out} exists; skipping", flush=True)
+            continue
+        overrides = "" if name == "dit" else (f" --config.init_from={cfg.init_from} --config.steps={cfg.steps} "
+                                              f"--config.flow.mean={cfg.flow.mean} (+ its learning-rate schedule)")
+        print(f"[run] train-dit --config configs/world_dit.py --workdir {workdir}/{name} "
+              f"--config.data.path={cfg.data.path}{overrides}  (in process, then EMA export)", flush=True)
+        t0 = time.time()
+        result = train(cfg, os.path.join(workdir, name))
+        export_transformer(export_params(result["state"]), dit_config_from(cfg), out)
+        losses = result["losses"]
+        last = [losses[k] for k in sorted(losses)[-5:]]
+        _record(workdir, name, time.time() - t0, final_step=result["final_step"],
+                final_loss=round(float(sum(last) / max(len(last), 1)), 4))
 
 
 def stage_distill(workdir: str) -> None:

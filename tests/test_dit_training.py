@@ -95,3 +95,26 @@ def test_flops_formula_counts_matmuls():
     per_layer = s * (8 * d * d + 18 * d * d + 4 * s * d)
     flops = dit_trainer.train_flops_per_example(cfg, s, 0)
     assert flops == pytest.approx(3 * (cfg.num_layers * per_layer + s * 2 * d * (16 + 16)))
+
+
+def test_init_from_loads_an_exported_transformer_inside_the_training_mesh(dataset, tmp_path):
+    """`config.init_from` (fine-tuning) restores a diffusers transformer dir under the trainer's mesh context: the
+    start state equals the export (params, EMA) with a fresh optimizer, on one device and on an fsdp x tensor mesh."""
+    import flax.linen as nn
+
+    from qwenimage_jax.convert.export_dit import export_transformer
+    from qwenimage_jax.parallel.rules import LOGICAL_RULES
+
+    config = tiny_config(dataset)
+    mesh1 = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh1), nn.logical_axis_rules(LOGICAL_RULES):
+        source, *_ = dit_trainer.init_state(config, mesh1, jax.random.key(7))
+    export_transformer(jax.device_get(source.params), dit_trainer.model_config(config), str(tmp_path / "export"))
+    config.init_from = str(tmp_path / "export")
+    for mesh in (mesh1, make_mesh(1, 2, 2, devices=jax.devices()[:4])):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            state, *_ = dit_trainer.init_state(config, mesh, jax.random.key(0))  # another seed: init is replaced
+        for ours, ref in zip(jax.tree.leaves(state.params), jax.tree.leaves(source.params)):
+            np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+        for ema, ref in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(source.params)):
+            np.testing.assert_array_equal(np.asarray(ema), np.asarray(ref))

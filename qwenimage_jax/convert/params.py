@@ -63,7 +63,12 @@ def _flatten(tree: Mapping) -> dict[tuple[str, ...], Any]:
 
 
 def _unbox(tree):
-    return flax.linen.meta.unbox(tree) if tree is not None else None
+    """Strips logical-partitioning boxes WITHOUT applying their sharding constraints: the trees here are abstract
+    shapes, and a loader may run inside a mesh context (e.g. the DiT trainer's `init_from`)."""
+    if tree is None:
+        return None
+    is_box = lambda x: isinstance(x, flax.linen.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
 
 
 def assemble_params(

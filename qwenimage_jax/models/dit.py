@@ -627,6 +627,12 @@ def abstract_params(config: DiTConfig):
     """Boxed (`nn.Partitioned`) ShapeDtypeStruct tree of the params collection, without allocating anything."""
     module = _init_module(config)
     args = _dummy_inputs(config)
+    # under an ambient mesh (a trainer's `init_from`) the module checks that the batch splits over data x fsdp
+    mesh = jax.sharding.get_abstract_mesh()
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
+    n_batch = int(shape.get("data", 1)) * int(shape.get("fsdp", 1))
+    if n_batch > 1:
+        args = tuple(jnp.repeat(a, n_batch, axis=0) if isinstance(a, jax.Array) and a.ndim else a for a in args)
     variables = jax.eval_shape(lambda key: module.init(key, *args), jax.random.key(0))
     return variables["params"]
 
@@ -704,8 +710,9 @@ def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=Non
     if shardings is None and mesh is not None:
         shardings = param_shardings(cfg, mesh)
     if orbax:
-        unboxed = nn.meta.unbox(abstract)
-        unboxed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), unboxed)
+        from qwenimage_jax.convert.params import _unbox
+
+        unboxed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), _unbox(abstract))
         params = restore_params(path, unboxed, shardings)
     else:
         from qwenimage_jax.convert.dit import dit_plan
