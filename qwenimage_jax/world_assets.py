@@ -367,9 +367,10 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "   export to diffusers format with per-channel latent mean/std measured on 256 train scenes.",
         "3. `cache`: `qwenimage-jax cache-latents --source world:3000:train:64 --vae /tmp/world/vae_diffusers",
         "   --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents`.",
-        "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0); the EMA weights are exported.",
+        "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0), then a high-noise fine-tune (its",
+        "   `high_noise_finetune`, see the config); the EMA weights are exported (`teacher/transformer/` here).",
         "5. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 4-step student,",
-        "   regression to the teacher's 40-step ODE), the student's EMA weights exported with sample_sigmas.",
+        "   regression to the teacher's 20-step CFG-4 ODE), the student's EMA weights exported with sample_sigmas.",
         "6. `assemble`: this directory; 7. `figures`: the tables below.",
         "",
         "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
@@ -424,8 +425,9 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
                                                 if "sliced_w2_to_teacher_40" in result else "")
             tables.append(f"[{title}]\n" + eval_t2i.format_table(result))
             print(tables[-1], flush=True)
-    with open(os.path.join(workdir, "figures.json"), "w") as f:
-        json.dump(figures, f, indent=1)
+    for path in (os.path.join(workdir, "figures.json"), os.path.join(out, "figures.json")):
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
     _record(workdir, "figures", time.time() - t0, num_prompts=num_prompts)
     write_readme(workdir, out, {"table": "\n\n".join(tables)})
     return figures

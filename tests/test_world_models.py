@@ -137,3 +137,29 @@ def test_text_lm_training_lowers_the_caption_loss(tmp_path):
                                        warmup_steps=3, log=None, log_every=10)
     after = text_lm.eval_loss(module, params, data, batch_size=32)
     assert after < 0.85 * before and history[-1][1] < history[0][1], (before, after, history)
+
+
+def test_distilled_student_is_the_default_and_the_teacher_ships_beside_it():
+    """The demo's default is the 4-step student (sample_sigmas in model_index.json, sampled without CFG); the
+    40-step teacher loads from teacher/transformer with the scheduler's own grid."""
+    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    index = json.load(open(os.path.join(MODEL, "model_index.json")))
+    assert index["sample_sigmas"] is not None and len(index["sample_sigmas"]) == 4
+    assert index["sample_sigmas"][0] == 1.0 and all(a > b for a, b in zip(index["sample_sigmas"],
+                                                                          index["sample_sigmas"][1:]))
+    student = QwenImagePipeline.from_pretrained(MODEL, load_text_encoder=False)
+    teacher = QwenImagePipeline.from_pretrained(MODEL, load_text_encoder=False,
+                                                transformer_subfolder="teacher/transformer")
+    assert eval_t2i.sampling_defaults(student, None, None) == (4, 1.0)
+    assert teacher.sample_sigmas is None and eval_t2i.sampling_defaults(teacher, None, None) == (40, 4.0)
+    import jax
+
+    diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(student.transformer.params), jax.tree.leaves(teacher.transformer.params))]
+    assert max(diffs) > 0  # distillation changed the weights
+    with pytest.raises(FileNotFoundError, match="no nowhere/ directory"):
+        QwenImagePipeline.from_pretrained(MODEL, load_text_encoder=False, transformer_subfolder="nowhere")
+    # an explicit step count other than the student's grid runs the scheduler's grid with that many steps
+    assert eval_t2i.sampling_defaults(student, 2, None) == (2, 1.0) and student.sample_sigmas is None
