@@ -84,6 +84,9 @@ G = {
  "async_checkpoint": "VAE trainer: asynchronous checkpointing.",
  "donate_state": "Donate the train state buffers to the jitted step (halves peak memory).",
  "export": "DiT trainer: write the final (EMA) weights as a diffusers transformer dir, `WORKDIR/export/transformer` (single host).",
+ "high_noise_finetune.steps": "World DiT recipe: phase-2 steps from the phase-1 weights (0 skips the phase).",
+ "high_noise_finetune.flow_mean": "Phase 2: logit-normal mean of the training noise levels (pulled towards sigma = 1).",
+ "high_noise_finetune.learning_rate": "Phase 2: peak learning rate (warm-up 20 steps, cosine to 1e-5).",
  "export_ema": "VAE trainer: export the EMA weights to `WORKDIR/vae_export` (Orbax) at the end.",
  # flow
  "flow.distribution": "Flow-matching time distribution: `logit_normal` or `uniform`.",
