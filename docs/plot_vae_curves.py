@@ -4,7 +4,7 @@
         --out docs/images/vae_tiny_curves.png
 
 Panels: train/l1, train/lpips, train/align_cosine (the latent-feature cosine the ablation compares) and
-eval/psnr with the run's eval/bicubic_baseline_psnr as a dashed line. Reads WORKDIR/metrics.jsonl.
+eval/ema_psnr with the run's eval/bicubic_baseline_psnr as a dashed line. Reads WORKDIR/metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 PANELS = (("train/l1", "train L1"), ("train/lpips", "train LPIPS"), ("train/align_cosine", "latent-feature cosine"),
-          ("eval/psnr", "held-out PSNR (dB)"))
+          ("eval/ema_psnr", "held-out PSNR, EMA weights (dB)"))
 COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 PANEL_W, PANEL_H, MARGIN = 330, 220, 44
 
@@ -90,7 +90,7 @@ def plot(runs: list[tuple[str, str]], out: str, window: int = 10) -> str:
                 pts = [(s, v) for s, v in pts if s > 0]
             curves.append((COLOURS[r % len(COLOURS)], pts if key.startswith("eval/") else smooth(pts, window)))
         baseline = None
-        if key == "eval/psnr":
+        if key == "eval/ema_psnr":
             base = [v for _, series in data for _, v in series.get("eval/bicubic_baseline_psnr", [])]
             baseline = base[0] if base else None
         draw_panel(draw, font, (p * PANEL_W, 0), title, curves, baseline)
