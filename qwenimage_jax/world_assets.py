@@ -210,8 +210,8 @@ def stage_dit(workdir: str) -> None:
     config = _config("world_dit")
     config.data.path = os.path.join(workdir, "latents")
     base, final = os.path.join(workdir, "transformer_base"), os.path.join(workdir, "transformer")
-    phases = [("dit", config, base)]
     tune = config.get("high_noise_finetune")
+    phases = [("dit", config, final)]
     if tune is not None and int(tune.steps) > 0:
         tuned = _config("world_dit")
         tuned.data.path = config.data.path
@@ -221,9 +221,7 @@ def stage_dit(workdir: str) -> None:
         tuned.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=float(tune.learning_rate),
                                              warmup_steps=20, decay_steps=int(tune.steps), end_value=1e-5)
         tuned.checkpoint.every = int(tune.steps)
-        phases.append(("dit_high_noise", tuned, final))
-    else:
-        phases = [("dit", config, final)]
+        phases = [("dit", config, base), ("dit_high_noise", tuned, final)]
     for name, cfg, out in phases:
         if os.path.exists(os.path.join(out, "config.json")):
             print(f"[{name}] {out} exists; skipping", flush=True)

@@ -27,22 +27,11 @@ from qwenimage_jax.training.text_lm import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa
 
 
 def build_tiny_tokenizer(directory: str, vocab_size: int = 400) -> str:
-    """Trains a byte-level BPE (<= `vocab_size` regular tokens) and saves a Qwen2 tokenizer dir; returns its path."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    """Trains a byte-level BPE (<= `vocab_size` regular tokens) + Qwen specials with the library's own builder
+    (`training.text_lm.build_tokenizer`) and saves a Qwen2 tokenizer dir; returns its path."""
+    from qwenimage_jax.training.text_lm import build_tokenizer
 
-    os.makedirs(directory, exist_ok=True)
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    bpe.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
+    build_tokenizer(directory, _CORPUS * 4, vocab_size)
     return directory
 
 

@@ -62,7 +62,7 @@ def _flatten(tree: Mapping) -> dict[tuple[str, ...], Any]:
     return {tuple(str(k) for k in path): v for path, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
 
 
-def _unbox(tree):
+def unbox_abstract(tree):
     """Strips logical-partitioning boxes WITHOUT applying their sharding constraints: the trees here are abstract
     shapes, and a loader may run inside a mesh context (e.g. the DiT trainer's `init_from`)."""
     if tree is None:
@@ -92,7 +92,7 @@ def assemble_params(
     keep_dtype:       predicate on a flax path; True keeps fp32 for that leaf regardless of `dtype`.
     """
     ignore = tuple(ignore)
-    expected = _flatten(_unbox(abstract_params))
+    expected = _flatten(unbox_abstract(abstract_params))
     target_shardings = _flatten(shardings) if shardings is not None else {}
     store_keys = set(store.keys())
 
@@ -146,7 +146,7 @@ def export_tensors(params: Mapping, plan: Mapping[tuple[str, ...], WeightSpec],
     `torch_shapes` gives the reference shape of each key (e.g. from the reference model's state dict, or the
     keys of a checkpoint written earlier).
     """
-    flat = _flatten(_unbox(params))
+    flat = _flatten(unbox_abstract(params))
     out: dict[str, np.ndarray] = {}
     for path, spec in plan.items():
         if path not in flat:

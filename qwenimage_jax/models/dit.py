@@ -710,9 +710,9 @@ def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=Non
     if shardings is None and mesh is not None:
         shardings = param_shardings(cfg, mesh)
     if orbax:
-        from qwenimage_jax.convert.params import _unbox
+        from qwenimage_jax.convert.params import unbox_abstract
 
-        unboxed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), _unbox(abstract))
+        unboxed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), unbox_abstract(abstract))
         params = restore_params(path, unboxed, shardings)
     else:
         from qwenimage_jax.convert.dit import dit_plan

@@ -45,13 +45,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenimage_jax.data import latent_records
 from qwenimage_jax.models.dit import (DiT, DiTConfig, _dummy_inputs, check_parallelism, init_transformer,
                                       load_transformer, param_shardings)
-from qwenimage_jax.parallel.distributed import maybe_initialize
-from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import dmd
 from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
-from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout
+from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout, start_run
 from qwenimage_jax.training.metrics_writer import MetricsWriter
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
                                           param_count, state_shardings)
@@ -360,13 +358,7 @@ def null_text_for(config) -> tuple[jax.Array, jax.Array]:
 def distill(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) distillation in `workdir`; returns {"losses": {step: loss}, "metrics": {step: dict},
     "final_step", "state", "teacher_params", "export_dir"}."""
-    maybe_initialize()
-    mesh = mesh_from_config(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
-    n_proc, proc = jax.process_count(), jax.process_index()
-    global_batch = int(config.batch_size)
-    if global_batch % n_proc:
-        raise ValueError(f"batch_size {global_batch} is not divisible by the {n_proc} processes")
+    mesh, global_batch, n_proc, proc = start_run(config, workdir)
     cfg, _ = model_configs(config)
     check_parallelism(cfg, mesh, global_batch)
     key = jax.random.key(int(config.seed))

@@ -195,8 +195,9 @@ def _global_batch(batch: dict, sharding) -> dict:
 # The loop
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) training in `workdir`; returns {"losses": {step: loss}, "final_step": int, ...}."""
+def start_run(config, workdir: str) -> tuple[Any, int, int, int]:
+    """The common start of a DiT-family run (training, distillation): multi-host init, the mesh, the workdir, and
+    the global batch checked against the process count. Returns (mesh, global_batch, process_count, index)."""
     maybe_initialize()
     mesh = mesh_from_config(config.mesh)
     os.makedirs(workdir, exist_ok=True)
@@ -204,6 +205,12 @@ def train(config, workdir: str) -> dict[str, Any]:
     global_batch = int(config.batch_size)
     if global_batch % n_proc:
         raise ValueError(f"batch_size {global_batch} is not divisible by the {n_proc} processes")
+    return mesh, global_batch, n_proc, proc
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) training in `workdir`; returns {"losses": {step: loss}, "final_step": int, ...}."""
+    mesh, global_batch, n_proc, proc = start_run(config, workdir)
     key = jax.random.key(int(config.seed))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
