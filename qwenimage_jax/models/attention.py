@@ -64,10 +64,19 @@ def _check_gpu(backend: str):
                            f"{jax.default_backend()!r}; use backend 'xla' or 'dot_product_attention' here")
 
 
+def _target_platform() -> str:
+    """The platform the program is being built for: the ambient mesh's devices when a mesh is set (which may be
+    compile-only TPU devices from `jax.experimental.topologies` on a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return platform or jax.default_backend()
+
+
 def _check_tpu_or_interpret(interpret: bool):
-    if not interpret and jax.default_backend() != "tpu":
-        raise RuntimeError(f"attention backend 'splash' is a TPU Pallas kernel but JAX runs on "
-                           f"{jax.default_backend()!r}; use 'xla'/'dot_product_attention' (or 'cudnn' on GPU), "
+    platform = _target_platform()
+    if not interpret and platform != "tpu":
+        raise RuntimeError(f"attention backend 'splash' is a TPU Pallas kernel but the program targets "
+                           f"{platform!r}; use 'xla'/'dot_product_attention' (or 'cudnn' on GPU), "
                            "or pass splash_interpret=True to emulate it (slow, for tests)")
 
 
@@ -78,7 +87,10 @@ def _splash_kernel(mask_bytes: bytes, q_len: int, kv_len: int, heads: int, inter
     mask = np.frombuffer(mask_bytes, dtype=bool).reshape(q_len, kv_len)
     multi = splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask) for _ in range(heads)])
     block = min(_SPLASH_BLOCK, q_len, kv_len)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    # Forward and backward tiles (the fused dK/dV/dQ kernel): without backward blocks the gradient raises
+    # "Need to specify backward blocks", so a training config could not differentiate through splash.
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
     # Built per trace (not cached): its mask metadata arrays belong to the trace that creates them.
     return splash.make_splash_mha(multi, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
