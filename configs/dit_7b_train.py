@@ -33,6 +33,7 @@ def get_config(arg=None):
     c.data = dict(path="", max_text_tokens=512, seed=0, bucket_weights={})
     c.checkpoint = dict(every=1000, keep=3, async_save=True)
     c.log_every = 50
+    c.on_nonfinite = "stop"          # NaN/Inf loss or gradients: "stop" (error) or "skip" the update
     c.peak_flops_per_device = 459e12   # TPU v5p bf16; 989e12 for H100/H200
     c.init_from = ""
     c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end

@@ -32,6 +32,7 @@ def get_config(arg=None):
     c.data = dict(path="", max_text_tokens=48, seed=0, bucket_weights={})
     c.checkpoint = dict(every=100, keep=2, async_save=True)
     c.log_every = 10
+    c.on_nonfinite = "stop"          # NaN/Inf loss or gradients: "stop" (error) or "skip" the update
     c.peak_flops_per_device = 0.0    # e.g. 989e12 for an H100/H200 in bf16; 0 disables MFU
     c.init_from = ""
     c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end

@@ -8,7 +8,10 @@ model directory (diffusers format, components optionally converted to Orbax).
 
 Several `--prompt`s form one batch; `--batch N` draws N images per prompt. One image is written as is; more are
 tiled into a grid PNG (`--save-individual` also writes out-0.png, out-1.png, ...). Every PNG carries the prompt,
-negative prompt, seed, steps, guidance and size as text metadata. A tqdm bar counts the denoising steps (from a host
+negative prompt, seed, steps, guidance and size as text metadata. An existing --out is never overwritten unless
+`--overwrite`: the PNG goes to out_2.png, out_3.png, ... (claimed atomically, so several processes writing to one
+folder never clobber each other) and each file appears complete or not at all (written aside, then renamed).
+`--steps` left out runs a distilled model's own grid (model_index.json sample_sigmas), else the preset's steps. A tqdm bar counts the denoising steps (from a host
 callback inside the one jitted loop); `--no-progress` removes it. Flags override the `--config` preset.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ def add_arguments(parser):
     parser.add_argument("--grid-cols", type=int, default=None, help="grid columns (default ~sqrt(n))")
     parser.add_argument("--save-individual", action="store_true", help="also write each image separately")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (default: write out_2.png, out_3.png, ... beside it)")
 
 
 def _settings(args):
@@ -100,6 +105,14 @@ def run(args):
     settings = _settings(args)
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}; it must be >= 1")
+    from qwenimage_jax.sampling.checks import MAX_STEPS
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}; use 1 to {MAX_STEPS} (leave it out to run a distilled model's own "
+                         "grid)")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag} {value}; it must be a positive multiple of 32 (leave it out for the default)")
     dtype = getattr(jnp, settings["dtype"])
     mesh = _mesh(args.mesh, settings)
     runtime = {} if settings.get("attention", "xla") == "xla" else {"attention": settings["attention"]}
@@ -112,16 +125,21 @@ def run(args):
             img.load()
     negative = settings.get("negative_prompt") or None
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    # --steps wins; without it a distilled model runs its own grid and any other the preset's step count
+    steps = args.steps if args.steps is not None else (None if pipe.sample_sigmas else int(settings["steps"]))
+    if args.sigmas:
+        steps = None
     start = time.perf_counter()
     result = pipe(prompt=prompts, image=condition, negative_prompt=negative, true_cfg_scale=float(settings["cfg"]),
                   height=settings.get("height") or None, width=settings.get("width") or None,
-                  num_inference_steps=int(settings["steps"]), sigmas=args.sigmas, num_images_per_prompt=args.batch,
+                  num_inference_steps=steps, sigmas=args.sigmas, num_images_per_prompt=args.batch,
                   output_resolution=int(settings["resolution"]), seed=args.seed, output_type="pil",
                   progress=not args.no_progress)
     images = result.images
     elapsed = time.perf_counter() - start
     metadata = {"prompt": " | ".join(args.prompt), "negative_prompt": negative or "", "seed": args.seed,
-                "steps": len(args.sigmas) if args.sigmas else settings["steps"], "true_cfg_scale": settings["cfg"],
+                "steps": len(args.sigmas or pipe.sample_sigmas) if steps is None else steps,
+                "true_cfg_scale": settings["cfg"],
                 "size": f"{images[0].size[0]}x{images[0].size[1]}", "model": os.path.abspath(args.model),
                 "images": len(images), "generator": "qwenimage-jax"}
     if args.image:
@@ -129,11 +147,48 @@ def run(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     picture = images[0] if len(images) == 1 else image_utils.make_grid(images, args.grid_cols)
-    image_utils.save_png(picture, args.out, metadata)
+    out = args.out if args.overwrite else claim_output_path(args.out)
+    if out != args.out:
+        print(f"{args.out} exists; writing {out} instead (--overwrite replaces it)")
+    save_png_atomic(picture, out, metadata)
     if args.save_individual and len(images) > 1:
-        stem, ext = os.path.splitext(args.out)
+        stem, ext = os.path.splitext(out)
         for i, img in enumerate(images):
-            image_utils.save_png(img, f"{stem}-{i}{ext or '.png'}", dict(metadata, index=i))
-    print(f"wrote {args.out}: {len(images)} image(s) {metadata['size']} in {elapsed:.1f}s "
+            save_png_atomic(img, f"{stem}-{i}{ext or '.png'}", dict(metadata, index=i))
+    print(f"wrote {out}: {len(images)} image(s) {metadata['size']} in {elapsed:.1f}s "
           f"({elapsed / len(images):.2f}s per image, including compilation on the first call)")
     return 0
+
+
+def claim_output_path(path: str) -> str:
+    """`path`, or the first free `stem_2.ext`, `stem_3.ext`, ... beside it, created empty with O_EXCL so that two
+    processes can never pick the same name."""
+    stem, ext = os.path.splitext(path)
+    for n in range(1, 100_000):
+        candidate = path if n == 1 else f"{stem}_{n}{ext}"
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path} and 99,999 numbered variants exist; choose another --out")
+
+
+def save_png_atomic(image, path: str, metadata: dict) -> None:
+    """Writes the PNG beside `path` under a private name and renames it into place (readers never see half a
+    file; a crash leaves at most a stray .tmp file)."""
+    import tempfile
+
+    from qwenimage_jax.sampling import images as image_utils
+
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        image_utils.save_png(image, tmp, metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -113,8 +113,16 @@ def assemble_params(
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s) in the {source}: " + ", ".join(unexpected[:20])
                         + (" ..." if len(unexpected) > 20 else ""))
+    if not problems and hasattr(store, "dtype"):
+        ints = sorted(f"{k} ({np.dtype(store.dtype(k)).name})" for k in wanted
+                      if not _is_float(np.dtype(store.dtype(k))))
+        if ints:
+            problems.append(f"{len(ints)} tensor(s) are not floating point, but every parameter is: "
+                            + ", ".join(ints[:20]) + "; the file holds something else (quantised or "
+                            "index data): use the unquantised bf16/fp32 weights")
     if problems:
-        raise WeightKeyError(f"cannot load {source}:\n  - " + "\n  - ".join(problems))
+        raise WeightKeyError(f"cannot load {source}:\n  - " + "\n  - ".join(problems)
+                             + (_CONFIG_HINT if missing or unexpected else ""))
 
     flat_out: dict[tuple[str, ...], Any] = {}
     shape_errors: list[str] = []
@@ -127,14 +135,44 @@ def assemble_params(
             continue
         leaf_dtype = expected[path].dtype if (keep_dtype is not None and keep_dtype(path)) else dtype
         # Cast straight to the target dtype (no fp32 detour: a stacked 8B leaf would double host memory).
-        if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+        if _is_float(array.dtype):
             array = array.astype(jnp.dtype(leaf_dtype), copy=False)
+            bad = _first_non_finite(array)
+            if bad is not None:
+                first, count = bad
+                stacked = len(spec.keys) > 1 and array.ndim > 1 and array.shape[0] == len(spec.keys)
+                key = spec.keys[first // (array.size // array.shape[0])] if stacked else \
+                    spec.keys[0] + (" ..." if len(spec.keys) > 1 else "")
+                raise WeightKeyError(f"cannot load {source}: tensor {key} holds {count} NaN/Inf value(s); the "
+                                     "data section of the file is corrupt: re-download or re-convert it")
         sharding = target_shardings.get(path)
         flat_out[path] = jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
     if shape_errors:
         raise WeightKeyError(f"cannot load {source}: {len(shape_errors)} shape mismatch(es):\n  - "
-                             + "\n  - ".join(shape_errors[:30]))
+                             + "\n  - ".join(shape_errors[:30]) + _CONFIG_HINT)
     return flax.traverse_util.unflatten_dict(flat_out)
+
+
+_CONFIG_HINT = ("\n(the component's config.json describes a different model than its tensors: use the config.json "
+                "that came with these weights, or weights that match the config)")
+
+
+def _is_float(dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _first_non_finite(array: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    """(flat index of the first NaN/Inf, how many) of a float array, or None; checked in chunks so a large leaf
+    never needs a second full-size buffer."""
+    flat = array.reshape(-1)
+    count, first = 0, None
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk]
+        finite = np.isfinite(part.astype(np.float32) if part.dtype.itemsize < 4 else part)
+        if not finite.all():
+            count += int(finite.size - finite.sum())
+            first = start + int(np.argmin(finite)) if first is None else first
+    return None if first is None else (first, count)
 
 
 def export_tensors(params: Mapping, plan: Mapping[tuple[str, ...], WeightSpec],

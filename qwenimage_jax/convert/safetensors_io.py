@@ -1,7 +1,9 @@
 """Streaming reader for safetensors files and sharded directories, without torch.
 
-Reads the JSON header itself and memory-maps each tensor, so a 16 GB sharded checkpoint is touched one tensor at
-a time (bf16 via ml_dtypes). Handles `*.safetensors` single files and `*.safetensors.index.json` shard indexes.
+Reads the JSON header itself (validated against the file size before any tensor is read) and reads each tensor
+into its own buffer on request, so a 16 GB sharded checkpoint passes through host memory one tensor at a time and
+nothing of it stays resident once the loader has placed that tensor (a memory map would keep every page it touched
+counted in the process's resident memory until the whole load ends; bench/load_memory_bench.py). bf16 via ml_dtypes. Handles `*.safetensors` single files and `*.safetensors.index.json` shard indexes.
 """
 from __future__ import annotations
 
@@ -23,20 +25,78 @@ _DTYPES = {
 _STEMS = ("diffusion_pytorch_model", "model")
 
 
+class WeightFileError(ValueError):
+    """A weights or config file that cannot be read as it is (truncated, corrupt, inconsistent index)."""
+
+
+_REDOWNLOAD = "re-download or re-convert it (e.g. `huggingface-cli download` resumes partial files)"
+
+
+def read_json_file(file: str, what: str = "JSON file") -> dict:
+    """Reads a JSON object from `file`; a syntax error or a non-object becomes a WeightFileError naming the file
+    and the position."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise WeightFileError(f"{what} {file} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                              f"it is corrupt or was cut short: {_REDOWNLOAD}") from None
+    except UnicodeDecodeError:
+        raise WeightFileError(f"{what} {file} is not UTF-8 text; it is corrupt: {_REDOWNLOAD}") from None
+    if not isinstance(data, dict):
+        raise WeightFileError(f"{what} {file} holds a JSON {type(data).__name__}, not an object; {_REDOWNLOAD}")
+    return data
+
+
 def load_json_config(path: str, name: str = "config.json") -> dict:
-    """Reads `path/name` (or `path` itself if it is a file) with a clear error when missing."""
+    """Reads `path/name` (or `path` itself if it is a file) with a clear error when missing or malformed."""
     file = path if os.path.isfile(path) else os.path.join(path, name)
     if not os.path.exists(file):
-        raise FileNotFoundError(f"no {name} in {path!r}; expected a diffusers/transformers component directory")
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+        raise FileNotFoundError(f"no {name} in {path!r}; expected a diffusers/transformers component directory "
+                                f"(copy the {name} that came with the weights next to them)")
+    return read_json_file(file, name)
 
 
 def _read_header(file: str) -> tuple[dict, int]:
+    """(tensor entries, data start) of one safetensors file, validated against the file size before any tensor
+    is read: a truncated download, a corrupt header or inconsistent offsets are a WeightFileError naming the
+    file and the tensor."""
+    size = os.path.getsize(file)
+    if size < 8:
+        raise WeightFileError(f"{file} is {size} bytes, too short for a safetensors file; it is truncated: "
+                              + _REDOWNLOAD)
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        if n > size - 8:
+            raise WeightFileError(f"{file}: the header claims {n} bytes but the file holds {size} in all; it is "
+                                  f"truncated or not a safetensors file: {_REDOWNLOAD}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightFileError(f"{file}: the safetensors header is not valid JSON ({e}); the file is corrupt: "
+                              + _REDOWNLOAD) from None
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{file}: the safetensors header is not a JSON object; the file is corrupt: "
+                              + _REDOWNLOAD)
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightFileError(f"{file}: header entry {key!r} lacks dtype/shape/data_offsets ({info!r}); the "
+                                  f"file is corrupt: {_REDOWNLOAD}") from None
+        if dtype not in _DTYPES:
+            raise WeightFileError(f"{file}: tensor {key!r} has dtype {dtype!r}, which this reader does not "
+                                  f"support (supported: {', '.join(_DTYPES)}); convert the checkpoint to BF16/F32")
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if not (0 <= start <= end) or end - start != need:
+            raise WeightFileError(f"{file}: tensor {key!r} ({dtype}, shape {shape}) spans bytes [{start}, {end}) "
+                                  f"but needs {need}; the header is corrupt: {_REDOWNLOAD}")
+        if end > data_size:
+            raise WeightFileError(f"{file}: tensor {key!r} ends at byte {end} of the data section but the file "
+                                  f"holds only {data_size}; the file is truncated: {_REDOWNLOAD}")
     return header, 8 + n
 
 
@@ -49,11 +109,11 @@ def find_weight_files(path: str) -> list[str]:
     for stem in _STEMS:
         index = os.path.join(path, f"{stem}.safetensors.index.json")
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            shards = sorted(set(_weight_map(index).values()))
             missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
             if missing:
-                raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+                raise FileNotFoundError(f"{index} lists shard(s) that are not in {path}: {missing}; download the "
+                                        "missing shard(s) (or the whole component) again")
             return [os.path.join(path, s) for s in shards]
         single = os.path.join(path, f"{stem}.safetensors")
         if os.path.exists(single):
@@ -63,6 +123,23 @@ def find_weight_files(path: str) -> list[str]:
         return [os.path.join(path, f) for f in found]
     raise FileNotFoundError(f"no *.safetensors weights in {path!r} (looked for "
                             + ", ".join(f"{s}.safetensors[.index.json]" for s in _STEMS) + ")")
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    data = read_json_file(index, "shard index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightFileError(f"shard index {index} has no 'weight_map' object of tensor -> file; it is corrupt: "
+                              + _REDOWNLOAD)
+    return weight_map
+
+
+def _index_file(path: str) -> str | None:
+    for stem in _STEMS:
+        index = os.path.join(path, f"{stem}.safetensors.index.json")
+        if os.path.exists(index):
+            return index
+    return None
 
 
 class SafetensorsReader:
@@ -77,7 +154,14 @@ class SafetensorsReader:
                 if key in self._where:
                     raise ValueError(f"tensor {key!r} appears in two shards of {path!r}")
                 self._where[key] = (file, info, offset)
-        self._maps: dict[str, np.memmap] = {}
+        index = _index_file(path) if os.path.isdir(path) else None
+        if index is not None:
+            wrong = [f"{k} (index says {v})" for k, v in _weight_map(index).items()
+                     if k not in self._where or os.path.basename(self._where[k][0]) != v]
+            if wrong:
+                raise WeightFileError(f"{index} names {len(wrong)} tensor(s) that are not in the shard it points "
+                                      f"to: {', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}; the index "
+                                      f"and the shards come from different downloads: {_REDOWNLOAD}")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -98,14 +182,17 @@ class SafetensorsReader:
         if key not in self._where:
             raise KeyError(f"tensor {key!r} not found in {self.path!r}")
         file, info, offset = self._where[key]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
-        raw = self._maps[file][offset + start: offset + end]
-        return np.frombuffer(raw, dtype=dtype).reshape(info["shape"])
+        raw = np.empty(end - start, np.uint8)
+        with open(file, "rb") as f:
+            f.seek(offset + start)
+            if f.readinto(memoryview(raw)) != end - start:
+                raise WeightFileError(f"{file}: tensor {key!r} could not be read in full; the file changed or was "
+                                      f"truncated while loading: {_REDOWNLOAD}")
+        return raw.view(dtype).reshape(info["shape"])
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:

@@ -107,22 +107,49 @@ class SkimageSource:
 
 
 class ImageFolderSource:
-    """Every image file under `root` (recursive, sorted, so the order is the same on every host)."""
+    """Every image file under `root` (recursive, sorted, so the order is the same on every host).
 
-    def __init__(self, root: str):
+    on_bad_image: what an unreadable file (truncated, corrupt, not an image) does when it is read:
+      "error" (default) raises naming the file; "skip" logs it, counts it in `skipped` (the set of bad paths) and
+      returns the next readable file instead, so the record count, the order and resumption stay deterministic.
+    """
+
+    def __init__(self, root: str, on_bad_image: str = "error"):
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image={on_bad_image!r}; choose 'error' or 'skip'")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist")
         self.paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                             if p.lower().endswith(IMAGE_EXTENSIONS))
         if not self.paths:
             raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} files under {root!r}")
+        self.on_bad_image = on_bad_image
+        self.skipped: set[str] = set()
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
-        with Image.open(self.paths[index]) as pil:
+    def _read(self, path: str) -> np.ndarray:
+        with Image.open(path) as pil:
             return np.asarray(pil.convert("RGB"))
+
+    def __getitem__(self, index):
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                return self._read(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                if self.on_bad_image == "error":
+                    raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or re-encode it, "
+                                     "or set on_bad_image='skip' in this folder source's config to skip such "
+                                     "files") from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    import logging
+                    logging.getLogger("qwenimage_jax.data").warning(
+                        "skipping unreadable image %s (%s: %s); %d skipped so far", path, type(e).__name__, e,
+                        len(self.skipped))
+        raise ValueError(f"none of the {len(self.paths)} files under the folder is a readable image")
 
 
 class TfdsSource:
@@ -239,7 +266,7 @@ def make_source(spec) -> Any:
     if name == "skimage":
         return SkimageSource(names=spec.get("names"), exclude=spec.get("exclude", ()))
     if name == "folder":
-        return ImageFolderSource(spec["path"])
+        return ImageFolderSource(spec["path"], spec.get("on_bad_image", "error"))
     if name == "tfds":
         return TfdsSource(spec["dataset"], spec.get("split", "train"), spec.get("data_dir"),
                           spec.get("image_key", "image"))

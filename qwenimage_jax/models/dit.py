@@ -61,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -691,6 +692,20 @@ def _to_jax(x):
     return jnp.asarray(x)
 
 
+TRANSFORMER_CLASSES = ("QwenImage21Transformer2DModel", "QwenImageTransformer2DModel")
+
+
+def _check_transformer_config(config: dict, path: str) -> None:
+    """Refuses another component's config.json (a VAE, a text encoder) before any weight is read."""
+    name = config.get("_class_name")
+    other = name is not None and name not in TRANSFORMER_CLASSES
+    if other or "z_dim" in config or "model_type" in config:
+        found = name or config.get("model_type") or "a VAE"
+        raise ValueError(f"{os.path.join(path, 'config.json')}: _class_name/model_type is {found!r}, not a Qwen-Image-2 "
+                         f"transformer ({' or '.join(TRANSFORMER_CLASSES)}); point at the model's transformer/ "
+                         "directory")
+
+
 def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, shardings=None,
                      **runtime) -> Transformer:
     """Loads a diffusers `transformer/` directory (sharded safetensors supported) or our Orbax directory.
@@ -705,6 +720,7 @@ def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=Non
     param_dtype = dtype if param_dtype is None else param_dtype
     orbax = is_orbax_component(path)
     config = load_component_config(path, "transformer") if orbax else load_json_config(path)
+    _check_transformer_config(config, path)
     cfg = DiTConfig.from_diffusers(config, dtype=dtype, param_dtype=param_dtype, **runtime)
     abstract = abstract_params(cfg)
     if shardings is None and mesh is not None:

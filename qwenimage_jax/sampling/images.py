@@ -48,6 +48,26 @@ def composite_over_white(image: Image.Image) -> Image.Image:
     return white
 
 
+def to_rgba(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGBA, the conversions documented in docs/reliability.md: greyscale (L, LA, 1), palette
+    (P, PA; transparency kept) and RGB(A)-like modes through PIL; CMYK and YCbCr/LAB/HSV through RGB; 16/32-bit
+    integer greyscale (I;16*, I) scaled by 255/65535; float greyscale (F) clipped to [0, 255]."""
+    if image.mode == "RGBA":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    try:
+        return image.convert("RGBA")
+    except ValueError as e:
+        raise ValueError(f"condition image mode {image.mode!r} cannot be converted to RGBA ({e}); save it as an "
+                         "8-bit RGB or RGBA PNG") from None
+
+
 @dataclasses.dataclass
 class ConditionImage:
     """One resized condition image: `vlm` for the text encoder, `vae` (H, W, C) float32 in [-1, 1], `size` (w, h)."""
@@ -60,10 +80,12 @@ def prepare_condition_image(image: Any, target_area: float, vae_channels: int = 
     """Resizes (aspect kept, area `target_area`, sides multiples of 32, Lanczos) as QwenImage21Pipeline does; the
     text encoder gets the RGBA image composited over white, the VAE all four channels (RGB composited for a
     3-channel VAE)."""
-    image = to_pil(image)
-    if image.mode != "RGBA":
-        image = image.convert("RGBA")
+    image = to_rgba(to_pil(image))
     width, height = calculate_dimensions(target_area, image.size[0] / image.size[1])
+    if width < 32 or height < 32:
+        raise ValueError(f"a {image.size[0]}x{image.size[1]} condition image has aspect ratio "
+                         f"{image.size[0] / image.size[1]:.4g}, too extreme to resize to a {int(target_area)}-pixel "
+                         "area with sides of at least 32; crop it closer to square")
     resized = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     vlm = composite_over_white(resized)
     if vae_channels == 4:

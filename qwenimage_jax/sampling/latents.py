@@ -23,6 +23,19 @@ def check_size(height: int, width: int) -> None:
                              f"{down + SIZE_MULTIPLE}")
 
 
+# The DiT's RoPE tables cover image positions down to -1024 (models.rope.MIN_POSITION) and an image spans
+# [-(h - h // 2), h // 2), so one side holds at most 2048 latent pixels.
+MAX_SIDE = 2 * 1024 * VAE_SCALE_FACTOR
+
+
+def check_rope_range(height: int, width: int, what: str = "the output image") -> None:
+    """Raises when a side exceeds what the DiT's RoPE tables cover (MAX_SIDE pixels)."""
+    for name, value in (("height", height), ("width", width)):
+        if value > MAX_SIDE:
+            raise ValueError(f"{what}'s {name} {value} is beyond the DiT's RoPE range ({MAX_SIDE} px = "
+                             f"{MAX_SIDE // VAE_SCALE_FACTOR} latent pixels per side); use at most {MAX_SIDE}")
+
+
 def latent_grid(height: int, width: int) -> tuple[int, int]:
     """(h, w) latent pixels of a height x width image."""
     return height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.sampling import checks
 from qwenimage_jax.sampling import images as image_utils
 from qwenimage_jax.sampling import latents as latent_utils
 from qwenimage_jax.sampling import scheduler as sched
@@ -217,8 +218,9 @@ class QwenImagePipeline:
                                      "images, so the transformer knows which positions hold image tokens")
                 image_pad_mask = np.zeros(prompt_embeds.shape[:2], bool)
         prompt_embeds = jnp.asarray(prompt_embeds).astype(self.dtype)
-        if prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be (batch, tokens, features), got shape {prompt_embeds.shape}")
+        if prompt_embeds.ndim != 3 or 0 in prompt_embeds.shape:
+            raise ValueError(f"prompt_embeds must be (batch, tokens, features) with none of them 0, got shape "
+                             f"{prompt_embeds.shape}")
         batch, length = prompt_embeds.shape[:2]
         mask = _normalize_mask(prompt_embeds_mask, batch, length)
         image_pad_mask = np.asarray(image_pad_mask.detach().cpu().numpy() if hasattr(image_pad_mask, "detach")
@@ -342,7 +344,7 @@ class QwenImagePipeline:
     # ---------------------------------------------------------------------------------------------- call
     def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt: str | list[str] | None = None,
                  true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 40, sigmas: Sequence[float] | None = None,
+                 num_inference_steps: int | None = None, sigmas: Sequence[float] | None = None,
                  num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
                  negative_prompt_embeds=None, negative_prompt_embeds_mask=None, output_type: str = "pil",
                  return_dict: bool = True, output_resolution: int = 1024, seed: int | None = None,
@@ -351,15 +353,31 @@ class QwenImagePipeline:
         """Generates images; arguments as diffusers' `QwenImage21Pipeline.__call__` plus `seed`/`rng` (noise when
         `latents` is None; default seed 0), `progress` (tqdm bar over steps) and, for editing from pre-computed
         embeddings, `image_pad_mask`/`negative_image_pad_mask`. Returns `QwenImagePipelineOutput(images)` or
-        `(images,)`."""
+        `(images,)`.
+
+        num_inference_steps: None runs the model's own grid (model_index.json `sample_sigmas`, a distilled model)
+        or 40 steps; another count runs the generic schedule (with a warning on a distilled model). Bad arguments
+        (steps outside 1..1000, non-decreasing sigmas, empty or non-string prompts, NaN/Inf latents or
+        embeddings, sizes beyond the RoPE range, ...) are a ValueError before anything runs."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass one of `prompt` or `prompt_embeds`")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}; it must be >= 1")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r}; it must be an integer >= 1")
+        checks.check_prompts(prompt, "prompt")
+        checks.check_prompts(negative_prompt, "negative_prompt")
+        checks.check_guidance(true_cfg_scale)
+        for name, value in (("latents", latents), ("prompt_embeds", prompt_embeds),
+                            ("negative_prompt_embeds", negative_prompt_embeds)):
+            checks.check_finite(value, name)
+        num_steps, grid = checks.resolve_steps(num_inference_steps, sigmas, self.sample_sigmas)
+        if height is not None or width is not None:    # 0 is an error, not "the default"
+            latent_utils.check_size(32 if height is None else height, 32 if width is None else width)
+            latent_utils.check_rope_range(height or 0, width or 0)
 
         # 1. condition images: one resize feeds the text encoder and the VAE.
         conditions = []
@@ -374,8 +392,11 @@ class QwenImagePipeline:
             calc_w, calc_h = image_utils.calculate_dimensions(area, pil[-1].size[0] / pil[-1].size[1])
             height, width = height or calc_h, width or calc_w
             conditions = [image_utils.prepare_condition_image(img, area, self.vae_channels) for img in pil]
+            for i, cond in enumerate(conditions):
+                latent_utils.check_rope_range(cond.size[1], cond.size[0], f"condition image {i} (resized)")
         height, width = height or output_resolution, width or output_resolution
         latent_utils.check_size(height, width)
+        latent_utils.check_rope_range(height, width)
 
         if isinstance(prompt, str):
             batch_size = 1
@@ -435,9 +456,7 @@ class QwenImagePipeline:
                                              (total,) + jnp.concatenate(packed, axis=1).shape[1:])
 
         # 4. schedule (host) and the static layout
-        grid = sigmas if sigmas is not None else self.sample_sigmas
-        sigma_grid, timesteps = sched.flow_match_sigmas(num_inference_steps if grid is None else None, n_target,
-                                                        self.scheduler_config, sigmas=grid)
+        sigma_grid, timesteps = sched.flow_match_sigmas(num_steps, n_target, self.scheduler_config, sigmas=grid)
         steps = len(timesteps)
         bucket = -(-(steps + 1) // SIGMA_BUCKET) * SIGMA_BUCKET
         sigma_pad = np.zeros((bucket,), np.float32)

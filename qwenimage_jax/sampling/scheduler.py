@@ -112,6 +112,10 @@ def flow_match_sigmas(num_steps: int | None, image_seq_len: int, config: Mapping
         raise ValueError("sigmas is empty; pass at least one sigma (without the terminal 0)")
     if not np.all((grid > 0) & (grid <= 1)):
         raise ValueError(f"sigmas must lie in (0, 1] (the terminal 0 is appended for you), got {grid.tolist()}")
+    if grid.size > 1 and not np.all(np.diff(grid) < 0):
+        i = int(np.argmax(np.diff(grid) >= 0))
+        raise ValueError(f"sigmas must be strictly decreasing (noise at 1 towards the image at 0), but sigmas[{i}] = "
+                         f"{grid[i]} is followed by {grid[i + 1]}; got {grid.tolist()}")
     grid = grid.astype(np.float32)
     if config.use_dynamic_shifting:
         if mu is None:

@@ -3,15 +3,28 @@ iterator's state, so a resumed run sees exactly the batches the interrupted one 
 
 Layout: WORKDIR/checkpoints/<step>/{state, data}. Saves are asynchronous (training continues while the
 arrays are written); `max_to_keep` old steps are kept. Restores go straight into the target shardings given
-by an abstract state (`state.abstract_state(...)`). `PreemptionGuard` turns SIGTERM into "save now, then stop".
+by an abstract state (`state.abstract_state(...)`). `PreemptionGuard` turns SIGTERM into "save now, then stop";
+further signals while that save runs are logged and ignored.
+
+Failures (docs/reliability.md): a save is committed by an atomic rename of its temporary directory, so a process
+killed mid-save leaves the earlier steps as they were and the next run resumes from the last complete one. A save
+that fails (disk full, permissions) raises `CheckpointSaveError` naming the step, the cause and the last complete
+step, which stays intact; with async saves it surfaces at the next save or at the end of the run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Any
 
 import jax
+
+log = logging.getLogger("qwenimage_jax.training")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous complete checkpoint is untouched."""
 
 
 class Checkpointer:
@@ -26,6 +39,29 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save, create=True)
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None      # step of the last save started (async: maybe still writing)
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose save was committed (their directory renamed into place), from the disk."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(d) for d in os.listdir(self.directory)
+                      if d.isdigit() and os.path.isdir(os.path.join(self.directory, d)))
+
+    def _failed(self, error: BaseException, step: int | None):
+        good = [s for s in self.complete_steps() if s != step]
+        last = f"step {good[-1]} in {self.directory} is intact and a rerun resumes from it" if good else \
+            f"there is no earlier complete checkpoint in {self.directory}"
+        return CheckpointSaveError(f"saving checkpoint step {step} failed: {type(error).__name__}: {error}; {last}. "
+                                   "Free disk space (or point --workdir at a larger disk) and rerun")
+
+    def _guarded(self, fn, step):
+        try:
+            return fn()
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an async save surfaces any error of its writer thread here
+            raise self._failed(e, step) from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -40,7 +76,12 @@ class Checkpointer:
         items = {"state": self._ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=self._ocp.args.Composite(**items), force=force)
+        # an error here may belong to the previous (async) save, which this call waits for first
+        started = self._guarded(lambda: self.manager.save(step, args=self._ocp.args.Composite(**items), force=force),
+                                self._pending if self._pending is not None else step)
+        if started:
+            self._pending = step
+        return started
 
     def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> tuple[Any, int]:
         """Restores (state, step) into `abstract_state`'s shapes/dtypes/shardings; sets `data_iterator`'s
@@ -65,11 +106,9 @@ class Checkpointer:
         (or Orbax saw a preemption notice) save now and return True so the loop stops."""
         self.save(step, state, data_iterator)
         if all_hosts_agree(stop_requested) or self.reached_preemption(step):
-            import logging
-
-            logging.getLogger("qwenimage_jax.training").warning("preemption requested: saving step %d and "
-                                                               "stopping", step)
-            self.save(step, state, data_iterator, force=True)
+            log.warning("preemption requested: saving step %d and stopping", step)
+            if self.latest_step() != step:
+                self.save(step, state, data_iterator, force=True)
             return True
         return False
 
@@ -80,11 +119,13 @@ class Checkpointer:
         self.close()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._guarded(self.manager.wait_until_finished, self._pending)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 class PreemptionGuard:
@@ -95,6 +136,7 @@ class PreemptionGuard:
     def __init__(self, signals=(signal.SIGTERM,)):
         self.requested = False
         self.signal_received: int | None = None
+        self.count = 0
         self._previous = {}
         for sig in signals:
             try:
@@ -103,6 +145,9 @@ class PreemptionGuard:
                 pass
 
     def _handle(self, signum, frame):  # noqa: ARG002
+        self.count += 1
+        if self.requested:
+            log.warning("signal %d received again: already saving and stopping; ignored", signum)
         self.requested = True
         self.signal_received = signum
 

@@ -414,7 +414,7 @@ def distill(config, workdir: str) -> dict[str, Any]:
             progress.update(1)
             if ckpt.save_or_stop(step, state, data_iter, guard.requested):
                 break
-    ckpt.finish(step, state, data_iter)
+        ckpt.finish(step, state, data_iter)     # inside the guard: a second SIGTERM cannot cut the save short
     writer.close()
     progress.close()
     export_dir = None

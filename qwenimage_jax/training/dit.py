@@ -33,6 +33,7 @@ from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.training import flow_matching as fm
 from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
+from qwenimage_jax.training.guards import NonFiniteMonitor, keep_finite
 from qwenimage_jax.training.metrics_writer import MetricsWriter
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
                                           param_count, sharded_init)
@@ -135,7 +136,9 @@ def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, sta
             loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         grad_norm = optax.tree.norm(grads)
         new_state = apply_gradients(state, grads, tx, float(config.ema_decay))
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step)}
+        new_state, finite = keep_finite(state, new_state, loss, grad_norm)     # a NaN/Inf step changes nothing
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
+                           "finite": finite}
 
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     replicated = NamedSharding(mesh, P())
@@ -241,6 +244,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     step = start_step
     progress = _progress(start_step, total_steps, proc == 0 and config.get("progress", True))
     batch_checksums = []
+    monitor = NonFiniteMonitor(config.get("on_nonfinite", "stop"), ckpt)
+    # the guard stays installed through the final save: a second SIGTERM must not kill it half-written
     with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         while step < total_steps:
             local = next(data_iter)
@@ -254,25 +259,23 @@ def train(config, workdir: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             state, metrics = steps_cache[layout](state, batch, jax.random.fold_in(key, step))
             step += 1
-            if step % int(config.log_every) == 0 or step == total_steps:
+            finite = monitor.check(step, step - 1, metrics)   # one batch per step: batch index = step - 1
+            if finite and (step % int(config.log_every) == 0 or step == total_steps):
                 metrics = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
                 n_tokens = sum(h * w for _, h, w in layout[0]) + int(config.data.max_text_tokens)
-                scalars = {k: float(v) for k, v in metrics.items()}
+                scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 scalars.update(step_time_s=dt, tokens_per_s=global_batch * n_tokens / dt)
                 if peak > 0:
                     flops = train_flops_per_example(module.config, n_tokens, int(config.data.max_text_tokens))
                     scalars["mfu"] = global_batch * flops / dt / (peak * jax.device_count())
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"loss became {scalars['loss']} at step {step}; lower the learning "
-                                             "rate or check the cached data for NaNs")
                 losses[step] = scalars["loss"]
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}")
             progress.update(1)
             if ckpt.save_or_stop(step, state, data_iter, guard.requested):
                 break
-    ckpt.finish(step, state, data_iter)
+        ckpt.finish(step, state, data_iter)
     export_dir = os.path.join(workdir, "export", "transformer")
     if config.get("export", True) and step >= total_steps and n_proc == 1 and not os.path.exists(export_dir):
         # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
@@ -284,7 +287,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     writer.close()
     progress.close()
     return {"losses": losses, "final_step": step, "export_dir": export_dir, "state": state,
-            "batch_checksums": batch_checksums,
+            "batch_checksums": batch_checksums, "skipped_steps": monitor.skipped,
             "mesh": mesh}
 
 

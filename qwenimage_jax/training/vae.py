@@ -360,9 +360,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
                 log.warning("signal received: saved step %d, stopping", step)
                 stopped_early = True
                 break
+        ckpt.close()                            # inside the guard: a second SIGTERM cannot cut the save short
     if progress is not None:
         progress.close()
-    ckpt.close()
     writer.close()
     if not stopped_early and config.get("export_ema", True):
         export_vae(state, vae_cfg, os.path.join(workdir, "vae_export"))

@@ -1,0 +1,60 @@
+"""Non-finite loss / gradient handling shared by the trainers (docs/reliability.md).
+
+Inside the jitted step, `keep_finite(old, new, loss, grad_norm)` returns the old state when the loss or the gradient
+norm is NaN/Inf, so a bad batch never reaches the parameters, the optimizer moments or a checkpoint. On the host,
+`NonFiniteMonitor.check` reads the step's flag (one scalar per step) and, as `config.on_nonfinite` says, either
+stops with an error naming the step, the batch index and the last complete checkpoint ("stop", the default) or
+logs, counts and goes on ("skip"; the step's update was not applied).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("qwenimage_jax.training")
+
+MODES = ("stop", "skip")
+
+
+def keep_finite(old_state: Any, new_state: Any, loss, grad_norm) -> tuple[Any, jax.Array]:
+    """(new_state if loss and grad_norm are finite else old_state, finite flag ()). Call inside the jitted step."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state), finite
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/Inf and the run was configured to stop."""
+
+
+class NonFiniteMonitor:
+    """Host side: `check(step, batch_index, metrics)` after every step; `skipped` lists the skipped steps."""
+
+    def __init__(self, mode: str, checkpointer=None, what: str = "loss"):
+        if mode not in MODES:
+            raise ValueError(f"on_nonfinite={mode!r}; choose one of {MODES}")
+        self.mode, self.checkpointer, self.what = mode, checkpointer, what
+        self.skipped: list[int] = []
+
+    def check(self, step: int, batch_index: int, metrics: dict) -> bool:
+        """True when the step was finite. `metrics` holds device scalars `finite`, `loss` and `grad_norm`."""
+        if bool(jax.device_get(metrics["finite"])):
+            return True
+        loss, grad = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+        where = f"step {step} (data batch {batch_index}, counted from 0 at the start of the data stream)"
+        if self.mode == "skip":
+            self.skipped.append(step)
+            log.warning("non-finite %s %s / gradient norm %s at %s: update skipped (%d skipped so far)", self.what,
+                        loss, grad, where, len(self.skipped))
+            return False
+        last = "no checkpoint yet"
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+            steps = self.checkpointer.complete_steps()
+            if steps:
+                last = f"step {steps[-1]} in {self.checkpointer.directory}"
+        raise NonFiniteError(f"non-finite {self.what} {loss} / gradient norm {grad} at {where}; the update was not "
+                             f"applied. Last good checkpoint: {last}. Lower the learning rate or check that batch "
+                             "of the data for NaN/Inf, or pass --config.on_nonfinite=skip to skip such steps")
