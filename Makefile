@@ -16,7 +16,7 @@ $(VENV)/.base: setup.py
 # torch is pinned to the CPU build and installed before anything that depends on it (see docs/install notes).
 $(VENV)/.test: $(VENV)/.base setup.py
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,aot]"
 	# lpips (the PyTorch reference for our LPIPS) declares torchvision, which must not replace the CPU torch.
 	$(PIP) install -q --no-deps "lpips==0.1.4"
 	touch $@

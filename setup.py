@@ -29,6 +29,9 @@ EXTRAS = {
              "scikit-image>=0.22"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
+    # `qwenimage-jax aot`: libtpu compiles for TPU topologies on a CPU host. Pinned to the jax of the test env
+    # (jax 0.10.2 pins libtpu 0.0.42.*); a serialized executable (--save) is valid only for this exact pair.
+    "aot": ["jax[tpu]==0.10.2"],
 }
 
 setup(

@@ -22,6 +22,8 @@ COMMANDS = {
     "train-dit": ("qwenimage_jax.commands.train_dit", "train the DiT with flow matching"),
     "distill": ("qwenimage_jax.commands.distill", "DMD step distillation of the DiT"),
     "eval-t2i": ("qwenimage_jax.commands.eval_t2i", "small-world GenEval: judge accuracy of generated images"),
+    "aot": ("qwenimage_jax.commands.aot", "compile a step for a TPU topology here (v5p-512, v6e-256, v5e-4, ...): "
+            "per-chip HBM and FLOPs"),
 }
 
 

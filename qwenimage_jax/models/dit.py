@@ -611,11 +611,20 @@ class DiTOutput(NamedTuple):
     prefix_kv: Any = None
 
 
-def _dummy_inputs(cfg: DiTConfig):
-    """Smallest valid inputs (one 2x2 target, one text token) used to build parameter shapes."""
+def _dummy_inputs(cfg: DiTConfig, n_batch: int = 1):
+    """Smallest valid inputs (one 2x2 target, one text token; `n_batch` rows) used to build parameter shapes.
+    Call it inside the traced init function (jit / eval_shape): built eagerly under a mesh of compile-only
+    devices (ahead-of-time compilation for a TPU topology) the arrays could not be placed."""
     shapes, mask = ((1, 2, 2),), (False, True)
-    return (jnp.zeros((1, 4, cfg.input_features), cfg.dtype), jnp.zeros((1, 1, cfg.context_in_dim), cfg.dtype),
-            jnp.zeros((1,), jnp.float32), shapes, mask)
+    return (jnp.zeros((n_batch, 4, cfg.input_features), cfg.dtype),
+            jnp.zeros((n_batch, 1, cfg.context_in_dim), cfg.dtype), jnp.zeros((n_batch,), jnp.float32), shapes, mask)
+
+
+def ambient_batch_parallelism() -> int:
+    """data x fsdp of the ambient (abstract) mesh, 1 without one: the DiT checks that a batch splits over it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
+    return int(shape.get("data", 1)) * int(shape.get("fsdp", 1))
 
 
 def _init_module(config: DiTConfig) -> DiT:
@@ -627,14 +636,10 @@ def _init_module(config: DiTConfig) -> DiT:
 def abstract_params(config: DiTConfig):
     """Boxed (`nn.Partitioned`) ShapeDtypeStruct tree of the params collection, without allocating anything."""
     module = _init_module(config)
-    args = _dummy_inputs(config)
     # under an ambient mesh (a trainer's `init_from`) the module checks that the batch splits over data x fsdp
-    mesh = jax.sharding.get_abstract_mesh()
-    shape = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
-    n_batch = int(shape.get("data", 1)) * int(shape.get("fsdp", 1))
-    if n_batch > 1:
-        args = tuple(jnp.repeat(a, n_batch, axis=0) if isinstance(a, jax.Array) and a.ndim else a for a in args)
-    variables = jax.eval_shape(lambda key: module.init(key, *args), jax.random.key(0))
+    n_batch = ambient_batch_parallelism()
+    variables = jax.eval_shape(lambda key: module.init(key, *_dummy_inputs(config, n_batch)),
+                               jax.eval_shape(lambda: jax.random.key(0)))
     return variables["params"]
 
 
@@ -747,10 +752,8 @@ def init_transformer(config, key, mesh=None) -> Transformer:
         runtime = {k: raw.pop(k) for k in list(raw) if k in {f.name for f in dataclasses.fields(DiTConfig)}
                    and k not in DIFFUSERS_DEFAULTS}
         config = DiTConfig.from_diffusers(raw, **runtime)
-    args = _dummy_inputs(config)
-
     def init(k):
-        return nn.meta.unbox(_init_module(config).init(k, *args)["params"])
+        return nn.meta.unbox(_init_module(config).init(k, *_dummy_inputs(config))["params"])
 
     out_shardings = param_shardings(config, mesh) if mesh is not None else None
     params = jax.jit(init, out_shardings=out_shardings)(key)

@@ -49,7 +49,8 @@ def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1, context: 
     return jax.sharding.Mesh(device_array, MESH_AXES)
 
 
-def mesh_from_config(mesh_config) -> jax.sharding.Mesh:
-    """`config.mesh` with fields data/fsdp/tensor/context -> Mesh."""
+def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """`config.mesh` with fields data/fsdp/tensor/context -> Mesh over `devices` (default: all of jax.devices();
+    e.g. the compile-only devices of a TPU topology for ahead-of-time compilation)."""
     return make_mesh(data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1),
-                     tensor=mesh_config.get("tensor", 1), context=mesh_config.get("context", 1))
+                     tensor=mesh_config.get("tensor", 1), context=mesh_config.get("context", 1), devices=devices)

@@ -121,9 +121,8 @@ def teacher_grid(config, n_target: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dummy_batch_inputs(cfg: DiTConfig, mesh):
-    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-    return tuple(jnp.repeat(a, n_batch, axis=0) if isinstance(a, jax.Array) and a.ndim else a
-                 for a in _dummy_inputs(cfg))
+    """Init inputs spanning the batch axes; call inside the traced init (works on compile-only AOT devices)."""
+    return _dummy_inputs(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def optimizers(config):
@@ -136,10 +135,9 @@ def _shardings_cached(config_json: str, mesh) -> tuple[Any, Any, Any]:
     config = ml_collections.ConfigDict(json.loads(config_json))
     cfg, teacher_cfg = model_configs(config)
     (tx_s, _), (tx_f, _) = optimizers(config)
-    dummy = _dummy_batch_inputs(cfg, mesh)
-    init = lambda k: DiT(cfg).init(k, *dummy)["params"]  # noqa: E731
+    init = lambda k: DiT(cfg).init(k, *_dummy_batch_inputs(cfg, mesh))["params"]  # noqa: E731
     use_ema = float(config.ema_decay) > 0
-    key = jax.random.key(0)
+    key = jax.eval_shape(lambda: jax.random.key(0))  # abstract: nothing is placed on the mesh's devices
     abs_s, sh_s = state_shardings(init, tx_s, mesh, key, use_ema=use_ema)
     abs_f, sh_f = state_shardings(init, tx_f, mesh, key, use_ema=False)
     replicated = NamedSharding(mesh, P())

@@ -36,7 +36,7 @@ from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from qwenimage_jax.training.guards import NonFiniteMonitor, keep_finite
 from qwenimage_jax.training.metrics_writer import MetricsWriter
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
-                                          param_count, sharded_init)
+                                          param_count, sharded_init, state_shardings)
 
 log = logging.getLogger("qwenimage_jax.training.dit")
 
@@ -157,19 +157,32 @@ def model_config(config) -> DiTConfig:
     return DiTConfig.from_diffusers(fields, **runtime)
 
 
-def init_state(config, mesh, key):
-    """(state, state_shardings, module, tx, lr_schedule): fresh init straight into shardings, optionally
-    overwritten by a diffusers/Orbax transformer checkpoint (`config.init_from`)."""
+def _setup(config, mesh):
+    """(module, tx, lr_schedule, init_params(key) -> boxed params, use_ema) for `config` on `mesh`."""
     cfg = model_config(config)
     check_parallelism(cfg, mesh, int(config.batch_size))
     module = DiT(cfg)
     tx, lr_schedule = make_optimizer(config.optimizer)
-    # The DiT checks batch divisibility under a mesh, so the init batch spans the batch axes.
+    # The DiT checks batch divisibility under a mesh, so the init batch spans the batch axes. The dummy inputs
+    # are built inside the traced init (shapes only), so this also works on compile-only (AOT) devices.
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-    dummy = tuple(jnp.repeat(a, n_batch, axis=0) if isinstance(a, jax.Array) and a.ndim else a
-                  for a in _dummy_inputs(cfg))
-    use_ema = float(config.ema_decay) > 0
-    state, shardings = sharded_init(lambda k: module.init(k, *dummy)["params"], tx, mesh, key, use_ema=use_ema)
+    return module, tx, lr_schedule, lambda k: module.init(k, *_dummy_inputs(cfg, n_batch))["params"], \
+        float(config.ema_decay) > 0
+
+
+def abstract_train_state(config, mesh, key):
+    """(abstract state (ShapeDtypeStructs with shardings), state_shardings, module, tx, lr_schedule) without
+    allocating anything: what `aot` compiles the train step against. `key` may itself be abstract."""
+    module, tx, lr_schedule, init_params, use_ema = _setup(config, mesh)
+    abstract, shardings = state_shardings(init_params, tx, mesh, key, use_ema=use_ema)
+    return abstract, shardings, module, tx, lr_schedule
+
+
+def init_state(config, mesh, key):
+    """(state, state_shardings, module, tx, lr_schedule): fresh init straight into shardings, optionally
+    overwritten by a diffusers/Orbax transformer checkpoint (`config.init_from`)."""
+    module, tx, lr_schedule, init_params, use_ema = _setup(config, mesh)
+    state, shardings = sharded_init(init_params, tx, mesh, key, use_ema=use_ema)
     if config.get("init_from"):
         loaded = load_transformer(config.init_from, dtype=jnp.float32, shardings=shardings.params)
         params = loaded.params
@@ -198,11 +211,12 @@ def _global_batch(batch: dict, sharding) -> dict:
 # The loop
 
 
-def start_run(config, workdir: str) -> tuple[Any, int, int, int]:
-    """The common start of a DiT-family run (training, distillation): multi-host init, the mesh, the workdir, and
-    the global batch checked against the process count. Returns (mesh, global_batch, process_count, index)."""
+def start_run(config, workdir: str, devices=None) -> tuple[Any, int, int, int]:
+    """The common start of a DiT-family run (training, distillation): multi-host init, the mesh (over `devices`,
+    default all), the workdir, and the global batch checked against the process count.
+    Returns (mesh, global_batch, process_count, index)."""
     maybe_initialize()
-    mesh = mesh_from_config(config.mesh)
+    mesh = mesh_from_config(config.mesh, devices)
     os.makedirs(workdir, exist_ok=True)
     n_proc, proc = jax.process_count(), jax.process_index()
     global_batch = int(config.batch_size)

