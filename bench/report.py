@@ -2,7 +2,10 @@
 
     python bench/report.py                     # CPU: all five scripts, small settings (~10-20 min on 2 loaded cores)
     python bench/report.py --only vae dit      # a subset (the other rows are marked "not run")
-    python bench/report.py --gpu               # also the scripts' --gpu modes (released shapes, random weights)
+    python bench/report.py --gpu               # THE GPU suite (bench/gpu_suite.py, <= 8 min on one H200): installs
+                                               # bench/wheels offline, writes its section of docs/benchmarks.md
+    python bench/report.py --gpu --dry-run --out FILE   # the same at tiny shapes on CPU (CI)
+    python bench/report.py --script-gpu-modes  # the CPU rows plus each script's own --gpu mode
 
 Each script runs in its own subprocess and measures ours AND the PyTorch reference (diffusers / transformers) in that
 same process, so every ratio compares two measurements taken minutes apart on the same machine. The table gives the
@@ -224,13 +227,69 @@ def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+WHEELS = os.path.join(REPO, "bench", "wheels")
+GPU_SUITE_NEEDS = ("diffusers", "transformers", "tokenizers", "flax", "safetensors")
+
+
+def _dist_name(wheel: str) -> str:
+    return re.sub(r"[-_.]+", "-", os.path.basename(wheel).split("-")[0]).lower()
+
+
+def gpu_setup(dry_run: bool) -> list[str]:
+    """Installs, offline and without dependency resolution, every wheel of bench/wheels (bench/fetch_gpu_wheels.sh)
+    whose distribution is missing here; returns those wheels. Fails clearly when a needed module stays missing."""
+    import glob
+    import importlib.metadata as md
+    import importlib.util
+
+    missing = []
+    for wheel in sorted(glob.glob(os.path.join(WHEELS, "*.whl"))):
+        try:
+            md.version(_dist_name(wheel))
+        except md.PackageNotFoundError:
+            missing.append(wheel)
+    if missing and not dry_run:
+        print(f"[report] installing {len(missing)} wheels from bench/wheels (offline, --no-deps)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *missing],
+                       check=True)
+        importlib.invalidate_caches()
+    absent = [m for m in GPU_SUITE_NEEDS if importlib.util.find_spec(m) is None]
+    if absent:
+        raise SystemExit(f"[report] the GPU suite needs {', '.join(absent)}, which bench/wheels does not provide; run "
+                         "bench/fetch_gpu_wheels.sh on a machine with registry access and carry bench/wheels along")
+    return missing
+
+
+def gpu_suite(args) -> int:
+    """bench/report.py --gpu: setup + bench/gpu_suite.py in one subprocess, bounded by --timeout."""
+    start = time.perf_counter()
+    installed = gpu_setup(args.dry_run)
+    print(f"[report] setup {time.perf_counter() - start:.0f} s ({len(installed)} wheels "
+          f"{'would be ' if args.dry_run else ''}installed)", flush=True)
+    cmd = [sys.executable, os.path.join(REPO, "bench", "gpu_suite.py"), "--out", args.out]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    proc = subprocess.run(cmd, cwd=REPO, timeout=args.timeout)
+    print(f"[report] GPU suite exit {proc.returncode} in {time.perf_counter() - start:.0f} s", flush=True)
+    return proc.returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these benchmarks")
-    parser.add_argument("--gpu", action="store_true", help="also run each script's --gpu mode (needs an accelerator)")
-    parser.add_argument("--timeout", type=int, default=1200, help="seconds per script before it is recorded as failed")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU suite only (see bench/gpu_suite.py)")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: tiny shapes on CPU, installs nothing")
+    parser.add_argument("--script-gpu-modes", action="store_true",
+                        help="the CPU report plus each script's own --gpu mode (needs an accelerator)")
+    parser.add_argument("--timeout", type=int, default=None,
+                        help="seconds per script (default 1200) / for the whole GPU suite (default 480)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.gpu:
+        args.timeout = args.timeout or 480
+        return gpu_suite(args)
+    args.timeout = args.timeout or 1200
+    args.gpu = args.script_gpu_modes
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine_line = machine()
     runs, gpu_runs = {}, {}
@@ -245,6 +304,12 @@ def main(argv=None) -> int:
             gpu_runs[name] = run_script(script, gpu_args, args.timeout)
             print(f"[report] {name} --gpu: exit {gpu_runs[name]['rc']}", flush=True)
     text = render(machine_line, runs, started, gpu_runs)
+    start, end = "<!-- gpu-suite:start -->", "<!-- gpu-suite:end -->"
+    if os.path.exists(args.out):  # keep the GPU suite's section (bench/gpu_suite.py) across CPU reports
+        with open(args.out, encoding="utf-8") as f:
+            old = f.read()
+        if start in old and end in old:
+            text += "\n" + start + old.split(start, 1)[1].split(end, 1)[0] + end + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)
