@@ -40,4 +40,9 @@ def get_config(arg=None):
     c.checkpoint = dict(every=50, keep=1, async_save=False)
     c.export = dict(enabled=True, dtype="float32", components={}, link=False)
     c.log_every = 10
+    if arg == "smoke":  # CI: the recipe's distill stage in seconds
+        c.batch_size, c.steps = 2, 1
+        c.regression.teacher_steps = 2
+        c.checkpoint.every = 1
+        c.log_every = 1
     return c

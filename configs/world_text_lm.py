@@ -22,7 +22,7 @@ def get_config(arg=None):
     c.pretrain = dict(num_captions=8000, steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=30)
     c.expand = dict(num_pairs=8000, steps=500, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     c.eval_captions = 256       # held-out-composition captions for the reported losses
-    if arg == "test":
+    if arg in ("test", "smoke"):  # unit tests / the recipe's CI smoke run
         c.model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=16, mrope_section=[4, 2, 2], max_position_embeddings=512)
         c.pretrain = dict(num_captions=200, steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=5)

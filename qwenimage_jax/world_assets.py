@@ -4,9 +4,12 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
 
   text      configs/world_text_lm.py: BPE tokenizer, text encoder (next-token pretraining on captions), prompt
             expander (fine-tuned on short -> rich pairs)                          -> WORKDIR/{tokenizer,text_encoder,expander}
-  vae       configs/world_vae.py through the VAE trainer                           -> WORKDIR/vae/vae_export
-  cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents
-  dit       configs/world_dit.py through the DiT trainer (the 40-step teacher)     -> WORKDIR/transformer
+  expander  only the expander fine-tune again, from WORKDIR/text_encoder (after --text-from)  -> WORKDIR/expander
+  vae       configs/world_vae.py through the VAE trainer, once per arm of the alignment ablation ("align":
+            the recipe; "noalign": the same with no alignment gradient)          -> WORKDIR/vae{,_noalign}_diffusers
+  cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents{,_noalign}
+  dit       configs/world_dit.py through the DiT trainer (the 40-step teacher)     -> WORKDIR/transformer{,_noalign}
+  ablation  the judge on both arms: VAE reconstructions and 40-step CFG teacher samples -> WORKDIR/ablation.json
   distill   configs/world_distill.py: DMD, 40-step CFG-4 teacher -> 4-step student -> WORKDIR/distill/export
   assemble  model_index.json (+ the student's sample_sigmas) + vae/ transformer/ (the 4-step student when
             distilled) teacher/transformer/ text_encoder/ processor/ scheduler/ expander/ -> --out
@@ -15,6 +18,11 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
 
     python -m qwenimage_jax.world_assets --workdir /tmp/world --out qwenimage_jax/assets/tiny_world
     python -m qwenimage_jax.world_assets --workdir /tmp/world --stage text      # one stage
+    python -m qwenimage_jax.world_assets --workdir /tmp/world --stage vae --stage cache --stage dit --arm noalign
+
+`--arm` picks the ablation arm the vae / cache / dit stages work on (default: align, the shipped one; `all` runs
+both in turn). `--text-from MODEL_DIR` copies the text stage's outputs (tokenizer, text encoder, expander) from an
+earlier build instead of retraining them.
 
 Wall times of every stage are appended to WORKDIR/times.json and copied into the shipped README.
 """
@@ -30,14 +38,21 @@ import time
 
 import numpy as np
 
-STAGES = ("text", "vae", "cache", "dit", "distill", "assemble", "figures")
+STAGES = ("text", "expander", "vae", "cache", "dit", "ablation", "distill", "assemble", "figures")
+# ablation arm -> (suffix of its WORKDIR paths, config overrides of its VAE run)
+ARMS = {"align": ("", []), "noalign": ("_noalign", ["--config.losses.align.probe_only=True"])}
+SHIPPED_ARM = "align"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "qwenimage_jax", "assets", "tiny_world")
+
+
+CONFIG_ARG = None  # set by --config-arg ("smoke": every stage in seconds, for CI); passed to every get_config
 
 
 def _config(name: str, arg=None):
     import importlib.util
 
+    arg = CONFIG_ARG if arg is None else arg
     path = os.path.join(REPO, "configs", f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -75,9 +90,7 @@ def stage_text(workdir: str, config_arg=None) -> dict:
 
     pre = arrays(text_lm.encoder_sequences(tokenizer, [r for r, _ in pre_pairs]))
     pre_eval = arrays(text_lm.encoder_sequences(tokenizer, [r for r, _ in held_pairs]))
-    exp = arrays(text_lm.expansion_sequences(tokenizer, exp_pairs))
-    exp_eval = arrays(text_lm.expansion_sequences(tokenizer, held_pairs))
-    print(f"[text] vocab {len(tokenizer)}, pretrain {pre[0].shape}, expand {exp[0].shape}", flush=True)
+    print(f"[text] vocab {len(tokenizer)}, pretrain {pre[0].shape}", flush=True)
     params = text_lm.init_params(module, c.seed)
     loss0 = text_lm.eval_loss(module, params, pre_eval)
     t1 = time.time()
@@ -87,6 +100,29 @@ def stage_text(workdir: str, config_arg=None) -> dict:
     t_pre = time.time() - t1
     loss_pre = text_lm.eval_loss(module, params, pre_eval)
     text_lm.save_text_model(params, config, os.path.join(workdir, "text_encoder"), tok_dir, seed=c.seed)
+    exp_stats, hist_exp = _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir)
+    stats = dict(vocab=len(tokenizer), heldout_caption_loss_init=round(loss0, 4),
+                 heldout_caption_loss_pretrained=round(loss_pre, 4), pretrain_seconds=round(t_pre, 1), **exp_stats)
+    text_lm.save_history(os.path.join(workdir, "text_history.json"), pretrain=hist_pre, expand=hist_exp, stats=stats)
+    print(f"[text] {stats}", flush=True)
+    _record(workdir, "text", time.time() - t0, **stats)
+    return stats
+
+
+def _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir):
+    """The prompt expander: the text encoder fine-tuned on (short prompt -> rich caption) chats of the world."""
+    from qwenimage_jax.training import text_lm
+
+    pad = tokenizer.pad_token_id
+    exp_pairs = text_lm.world_text_pairs(c.expand.num_pairs, seed=c.seed + 1)
+    held_pairs = text_lm.world_text_pairs(c.eval_captions, seed=c.seed + 2, split="heldout")
+
+    def arrays(seqs):
+        length = int(np.ceil(max(len(s) for s, _ in seqs) / 16) * 16)
+        return text_lm.pad_left(seqs, length, pad)
+
+    exp = arrays(text_lm.expansion_sequences(tokenizer, exp_pairs))
+    exp_eval = arrays(text_lm.expansion_sequences(tokenizer, held_pairs))
     exp_before = text_lm.eval_loss(module, params, exp_eval)
     t2 = time.time()
     params, hist_exp = text_lm.train_lm(module, params, exp, seed=c.seed + 1, steps=c.expand.steps,
@@ -95,14 +131,41 @@ def stage_text(workdir: str, config_arg=None) -> dict:
     t_exp = time.time() - t2
     exp_after = text_lm.eval_loss(module, params, exp_eval)
     text_lm.save_text_model(params, config, os.path.join(workdir, "expander"), tok_dir, seed=c.seed)
-    stats = dict(vocab=len(tokenizer), heldout_caption_loss_init=round(loss0, 4),
-                 heldout_caption_loss_pretrained=round(loss_pre, 4), pretrain_seconds=round(t_pre, 1),
-                 heldout_expansion_loss_before_finetune=round(exp_before, 4),
-                 heldout_expansion_loss_after_finetune=round(exp_after, 4), finetune_seconds=round(t_exp, 1))
-    text_lm.save_history(os.path.join(workdir, "text_history.json"), pretrain=hist_pre, expand=hist_exp, stats=stats)
-    print(f"[text] {stats}", flush=True)
-    _record(workdir, "text", time.time() - t0, **stats)
+    return dict(heldout_expansion_loss_before_finetune=round(exp_before, 4),
+                heldout_expansion_loss_after_finetune=round(exp_after, 4), finetune_seconds=round(t_exp, 1)), hist_exp
+
+
+def stage_expander(workdir: str) -> dict:
+    """Re-runs only the expander fine-tune from WORKDIR/text_encoder (e.g. after the world's captions changed while
+    the text encoder was kept, `--text-from`)."""
+    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.training import text_lm
+
+    c = _config("world_text_lm")
+    t0 = time.time()
+    encoder_dir, tok_dir = os.path.join(workdir, "text_encoder"), os.path.join(workdir, "tokenizer")
+    encoder = load_text_encoder(encoder_dir, with_vision=False, tokenizer_path=tok_dir)
+    config = json.load(open(os.path.join(encoder_dir, "config.json")))
+    module = text_lm.text_module(config)
+    stats, history = _finetune_expander(workdir, c, module, encoder.params, encoder.tokenizer, config, tok_dir)
+    text_lm.save_history(os.path.join(workdir, "expander_history.json"), expand=history, stats=stats)
+    print(f"[expander] {stats}", flush=True)
+    _record(workdir, "expander", time.time() - t0, **stats)
     return stats
+
+
+def copy_text_stage(model_dir: str, workdir: str) -> None:
+    """The text stage's outputs from an earlier build (a shipped model dir: processor/ is the tokenizer)."""
+    t0 = time.time()
+    for src, dst in (("processor", "tokenizer"), ("text_encoder", "text_encoder"), ("expander", "expander")):
+        if os.path.exists(os.path.join(workdir, dst)):
+            shutil.rmtree(os.path.join(workdir, dst))
+        shutil.copytree(os.path.join(model_dir, src), os.path.join(workdir, dst))
+    previous = os.path.join(model_dir, "build_times.json")
+    stats = json.load(open(previous)).get("text", {}) if os.path.exists(previous) else {}
+    stats = {k: v for k, v in stats.items() if k != "seconds"}
+    stats["note"] = f"copied from {os.path.basename(os.path.normpath(model_dir))} (--text-from), not retrained"
+    _record(workdir, "text", time.time() - t0, **stats)
 
 
 def _cli(args: list[str]) -> None:
@@ -111,12 +174,14 @@ def _cli(args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def stage_vae(workdir: str) -> None:
+def stage_vae(workdir: str, arm: str = SHIPPED_ARM) -> None:
+    suffix, overrides = ARMS[arm]
     t0 = time.time()
-    _cli(["train-vae", "--config", os.path.join(REPO, "configs", "world_vae.py"), "--workdir",
-          os.path.join(workdir, "vae")])
-    stats = export_vae_diffusers(os.path.join(workdir, "vae", "vae_export"), os.path.join(workdir, "vae_diffusers"))
-    _record(workdir, "vae", time.time() - t0, **stats)
+    run = os.path.join(workdir, "vae" + suffix)
+    config = os.path.join(REPO, "configs", "world_vae.py") + (f":{CONFIG_ARG}" if CONFIG_ARG else "")
+    _cli(["train-vae", "--config", config, "--workdir", run] + overrides)
+    stats = export_vae_diffusers(os.path.join(run, "vae_export"), os.path.join(workdir, f"vae{suffix}_diffusers"))
+    _record(workdir, "vae" + suffix, time.time() - t0, **stats)
 
 
 def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dict:
@@ -149,6 +214,7 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
         return [Scene.from_json(src[i]["record_json"]) for i in range(n)]
 
     train = images(num_images, 5, "train")
+    # (batches of 32: one compiled encoder for every chunk)
     z = np.concatenate([np.asarray(vae.encode(train[i:i + 32])) for i in range(0, num_images, 32)])
     mean = z.reshape(-1, z.shape[-1]).mean(0)
     std = z.reshape(-1, z.shape[-1]).std(0) + 1e-6
@@ -159,7 +225,8 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     # The DiT can draw at best what the VAE keeps: the judge on reconstructions bounds the DiT's accuracy.
     from qwenimage_jax.data import judge
 
-    judge_recon = judge.evaluate(np.clip(recon, -1, 1), records(64, 6, "heldout"))["overall"]
+    judged = judge.evaluate(np.clip(recon, -1, 1), records(64, 6, "heldout"))
+    judge_recon = judged["overall"]
     cfg = dataclasses.replace(vae.vae_config, latents_mean=tuple(float(v) for v in mean),
                               latents_std=tuple(float(v) for v in std))
     raw = cfg.to_diffusers()
@@ -184,22 +251,31 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
         json.dump(raw, f, indent=2)
     del torch
     return dict(heldout_psnr=round(psnr, 2), heldout_judge_on_reconstructions=round(float(judge_recon), 3),
+                heldout_judge_attributes={k: round(float(v), 3) for k, v in judged.items()},
                 latent_std_mean=round(float(std.mean()), 4))
 
 
-def stage_cache(workdir: str) -> None:
+def stage_cache(workdir: str, arm: str = SHIPPED_ARM) -> None:
+    suffix = ARMS[arm][0]
     c = _config("world_dit")
     t0 = time.time()
     _cli(["cache-latents", "--source", f"world:{c.num_scenes}:train:{c.image_size}", "--vae",
-          os.path.join(workdir, "vae_diffusers"), "--text-encoder", os.path.join(workdir, "text_encoder"),
-          "--tokenizer", os.path.join(workdir, "tokenizer"), "--out", os.path.join(workdir, "latents")])
-    _record(workdir, "cache", time.time() - t0, num_scenes=c.num_scenes)
+          os.path.join(workdir, f"vae{suffix}_diffusers"), "--text-encoder", os.path.join(workdir, "text_encoder"),
+          "--tokenizer", os.path.join(workdir, "tokenizer"), "--out", os.path.join(workdir, "latents" + suffix)])
+    _record(workdir, "cache" + suffix, time.time() - t0, num_scenes=c.num_scenes)
 
 
-def stage_dit(workdir: str) -> None:
-    """Phase 1: configs/world_dit.py -> WORKDIR/transformer_base; phase 2 (config.high_noise_finetune): the same
-    trainer from those weights with the noise levels pulled towards 1 -> WORKDIR/transformer. Each phase is skipped
-    when its export exists (and resumes from its checkpoints otherwise)."""
+def stage_dit(workdir: str, arm: str = SHIPPED_ARM, full: bool = True) -> None:
+    """The arm's DiT on its cached latents, in phases that each skip themselves when their export exists (and
+    resume from their checkpoints otherwise):
+
+      dit_ablation  configs/world_dit.py for its first `ablation_steps` steps (the same schedule as the full run)
+                    -> WORKDIR/transformer_ablation{suffix}: the ablation compares the arms at this budget
+      dit           the same run continued to `steps`                          -> WORKDIR/transformer_base{suffix}
+      dit_high_noise  config.high_noise_finetune: the trainer from those weights with the noise levels pulled
+                    towards 1                                                   -> WORKDIR/transformer{suffix}
+
+    `full=False` stops after the ablation phase (the arm that is not shipped)."""
     import logging
 
     from qwenimage_jax.convert.export_dit import export_transformer
@@ -207,31 +283,45 @@ def stage_dit(workdir: str) -> None:
     from qwenimage_jax.training.dit import export_params, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    suffix = ARMS[arm][0]
     config = _config("world_dit")
-    config.data.path = os.path.join(workdir, "latents")
-    base, final = os.path.join(workdir, "transformer_base"), os.path.join(workdir, "transformer")
-    tune = config.get("high_noise_finetune")
-    phases = [("dit", config, final)]
-    if tune is not None and int(tune.steps) > 0:
-        tuned = _config("world_dit")
-        tuned.data.path = config.data.path
-        tuned.init_from = base
-        tuned.steps = int(tune.steps)
-        tuned.flow.mean = float(tune.flow_mean)
-        tuned.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=float(tune.learning_rate),
-                                             warmup_steps=20, decay_steps=int(tune.steps), end_value=1e-5)
-        tuned.checkpoint.every = int(tune.steps)
-        phases = [("dit", config, base), ("dit_high_noise", tuned, final)]
-    for name, cfg, out in phases:
+    config.data.path = os.path.join(workdir, "latents" + suffix)
+    first = _config("world_dit")
+    first.data.path = config.data.path
+    first.steps = int(config.ablation_steps)
+    run = "dit" + suffix  # phases 1 and 2 are one run: phase 2 resumes phase 1's checkpoint
+    phases = [("dit_ablation" + suffix, run, first, os.path.join(workdir, "transformer_ablation" + suffix))]
+    if full:
+        base, final = os.path.join(workdir, "transformer_base" + suffix), os.path.join(workdir, "transformer" + suffix)
+        tune = config.get("high_noise_finetune")
+        if tune is not None and int(tune.steps) > 0:
+            tuned = _config("world_dit")
+            tuned.data.path = config.data.path
+            tuned.init_from = base
+            tuned.steps = int(tune.steps)
+            tuned.flow.mean = float(tune.flow_mean)
+            tuned.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=float(tune.learning_rate),
+                                                 warmup_steps=20, decay_steps=int(tune.steps), end_value=1e-5)
+            tuned.checkpoint.every = int(tune.steps)
+            phases += [("dit" + suffix, run, config, base), ("dit_high_noise" + suffix, "dit_high_noise" + suffix,
+                                                              tuned, final)]
+        else:
+            phases.append(("dit" + suffix, run, config, final))
+    for name, run_dir, cfg, out in phases:
         if os.path.exists(os.path.join(out, "config.json")):
             print(f"[{name}] {out} exists; skipping", flush=True)
             continue
-        overrides = "" if name == "dit" else (f" --config.init_from={cfg.init_from} --config.steps={cfg.steps} "
-                                              f"--config.flow.mean={cfg.flow.mean} (+ its learning-rate schedule)")
-        print(f"[run] train-dit --config configs/world_dit.py --workdir {workdir}/{name} "
+        overrides = f" --config.steps={cfg.steps}"
+        if cfg.init_from:
+            overrides += (f" --config.init_from={cfg.init_from} --config.flow.mean={cfg.flow.mean} (+ its "
+                          "learning-rate schedule)")
+        print(f"[run] train-dit --config configs/world_dit.py --workdir {workdir}/{run_dir} "
               f"--config.data.path={cfg.data.path}{overrides}  (in process, then EMA export)", flush=True)
         t0 = time.time()
-        result = train(cfg, os.path.join(workdir, name))
+        result = train(cfg, os.path.join(workdir, run_dir))
+        if result["final_step"] < int(cfg.steps):
+            raise SystemExit(f"[{name}] stopped at step {result['final_step']} of {cfg.steps}; re-run the stage "
+                             "to resume it")
         export_transformer(export_params(result["state"]), dit_config_from(cfg), out)
         losses = result["losses"]
         last = [losses[k] for k in sorted(losses)[-5:]]
@@ -239,15 +329,16 @@ def stage_dit(workdir: str) -> None:
                 final_loss=round(float(sum(last) / max(len(last), 1)), 4))
 
 
-def stage_distill(workdir: str) -> None:
+def stage_distill(workdir: str, arm: str = SHIPPED_ARM) -> None:
     import logging
 
     from qwenimage_jax.training.distill import distill
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = _config("world_distill")
-    config.teacher = os.path.join(workdir, "transformer")
-    config.data.path = os.path.join(workdir, "latents")
+    suffix = ARMS[arm][0]
+    config.teacher = os.path.join(workdir, "transformer" + suffix)
+    config.data.path = os.path.join(workdir, "latents" + suffix)
     print(f"[run] distill --config configs/world_distill.py --workdir {workdir}/distill "
           f"--config.teacher={config.teacher} --config.data.path={config.data.path}  (in process)", flush=True)
     t0 = time.time()
@@ -260,10 +351,86 @@ def stage_distill(workdir: str) -> None:
             final_loss=round(float(sum(last) / max(len(last), 1)), 4))
 
 
-def assemble(workdir: str, out: str) -> str:
-    """Copies the trained components into ONE diffusers-format QwenImage21Pipeline directory + expander/."""
+def _image_size() -> int:
+    return int(_config("world_dit").image_size)
+
+
+def arm_pipeline(workdir: str, arm: str) -> str:
+    """WORKDIR/pipeline_ARM: a pipeline directory of one ablation arm (its VAE and its DiT after `ablation_steps`,
+    the shared text encoder) made of symlinks, for the ablation's judge runs."""
+    suffix = ARMS[arm][0]
+    out = os.path.join(workdir, "pipeline_" + arm)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    for name, src in (("vae", f"vae{suffix}_diffusers"), ("transformer", "transformer_ablation" + suffix),
+                      ("text_encoder", "text_encoder"), ("processor", "tokenizer"), ("expander", "expander")):
+        os.symlink(os.path.abspath(os.path.join(workdir, src)), os.path.join(out, name))
+    write_pipeline_files(workdir, out, sample_sigmas=None, processor_config=False)
+    return out
+
+
+def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
+    """The seed's alignment claim on this world: for each arm, the judge on its VAE's held-out reconstructions
+    (from the vae stage) and on 40-step CFG-4 samples of train / held-out prompts from its DiT after the same
+    `ablation_steps` (configs/world_dit.py)."""
+    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    t0 = time.time()
+    times = json.load(open(os.path.join(workdir, "times.json")))
+    result = {}
+    for arm, (suffix, _) in ARMS.items():
+        if not os.path.exists(os.path.join(workdir, "transformer_ablation" + suffix, "config.json")):
+            print(f"[ablation] arm {arm}: no teacher yet (run --stage dit --arm {arm}); skipped", flush=True)
+            continue
+        pipe = QwenImagePipeline.from_pretrained(arm_pipeline(workdir, arm))
+        entry = {"vae": times.get("vae" + suffix, {}), "dit": times.get("dit_ablation" + suffix, {})}
+        for split in ("train", "heldout"):
+            judged = eval_t2i.evaluate(pipe, workdir, split, num_prompts, 40, _image_size(), cfg=4.0)
+            judged.pop("images")
+            entry[f"teacher_40_{split}"] = judged
+            print(f"[ablation] {arm} {split}\n" + eval_t2i.format_table(judged), flush=True)
+        result[arm] = entry
+    with open(os.path.join(workdir, "ablation.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    _record(workdir, "ablation", time.time() - t0, num_prompts=num_prompts)
+    return result
+
+
+def write_pipeline_files(workdir: str, out: str, sample_sigmas, processor_config: bool = True) -> None:
+    """model_index.json, scheduler/, world.json (+ processor/preprocessor_config.json) of a pipeline dir."""
+    from qwenimage_jax.commands.eval_t2i import WORLD_FILE
     from qwenimage_jax.convert.export_dit import PIPELINE_COMPONENTS, SCHEDULER_CONFIG
 
+    if processor_config:
+        te_config = json.load(open(os.path.join(workdir, "text_encoder", "config.json")))
+        vision = te_config.get("vision_config", {})
+        image_config = {
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+            "patch_size": vision.get("patch_size", 16), "temporal_patch_size": vision.get("temporal_patch_size", 2),
+            "merge_size": vision.get("spatial_merge_size", 2),
+            "size": {"shortest_edge": 32 * 32, "longest_edge": 256 * 256},
+        }
+        with open(os.path.join(out, "processor", "preprocessor_config.json"), "w") as f:
+            json.dump(image_config, f, indent=2)
+    os.makedirs(os.path.join(out, "scheduler"))
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER_CONFIG, f, indent=2)
+    index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1"}
+    index.update({name: list(entry) for name, entry in PIPELINE_COMPONENTS.items()})
+    index["sample_sigmas"] = sample_sigmas
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    with open(os.path.join(out, WORLD_FILE), "w") as f:
+        json.dump({"image_size": _image_size()}, f)
+
+
+def assemble(workdir: str, out: str, arm: str = SHIPPED_ARM) -> str:
+    """Copies the trained components of `arm` into ONE diffusers-format QwenImage21Pipeline directory + expander/."""
+    suffix = ARMS[arm][0]
     if os.path.isdir(out):
         for name in os.listdir(out):
             path = os.path.join(out, name)
@@ -275,38 +442,19 @@ def assemble(workdir: str, out: str) -> str:
     if os.path.exists(os.path.join(student, "model_index.json")):
         # the 4-step student is the default transformer (its grid in model_index.json); the teacher stays beside it
         shutil.copytree(os.path.join(student, "transformer"), os.path.join(out, "transformer"))
-        shutil.copytree(os.path.join(workdir, "transformer"), os.path.join(out, "teacher", "transformer"))
+        shutil.copytree(os.path.join(workdir, "transformer" + suffix), os.path.join(out, "teacher", "transformer"))
         sample_sigmas = json.load(open(os.path.join(student, "model_index.json")))["sample_sigmas"]
     else:
-        shutil.copytree(os.path.join(workdir, "transformer"), os.path.join(out, "transformer"))
-    shutil.copytree(os.path.join(workdir, "vae_diffusers"), os.path.join(out, "vae"))
+        shutil.copytree(os.path.join(workdir, "transformer" + suffix), os.path.join(out, "transformer"))
+    shutil.copytree(os.path.join(workdir, f"vae{suffix}_diffusers"), os.path.join(out, "vae"))
     os.makedirs(os.path.join(out, "text_encoder"))
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         src = os.path.join(workdir, "text_encoder", name)
         if os.path.exists(src):
             shutil.copy(src, os.path.join(out, "text_encoder", name))
     shutil.copytree(os.path.join(workdir, "tokenizer"), os.path.join(out, "processor"))
-    te_config = json.load(open(os.path.join(workdir, "text_encoder", "config.json")))
-    vision = te_config.get("vision_config", {})
-    image_config = {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
-        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
-        "patch_size": vision.get("patch_size", 16), "temporal_patch_size": vision.get("temporal_patch_size", 2),
-        "merge_size": vision.get("spatial_merge_size", 2),
-        "size": {"shortest_edge": 32 * 32, "longest_edge": 256 * 256},
-    }
-    with open(os.path.join(out, "processor", "preprocessor_config.json"), "w") as f:
-        json.dump(image_config, f, indent=2)
     shutil.copytree(os.path.join(workdir, "expander"), os.path.join(out, "expander"))
-    os.makedirs(os.path.join(out, "scheduler"))
-    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SCHEDULER_CONFIG, f, indent=2)
-    index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1"}
-    index.update({name: list(entry) for name, entry in PIPELINE_COMPONENTS.items()})
-    index["sample_sigmas"] = sample_sigmas
-    with open(os.path.join(out, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    write_pipeline_files(workdir, out, sample_sigmas)
     shutil.copy(os.path.join(workdir, "times.json"), os.path.join(out, "build_times.json"))
     return out
 
@@ -343,9 +491,10 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "`processor/`, `scheduler/`) plus `expander/` (the prompt-expansion LM) and, when distilled, `teacher/`:",
         "`transformer/` is then the 4-step DMD student (its grid is `sample_sigmas` in model_index.json; it samples",
         "without CFG) and `teacher/transformer/` the 40-step teacher it was distilled from. Trained from scratch on CPU on the",
-        "procedural world of `qwenimage_jax/data/world.py` at 64 x 64 pixels (no rendered words: the world draws",
-        "words only at >= 128 px). 20% of the (shape, colour) compositions never appear in any training data.",
-        "These are deliberately tiny models trained for minutes; they show the system end to end, not quality.",
+        f"procedural world of `qwenimage_jax/data/world.py` at {_image_size()} x {_image_size()} pixels (1-2 object "
+        "groups on plain backgrounds, no words;",
+        "`world.json` records the size). 20% of the (shape, colour) compositions never appear in any training data.",
+        "These are deliberately tiny models trained for minutes on 2 CPU cores.",
         "",
         "    qwenimage-jax demo                                   # text-to-image + judge, out/demo/demo_grid.png",
         "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --num-prompts 64            # student, 4 steps",
@@ -360,16 +509,20 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "",
         "1. `text` (configs/world_text_lm.py, seed 0): BPE tokenizer on world captions + Qwen specials; text encoder",
         "   = tiny Qwen3-VL decoder pretrained by next-token prediction on rich captions in the encoder template;",
-        "   expander = that model fine-tuned on (short prompt -> rich caption) chats.",
-        "2. `vae`: `qwenimage-jax train-vae --config configs/world_vae.py --workdir /tmp/world/vae` (seed 0), then",
-        "   export to diffusers format with per-channel latent mean/std measured on 256 train scenes.",
-        "3. `cache`: `qwenimage-jax cache-latents --source world:3000:train:64 --vae /tmp/world/vae_diffusers",
-        "   --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents`.",
+        "   expander = that model fine-tuned on (short prompt -> rich caption) chats (`expander` re-runs only this).",
+        "2. `vae`: `qwenimage-jax train-vae --config configs/world_vae.py --workdir /tmp/world/vae` (seed 0) and the",
+        "   ablation's control with `--config.losses.align.probe_only=True` (`/tmp/world/vae_noalign`); each exported",
+        "   to diffusers format with per-channel latent mean/std measured on 256 train scenes.",
+        f"3. `cache`: `qwenimage-jax cache-latents --source world:{_config('world_dit').num_scenes}:train:"
+        f"{_image_size()} --vae /tmp/world/vae_diffusers",
+        "   --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents` (and",
+        "   the same for the control's VAE).",
         "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0), then a high-noise fine-tune (its",
-        "   `high_noise_finetune`, see the config); the EMA weights are exported (`teacher/transformer/` here).",
-        "5. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 4-step student,",
+        "   `high_noise_finetune`, see the config); the EMA weights are exported (`teacher/transformer/` here); the",
+        "   same budget again on the control's latents. 5. `ablation`: the judge on both arms.",
+        "6. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 4-step student,",
         "   regression to the teacher's 20-step CFG-4 ODE), the student's EMA weights exported with sample_sigmas.",
-        "6. `assemble`: this directory; 7. `figures`: the tables below.",
+        "7. `assemble`: this directory; 8. `figures`: the tables below.",
         "",
         "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
         "",
@@ -382,6 +535,16 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
     for name, size in sizes.items():
         count = f", {counts[name]:,} parameters" if name in counts else ""
         lines.append(f"- {name}: {size / 2**20:.2f} MiB{count}")
+    ablation_path = os.path.join(workdir, "ablation.json")
+    if os.path.exists(ablation_path):
+        lines += ["", "## Alignment ablation (same VAE recipe and budget, same DiT budget; 40 steps, CFG 4)", "",
+                  "| arm | VAE held-out PSNR | judge on VAE reconstructions | teacher judge, train | teacher judge, "
+                  "held-out | held-out all_correct |", "|---|---|---|---|---|---|"]
+        for arm, entry in json.load(open(ablation_path)).items():
+            vae = entry.get("vae", {})
+            train, held = entry["teacher_40_train"]["generated"], entry["teacher_40_heldout"]["generated"]
+            lines.append(f"| {arm} | {vae.get('heldout_psnr', '-')} dB | {vae.get('heldout_judge_on_reconstructions', '-')} "
+                         f"| {train['overall']:.3f} | {held['overall']:.3f} | {held['all_correct']:.3f} |")
     if figures:
         lines += ["", "## Figures (judge accuracy, `overall` = mean over all attribute checks)", ""]
         lines += [f"    {line}" for line in figures.get("table", "").splitlines()]
@@ -410,7 +573,7 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
     for split in ("train", "heldout"):
         reference = None
         for name, pipe, steps, cfg in runs:
-            result = eval_t2i.evaluate(pipe, out, split, num_prompts, steps, 64, cfg=cfg,
+            result = eval_t2i.evaluate(pipe, out, split, num_prompts, steps, _image_size(), cfg=cfg,
                                        expand=(name == "teacher" and steps == 40))
             images = result.pop("images")
             if reference is None:
@@ -436,25 +599,48 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
-    parser.add_argument("--config-arg", default=None, help="argument for get_config (\"test\": tiny smoke run)")
+    parser.add_argument("--config-arg", default=None,
+                        help="argument for every stage's get_config (\"smoke\": tiny models, seconds per stage)")
+    parser.add_argument("--arm", default=None, choices=tuple(ARMS) + ("all",),
+                        help="ablation arm of the vae / cache / dit stages (default: both when all stages run, "
+                             f"else {SHIPPED_ARM})")
+    parser.add_argument("--ship", default=SHIPPED_ARM, choices=tuple(ARMS) + ("none",),
+                        help="the arm whose DiT is trained past the ablation budget and shipped by assemble "
+                             f"(default {SHIPPED_ARM}; none: stop every arm at the ablation budget)")
+    parser.add_argument("--text-from", default=None,
+                        help="copy the text stage's outputs from this earlier build (a shipped model dir)")
     args = parser.parse_args(argv)
+    global CONFIG_ARG
+    CONFIG_ARG = args.config_arg
+    num_prompts = 2 if CONFIG_ARG == "smoke" else 64
     os.makedirs(args.workdir, exist_ok=True)
     stages = args.stage or list(STAGES)
+    arm = args.arm or ("all" if not args.stage else SHIPPED_ARM)
+    arms = list(ARMS) if arm == "all" else [arm]
     if "text" in stages:
-        stage_text(args.workdir, args.config_arg)
-    if "vae" in stages:
-        stage_vae(args.workdir)
-    if "cache" in stages:
-        stage_cache(args.workdir)
-    if "dit" in stages:
-        stage_dit(args.workdir)
+        if args.text_from:
+            copy_text_stage(args.text_from, args.workdir)
+        else:
+            stage_text(args.workdir, args.config_arg)
+    if "expander" in stages and (args.stage or args.text_from):  # a full run's text stage made it already
+        stage_expander(args.workdir)
+    for name in arms:
+        if "vae" in stages:
+            stage_vae(args.workdir, name)
+        if "cache" in stages:
+            stage_cache(args.workdir, name)
+        if "dit" in stages:
+            stage_dit(args.workdir, name, full=(name == args.ship))
+    if "ablation" in stages:
+        stage_ablation(args.workdir, num_prompts)
+    shipped = SHIPPED_ARM if args.ship == "none" else args.ship
     if "distill" in stages:
-        stage_distill(args.workdir)
+        stage_distill(args.workdir, shipped)
     if "assemble" in stages:
-        assemble(args.workdir, args.out)
+        assemble(args.workdir, args.out, shipped)
         write_readme(args.workdir, args.out)
     if "figures" in stages:
-        stage_figures(args.workdir, args.out)
+        stage_figures(args.workdir, args.out, num_prompts)
     return 0
 
 

@@ -9,7 +9,8 @@ from qwenimage_jax.data import judge, world
 
 
 def _scenes(num, size, split="train", offset=0):
-    return [world.generate_scene(np.random.default_rng(offset + i), size, split) for i in range(num)]
+    word_prob = 0.5 if size >= world.MIN_WORD_IMAGE_SIZE else 0.0  # the judge reads words: ask for them
+    return [world.generate_scene(np.random.default_rng(offset + i), size, split, word_prob) for i in range(num)]
 
 
 @pytest.fixture(scope="module")

@@ -35,3 +35,30 @@ def test_salient_l1_is_zero_on_a_flat_image_and_has_gradients():
     target = jnp.asarray(_scene())
     grad = jax.grad(lambda r: losses.salient_l1_loss(r, target))(jnp.zeros_like(target))
     assert float(jnp.abs(grad[0, 4:8, 4:8]).sum()) > 0 and float(jnp.abs(grad[0, 12:, 12:]).sum()) == 0.0
+
+
+def _square(blur: int = 0):
+    """A black 16 x 16 image with a white 6 x 6 square; `blur` box-blurs it (radius in pixels) by hand."""
+    image = np.full((1, 16, 16, 3), -1.0, np.float32)
+    image[0, 5:11, 5:11] = 1.0
+    for _ in range(blur):
+        padded = np.pad(image, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        image = sum(padded[:, i:i + 16, j:j + 16] for i in range(3) for j in range(3)) / 9.0
+    return image
+
+
+def test_edge_l1_counts_blurred_and_missing_edges_but_not_flat_areas():
+    sharp, soft = jnp.asarray(_square()), jnp.asarray(_square(blur=2))
+    assert float(losses.edge_l1_loss(sharp, sharp)) == 0.0
+    # the square's outline: 4 sides x 6 px, each a jump of 2.0 in both the x and y difference maps -> 24 edge
+    # pixels (per channel); painting the square away leaves every one of them as an error of 2.0
+    background = jnp.full_like(sharp, -1.0)
+    assert float(losses.edge_l1_loss(background, sharp)) == pytest.approx(2.0, rel=1e-5)
+    blurred = float(losses.edge_l1_loss(soft, sharp))
+    # blur keeps the colour nearly right but pays for every spread edge: here more than painting the square away
+    assert blurred > 2.0
+    # plain L1 sees the blur much less than the edge term does
+    assert float(losses.l1_loss(soft, sharp)) < 0.5 * blurred
+    # a flat image as target has no edges: the sum of spurious edges is divided by 1, never by 0
+    flat = jnp.zeros((1, 8, 8, 3))
+    assert float(losses.edge_l1_loss(flat, flat)) == 0.0

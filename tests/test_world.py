@@ -9,7 +9,8 @@ from qwenimage_jax.data import prompts, world
 
 
 def _scenes(num, size, split="train", offset=0):
-    return [world.generate_scene(np.random.default_rng(offset + i), size, split) for i in range(num)]
+    word_prob = 0.5 if size >= world.MIN_WORD_IMAGE_SIZE else 0.0  # words are off by default: test them too
+    return [world.generate_scene(np.random.default_rng(offset + i), size, split, word_prob) for i in range(num)]
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,19 @@ def test_short_prompt_of_a_single_object_keeps_its_singular():
         assert "red cross" in text and "crosses" not in text
         assert partial.groups[0].count == 1
         assert dataclasses.replace(partial.groups[0], position=None, size=None) == world.ObjectGroup("cross", "red", 1)
+
+
+def test_prompts_are_read_back_into_groups_and_contradictions_are_named():
+    assert prompts.stated_groups("pls draw a couple of red rings & 3 tiny green triangles, white crosses") == [
+        ("red", "ring", 2), ("green", "triangle", 3), ("white", "cross", None)]
+    rng = np.random.default_rng(11)
+    for _ in range(200):  # a scene's own rich caption never contradicts its short prompt, nor the prompt itself
+        scene = world._sample_content(rng, "train", 0.0)
+        caption = world.rich_caption(scene, rng)
+        short, partial = prompts.degrade_record(scene, rng)
+        assert prompts.contradictions(caption, partial) == [] and prompts.contradictions(short, partial) == []
+    partial = world.Scene(groups=(world.ObjectGroup("circle", "red", count=2),), background="teal")
+    assert prompts.contradictions("Two red circles on a teal background", partial) == []
+    assert prompts.contradictions("Two red squares on a teal background", partial) == ["red circle"]
+    assert prompts.contradictions("Three red circles on a pink background", partial) == [
+        "count of red circle", "background"]

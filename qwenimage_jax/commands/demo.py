@@ -5,7 +5,8 @@ encoder, trained on the small world, see its README.md) through `QwenImagePipeli
 path as `qwenimage-jax sample` - and generates, in one batch: world captions of scenes it never saw (some with
 held-out shape/colour compositions), and one short casual prompt both as written and after the shipped prompt
 expander. Writes `OUT/demo_grid.png` (rows: prompts; columns: the world's own rendering | its VAE reconstruction |
-generated) and prints each prompt's judge score and the mean accuracy.
+generated | and, for a distilled model, the 40-step CFG teacher on the same prompt and noise) and prints each
+prompt's judge score and the mean accuracy.
 
 `--photos NAME ...` runs the earlier VAE-only demo instead (bundled photos through `--vae`, side-by-side grid +
 PSNR/SSIM in `OUT/reconstructions.png`).
@@ -41,6 +42,8 @@ def add_arguments(parser):
     parser.add_argument("--transformer", default="transformer",
                         help="transformer subfolder (teacher/transformer: the shipped 40-step teacher)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-teacher", action="store_true",
+                        help="skip the 40-step teacher column of a distilled model (teacher/transformer)")
     parser.add_argument("--photos", nargs="+", default=None,
                         help="run the VAE-only photo demo on these bundled photos instead")
     parser.add_argument("--vae", default=None, help="(photo demo) VAE directory")
@@ -104,7 +107,7 @@ def run_text_to_image(args):
                          "world model is built by `python -m qwenimage_jax.world_assets`")
     pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder=args.transformer)
     args.steps, args.cfg = eval_t2i.sampling_defaults(pipe, args.steps, args.cfg)
-    size = eval_t2i.model_size(pipe)
+    size = eval_t2i.model_size(model)
     n_held = args.num_prompts // 2
     items = (eval_t2i.world_prompts("train", args.num_prompts - n_held, size)
              + eval_t2i.world_prompts("heldout", n_held, size))
@@ -122,30 +125,48 @@ def run_text_to_image(args):
     t1 = time.time()
     images = eval_t2i.generate(pipe, prompts, args.steps, size, args.cfg, args.seed, batch_size=len(prompts))
     t_gen = time.time() - t1
+    teacher_images = None
+    teacher_dir = Path(model, "teacher", "transformer")
+    if pipe.sample_sigmas is not None and args.transformer == "transformer" and teacher_dir.is_dir() \
+            and not args.no_teacher:
+        teacher = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer")
+        t2 = time.time()
+        teacher_images = eval_t2i.generate(teacher, prompts, 40, size, 4.0, args.seed, batch_size=len(prompts))
+        print(f"teacher: 40 steps, CFG 4 ({time.time() - t2:.1f}s incl. compile)")
     truth = np.stack(truths)
     recon = np.asarray(pipe.vae.decode(pipe.vae.encode(truth.astype(np.float32) / 127.5 - 1.0)))
     recon = judge.to_uint8(recon[..., :3])
     scores = [judge.judge(img, rec) for img, rec in zip(images, records)]
     truth_scores = [judge.judge(img, rec) for img, rec in zip(truth, records)]
-    for prompt, kind, score, gt in zip(prompts, kinds, scores, truth_scores):
-        print(f"[{kind:<24}] judge {score['overall']:.2f} (ground truth {gt['overall']:.2f})  {prompt}")
+    teacher_scores = (None if teacher_images is None else
+                      [judge.judge(img, rec) for img, rec in zip(teacher_images, records)])
+    for i, (prompt, kind, score, gt) in enumerate(zip(prompts, kinds, scores, truth_scores)):
+        extra = "" if teacher_scores is None else f", teacher {teacher_scores[i]['overall']:.2f}"
+        print(f"[{kind:<24}] judge {score['overall']:.2f}{extra} (ground truth {gt['overall']:.2f})  {prompt}")
     n = len(items)
     gen = judge.summarise(scores[:n])
     gt = judge.summarise(truth_scores[:n])
     print(f"judge accuracy over {n} world captions ({args.steps} steps, CFG {args.cfg}): generated "
           f"{gen['overall']:.3f} (all-correct {gen['all_correct']:.2f}), ground truth {gt['overall']:.3f}")
+    if teacher_scores is not None:
+        tea = judge.summarise(teacher_scores[:n])
+        print(f"teacher (40 steps, CFG 4) on the same captions and noise: {tea['overall']:.3f} "
+              f"(all-correct {tea['all_correct']:.2f})")
     print(f"short prompt: as written {scores[n]['overall']:.2f}, expanded {scores[n + 1]['overall']:.2f} "
           "(judged on what the short prompt states)")
     psnr = float(np.mean([10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float32) - b) ** 2), 1e-6))
                           for a, b in zip(truth[:n], recon[:n])]))
     print(f"VAE reconstruction PSNR on these scenes: {psnr:.2f} dB")
-    rows = [np.concatenate([_upscale(a, 2), _upscale(b, 2), _upscale(c, 2)], axis=1)
-            for a, b, c in zip(truth, recon, images)]
+    factor = max(1, 128 // size)  # tiles of at least 128 px
+    columns = [truth, recon, images] + ([] if teacher_images is None else [teacher_images])
+    rows = [np.concatenate([_upscale(tile, factor) for tile in row], axis=1) for row in zip(*columns)]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "demo_grid.png"
     Image.fromarray(np.concatenate(rows, axis=0)).save(target)
-    print(f"wrote {target} (rows: prompts above; columns: world rendering | VAE reconstruction | generated)")
+    names = "world rendering | VAE reconstruction | generated" + ("" if teacher_images is None else
+                                                                  " | teacher, 40 steps")
+    print(f"wrote {target} (rows: prompts above; columns: {names})")
     print(f"sampling {t_gen:.1f}s (incl. compile), total {time.time() - t0:.1f}s")
     return 0
 

@@ -54,9 +54,19 @@ def world_prompts(split: str, num: int, size: int, seed: int = EVAL_SEED) -> lis
     return out
 
 
-def model_size(pipe) -> int:
-    """Pixel size the model was trained at: the world VAE stores it nowhere, so 4 latent cells x 16 = 64 by default."""
-    return 64
+WORLD_FILE = "world.json"  # written by world_assets' assemble stage: {"image_size": ...} of the world trained on
+
+
+def model_size(model_dir: str) -> int:
+    """Pixel size a world model was trained at: `image_size` of MODEL_DIR/world.json (64 when it has none)."""
+    import json
+    import os
+
+    path = os.path.join(model_dir, WORLD_FILE)
+    if not os.path.exists(path):
+        return 64
+    with open(path) as f:
+        return int(json.load(f)["image_size"])
 
 
 def padded_prompt_embeds(pipe, prompts: list[str], length: int = TEXT_TOKENS):
@@ -174,7 +184,7 @@ def run(args, out=None):
     out = out or sys.stdout
     pipe = QwenImagePipeline.from_pretrained(args.model, transformer_subfolder=args.transformer)
     steps, cfg = sampling_defaults(pipe, args.steps, args.cfg)
-    result = evaluate(pipe, args.model, args.split, args.num_prompts, steps, model_size(pipe), cfg,
+    result = evaluate(pipe, args.model, args.split, args.num_prompts, steps, model_size(args.model), cfg,
                       args.seed, args.batch_size, args.expand)
     out.write(format_table(result) + "\n")
     if args.json:

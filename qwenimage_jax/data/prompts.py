@@ -98,3 +98,47 @@ def degrade_record(record: world.Scene, rng: np.random.Generator) -> tuple[str, 
 def degrade_caption(record: world.Scene, rng: np.random.Generator) -> str:
     """A short, casual prompt for the scene `record`, dropping most details (see `degrade_record`)."""
     return degrade_record(record, rng)[0]
+
+
+# ------------------------------------------------------------------------------------------- reading prompts back
+_NUMBER = {"a": 1, "an": 1, "one": 1, "1": 1, "two": 2, "2": 2, "a couple of": 2, "a pair of": 2, "three": 3,
+           "3": 3}
+_SIZE_WORDS = ("small", "little", "tiny", "large", "big", "huge")
+
+
+def _group_pattern():
+    import re
+
+    nouns = sorted({world.shape_noun(s, n) for s in world.SHAPES for n in (1, 2)}, key=len, reverse=True)
+    counts = sorted(_NUMBER, key=len, reverse=True)
+    return re.compile(r"(?:\b(?P<count>" + "|".join(re.escape(c) for c in counts) + r"|some)\s+)?"
+                      r"(?:(?:" + "|".join(_SIZE_WORDS) + r")\s+)?"
+                      r"\b(?P<colour>" + "|".join(world.COLOURS) + r")\s+(?P<noun>" + "|".join(nouns) + r")\b")
+
+
+def stated_groups(text: str) -> list[tuple[str, str, int | None]]:
+    """(colour, shape, count or None) of every object group a world prompt or caption names, in order: the
+    phrases `[count] [size] colour shape` ("two small red circles", "a couple of blue squares", "white crosses")."""
+    singular = {world.shape_noun(s, 2): s for s in world.SHAPES} | {s: s for s in world.SHAPES}
+    out = []
+    for m in _group_pattern().finditer(text.lower()):
+        count = m.group("count")
+        out.append((m.group("colour"), singular[m.group("noun")], _NUMBER.get(count) if count else None))
+    return out
+
+
+def contradictions(expanded: str, short_record: world.Scene) -> list[str]:
+    """What `expanded` changes of what the short prompt stated (its partial record): for each stated group,
+    "colour shape" when no group of that colour and shape is named, "count" when it is named with another
+    count, and "background" when the stated background is not named. Empty when the expansion keeps them all."""
+    groups = stated_groups(expanded)
+    problems = []
+    for group in short_record.groups:
+        same = [count for colour, shape, count in groups if colour == group.colour and shape == group.shape]
+        if not same:
+            problems.append(f"{group.colour} {group.shape}")
+        elif group.count is not None and all(c is not None and c != group.count for c in same):
+            problems.append(f"count of {group.colour} {group.shape}")
+    if short_record.background is not None and short_record.background not in expanded.lower():
+        problems.append("background")
+    return problems
