@@ -48,12 +48,21 @@ def stack_layers(specs: Sequence[WeightSpec]) -> WeightSpec:
     keys = tuple(k for s in specs for k in s.keys)
     sizes = [len(s.keys) for s in specs]
 
-    def transform(arrays: list[np.ndarray]) -> np.ndarray:
-        out, i = [], 0
-        for spec, n in zip(specs, sizes):
-            out.append(spec.transform(arrays[i:i + n]))
+    def transform(arrays) -> np.ndarray:
+        # Filled layer by layer (not np.stack of a list): with lazily read sources only one layer's tensors are
+        # in host memory beside the stacked result.
+        out, i = None, 0
+        for j, (spec, n) in enumerate(zip(specs, sizes)):
+            layer = np.asarray(spec.transform(arrays[i:i + n]))
             i += n
-        return np.stack(out, axis=0)
+            if out is None:
+                out = np.empty((len(specs),) + layer.shape, layer.dtype)
+            elif layer.shape != out.shape[1:]:
+                raise WeightKeyError(f"{specs[j].keys[0]} gives shape {layer.shape} but layer 0 gave "
+                                     f"{out.shape[1:]}; the layers of one stacked leaf must agree")
+            out[j] = layer
+            del layer
+        return out
 
     return WeightSpec(keys, transform)
 
@@ -127,7 +136,7 @@ def assemble_params(
     flat_out: dict[tuple[str, ...], Any] = {}
     shape_errors: list[str] = []
     for path, spec in plan.items():
-        array = spec.transform([np.asarray(store[k]) for k in spec.keys])
+        array = spec.transform(_LazySources(store, spec.keys, source))
         want = tuple(expected[path].shape)
         if tuple(array.shape) != want:
             shape_errors.append(f"{'/'.join(path)} (from {spec.keys[0]}{'...' if len(spec.keys) > 1 else ''}): "
@@ -137,20 +146,40 @@ def assemble_params(
         # Cast straight to the target dtype (no fp32 detour: a stacked 8B leaf would double host memory).
         if _is_float(array.dtype):
             array = array.astype(jnp.dtype(leaf_dtype), copy=False)
-            bad = _first_non_finite(array)
-            if bad is not None:
-                first, count = bad
-                stacked = len(spec.keys) > 1 and array.ndim > 1 and array.shape[0] == len(spec.keys)
-                key = spec.keys[first // (array.size // array.shape[0])] if stacked else \
-                    spec.keys[0] + (" ..." if len(spec.keys) > 1 else "")
-                raise WeightKeyError(f"cannot load {source}: tensor {key} holds {count} NaN/Inf value(s); the "
-                                     "data section of the file is corrupt: re-download or re-convert it")
         sharding = target_shardings.get(path)
-        flat_out[path] = jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+        flat_out[path] = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
     if shape_errors:
         raise WeightKeyError(f"cannot load {source}: {len(shape_errors)} shape mismatch(es):\n  - "
                              + "\n  - ".join(shape_errors[:30]) + _CONFIG_HINT)
     return flax.traverse_util.unflatten_dict(flat_out)
+
+
+class _LazySources:
+    """The source tensors of one leaf as a sequence that reads each tensor from the store when indexed (checked
+    for NaN/Inf as it is read); slices are lazy too, so a stacked leaf holds one layer's sources at a time."""
+
+    def __init__(self, store, keys: Sequence[str], source: str):
+        self.store, self.keys, self.source = store, tuple(keys), source
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _LazySources(self.store, self.keys[index], self.source)
+        index = range(len(self.keys))[index]
+        if index not in self._cache:
+            array = np.asarray(self.store[self.keys[index]])
+            bad = _first_non_finite(array) if _is_float(array.dtype) else None
+            if bad is not None:
+                raise WeightKeyError(f"cannot load {self.source}: tensor {self.keys[index]} holds {bad[1]} NaN/Inf "
+                                     "value(s); the data section of the file is corrupt: re-download or re-convert it")
+            self._cache[index] = array
+        return self._cache[index]
 
 
 _CONFIG_HINT = ("\n(the component's config.json describes a different model than its tensors: use the config.json "
@@ -164,7 +193,7 @@ def _is_float(dtype) -> bool:
 def _first_non_finite(array: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int] | None:
     """(flat index of the first NaN/Inf, how many) of a float array, or None; checked in chunks so a large leaf
     never needs a second full-size buffer."""
-    flat = array.reshape(-1)
+    flat = np.ravel(array)           # a view: store arrays are contiguous
     count, first = 0, None
     for start in range(0, flat.size, chunk):
         part = flat[start:start + chunk]

@@ -8,6 +8,7 @@ counted in the process's resident memory until the whole load ends; bench/load_m
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from typing import Iterator
@@ -186,10 +187,13 @@ class SafetensorsReader:
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
-        raw = np.empty(end - start, np.uint8)
+        # An anonymous mapping per tensor (not malloc): freed tensors go straight back to the OS instead of
+        # fragmenting the heap, so resident memory tracks what the loader still holds.
+        size = end - start
+        raw = np.frombuffer(mmap.mmap(-1, size), np.uint8) if size else np.empty(0, np.uint8)
         with open(file, "rb") as f:
             f.seek(offset + start)
-            if f.readinto(memoryview(raw)) != end - start:
+            if size and f.readinto(memoryview(raw)) != size:
                 raise WeightFileError(f"{file}: tensor {key!r} could not be read in full; the file changed or was "
                                       f"truncated while loading: {_REDOWNLOAD}")
         return raw.view(dtype).reshape(info["shape"])
