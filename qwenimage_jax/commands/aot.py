@@ -57,6 +57,20 @@ def run(args):
     print(report.summary(), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"config": args.config, "overrides": list(args.config_overrides), **report.as_dict()}, f,
-                      indent=1)
+            json.dump({"command": _command_line(args), "config": args.config,
+                       "overrides": list(args.config_overrides), **report.as_dict()}, f, indent=1)
     return 0 if report.fits else 1
+
+
+def _command_line(args) -> str:
+    """The command that reproduces this report (without --json/--save)."""
+    parts = ["qwenimage-jax aot", "--config", args.config, "--topology", args.topology]
+    for flag, value in (("--program", args.program), ("--resolution", args.resolution), ("--batch", args.batch),
+                        ("--prompt-tokens", args.prompt_tokens)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.steps != 40:
+        parts += ["--steps", str(args.steps)]
+    if args.cfg != 1.0:
+        parts += ["--cfg", str(args.cfg)]
+    return " ".join(parts + list(args.config_overrides))
