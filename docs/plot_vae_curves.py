@@ -77,12 +77,12 @@ def draw_panel(draw, font, box, title, curves, baseline=None):
             draw.line([xy(s, v) for s, v in pts], fill=colour, width=2)
 
 
-def plot(runs: list[tuple[str, str]], out: str, window: int = 10) -> str:
+def plot(runs: list[tuple[str, str]], out: str, window: int = 10, panels=PANELS) -> str:
     data = [(name, read_metrics(path)) for name, path in runs]
     font = ImageFont.load_default()
-    image = Image.new("RGB", (PANEL_W * len(PANELS), PANEL_H + 22 * len(runs)), (255, 255, 255))
+    image = Image.new("RGB", (PANEL_W * len(panels), PANEL_H + 22 * len(runs)), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    for p, (key, title) in enumerate(PANELS):
+    for p, (key, title) in enumerate(panels):
         curves = []
         for r, (_, series) in enumerate(data):
             pts = sorted(series.get(key, []))
@@ -92,7 +92,7 @@ def plot(runs: list[tuple[str, str]], out: str, window: int = 10) -> str:
         baseline = None
         if key == "eval/ema_psnr":
             base = [v for _, series in data for _, v in series.get("eval/bicubic_baseline_psnr", [])]
-            baseline = base[0] if base else None
+            baseline = base[0] if base and abs(base[0]) < float("inf") else None
         draw_panel(draw, font, (p * PANEL_W, 0), title, curves, baseline)
     for r, (name, _) in enumerate(data):
         y = PANEL_H + 4 + 22 * r
@@ -108,14 +108,18 @@ def main(argv=None) -> int:
     parser.add_argument("--run", action="append", required=True, help="NAME=WORKDIR (repeatable)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--smooth", type=int, default=10, help="moving-average window of the train curves")
+    parser.add_argument("--panel", action="append", default=None,
+                        help="KEY=TITLE of a metrics.jsonl series to draw instead of the default panels (repeatable), "
+                             "e.g. train/salient_l1='object-pixel L1'")
     args = parser.parse_args(argv)
+    panels = PANELS if not args.panel else tuple(tuple(p.partition("=")[::2]) for p in args.panel)
     runs = []
     for spec in args.run:
         name, sep, path = spec.partition("=")
         if not sep or not os.path.exists(os.path.join(path, "metrics.jsonl")):
             parser.error(f"--run {spec!r}: expected NAME=WORKDIR with WORKDIR/metrics.jsonl")
         runs.append((name, path))
-    print(plot(runs, args.out, args.smooth))
+    print(plot(runs, args.out, args.smooth, panels))
     return 0
 
 

@@ -545,6 +545,9 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
             train, held = entry["teacher_40_train"]["generated"], entry["teacher_40_heldout"]["generated"]
             lines.append(f"| {arm} | {vae.get('heldout_psnr', '-')} dB | {vae.get('heldout_judge_on_reconstructions', '-')} "
                          f"| {train['overall']:.3f} | {held['overall']:.3f} | {held['all_correct']:.3f} |")
+    if figures and figures.get("summary"):
+        lines += ["", f"## Steps (judge accuracy on {figures.get('num_prompts')} prompts "
+                  "per split; every sampler from the same noise)", "", figures["summary"]]
     if figures:
         lines += ["", "## Figures (judge accuracy, `overall` = mean over all attribute checks)", ""]
         lines += [f"    {line}" for line in figures.get("table", "").splitlines()]
@@ -566,7 +569,8 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
     distilled = os.path.isdir(os.path.join(out, "teacher", "transformer"))
     teacher = QwenImagePipeline.from_pretrained(
         out, transformer_subfolder="teacher/transformer" if distilled else "transformer")
-    runs = [("teacher", teacher, 40, 4.0), ("teacher", teacher, 4, 4.0)]
+    # the step table: the teacher (Euler, CFG 4) at 40 (the reference and the expansion run), 8, 4, 2 and 1 steps
+    runs = [("teacher", teacher, steps, 4.0) for steps in (40, 8, 4, 2, 1)]
     if distilled:
         runs.append(("student", QwenImagePipeline.from_pretrained(out), 4, 1.0))
     figures, tables = {}, []
@@ -590,7 +594,16 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
         with open(path, "w") as f:
             json.dump(figures, f, indent=1)
     _record(workdir, "figures", time.time() - t0, num_prompts=num_prompts)
-    write_readme(workdir, out, {"table": "\n\n".join(tables)})
+    summary = ["| sampler | train overall | train all_correct | held-out overall | held-out all_correct | "
+               "held-out sliced-W2 to teacher-40 |", "|---|---|---|---|---|---|"]
+    for name, _, steps, cfg in runs:
+        train, held = figures[f"train_{name}_{steps}"], figures[f"heldout_{name}_{steps}"]
+        w2 = held.get("sliced_w2_to_teacher_40")
+        summary.append(f"| {name}, {steps} steps{', CFG 4' if cfg > 1 else ''} | {train['generated']['overall']:.3f} | "
+                       f"{train['generated']['all_correct']:.3f} | {held['generated']['overall']:.3f} | "
+                       f"{held['generated']['all_correct']:.3f} | {'-' if w2 is None else f'{w2:.4f}'} |")
+    write_readme(workdir, out, {"table": "\n\n".join(tables), "summary": "\n".join(summary),
+                                "num_prompts": num_prompts})
     return figures
 
 

@@ -139,6 +139,12 @@ def evaluate(pipe, model_dir: str, split: str, num: int, steps: int, size: int =
         result["expanded"] = judge_images(generate(pipe, expanded, steps, size, cfg, seed, batch_size),
                                           short_records)
         result["expansion_examples"] = list(zip(shorts[:3], expanded[:3]))
+        # how often the expander changes what the short prompt stated (a colour/shape, a count, the background)
+        from qwenimage_jax.data import prompts as world_prompts_text
+
+        changed = [world_prompts_text.contradictions(e, r) for e, r in zip(expanded, short_records)]
+        result["expansion_contradiction_rate"] = float(np.mean([bool(c) for c in changed]))
+        result["expansion_contradictions"] = [c for c in changed if c][:5]
     return result
 
 
@@ -175,6 +181,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{k:<14}" + cells)
     for short, long in result.get("expansion_examples", []):
         lines.append(f"expansion: {short!r} -> {long!r}")
+    if "expansion_contradiction_rate" in result:
+        lines.append(f"expansions that change a stated colour/shape, count or background: "
+                     f"{result['expansion_contradiction_rate']:.3f}")
     return "\n".join(lines)
 
 
