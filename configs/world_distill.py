@@ -28,14 +28,14 @@ def get_config(arg=None):
     c.seed = 0
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.batch_size = 8
-    c.steps = 300
+    c.steps = 30
     c.student = dict(num_steps=4, sample_sigmas=None, backward_sim="euler")
     c.dmd.real_cfg_scale = 4.0
     c.fake.updates = 2
     c.fake.optimizer.learning_rate = 2e-4
     c.optimizer.learning_rate = 1e-4
     c.ema_decay = 0.9
-    c.regression = dict(weight=1.0, teacher_steps=20, cfg_scale=4.0)
+    c.regression = dict(weight=1.0, teacher_steps=10, cfg_scale=4.0)
     c.data.max_text_tokens = 64
     c.checkpoint = dict(every=50, keep=1, async_save=False)
     c.export = dict(enabled=True, dtype="float32", components={}, link=False)

@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.batch_size = 32
     c.grad_accum = 1
-    c.steps = 1200
+    c.steps = 1031  # session 3 stopped here for time (preempted); the schedule below decays over 1200
     # world_assets' dit stage exports the run at this step too: the alignment ablation compares both VAE arms'
     # DiTs at this budget (the shipped arm's run then continues to `steps`)
     c.ablation_steps = 500
@@ -46,7 +46,7 @@ def get_config(arg=None):
     # (median sigma ~0.95 after the shift): the background is decided in the first sampling steps, from the prompt
     # alone, and phase 1 left the prompt nearly unused there (loss 1.105 vs 1.122 with shuffled prompts at sigma
     # 0.995; background at chance, 0.28, in 40-step samples). Set steps=0 to skip.
-    c.high_noise_finetune = dict(steps=200, flow_mean=2.5, learning_rate=3e-4)
+    c.high_noise_finetune = dict(steps=100, flow_mean=2.5, learning_rate=3e-4)
     c.data = dict(path="", max_text_tokens=64, seed=0, bucket_weights={})
     c.checkpoint = dict(every=500, keep=1, async_save=False)
     c.log_every = 100
@@ -55,7 +55,8 @@ def get_config(arg=None):
     c.progress = True
     if arg == "smoke":  # CI: the recipe's stages end to end in seconds (64 px world, a 1-layer DiT)
         c.num_scenes, c.image_size = 32, 64
-        c.model.update(num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=[4, 6, 6])
+        c.model.update(num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=[4, 6, 6],
+                       context_in_dim=32)  # the smoke text encoder's width (configs/world_text_lm.py "smoke")
         c.batch_size, c.steps, c.ablation_steps = 4, 2, 1
         c.optimizer.learning_rate.update(warmup_steps=1, decay_steps=2)
         c.high_noise_finetune = dict(steps=1, flow_mean=2.5, learning_rate=3e-4)
