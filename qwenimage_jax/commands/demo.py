@@ -106,6 +106,7 @@ def run_text_to_image(args):
         raise SystemExit(f"qwenimage-jax demo: {model!r} is not a model directory (no model_index.json); the tiny "
                          "world model is built by `python -m qwenimage_jax.world_assets`")
     pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder=args.transformer)
+    distilled = pipe.sample_sigmas is not None  # (sampling_defaults clears it for another step count)
     args.steps, args.cfg = eval_t2i.sampling_defaults(pipe, args.steps, args.cfg)
     size = eval_t2i.model_size(model)
     n_held = args.num_prompts // 2
@@ -127,7 +128,7 @@ def run_text_to_image(args):
     t_gen = time.time() - t1
     teacher_images = None
     teacher_dir = Path(model, "teacher", "transformer")
-    if pipe.sample_sigmas is not None and args.transformer == "transformer" and teacher_dir.is_dir() \
+    if distilled and args.transformer == "transformer" and teacher_dir.is_dir() \
             and not args.no_teacher:
         teacher = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer")
         t2 = time.time()
