@@ -66,7 +66,7 @@ def test_loop_is_one_program_with_the_prefix_computed_once(pipe):
     latents = jnp.zeros((1, n, 8), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, x, t, s, ts: pipe._denoise(p, x, None, t, None, None, None, s, ts,
                                                                 jnp.int32(4), jnp.float32(1), spec=spec))(
-        pipe.transformer.params, latents, text, jnp.zeros((16,)), jnp.zeros((16,)))
+        pipe.transformer.variables, latents, text, jnp.zeros((16,)), jnp.zeros((16,)))
     loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
     assert len(loops) == 1
     body = str(loops[0].params["body_jaxpr"])

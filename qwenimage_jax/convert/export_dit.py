@@ -135,7 +135,7 @@ def torch_state(params: Mapping, config, dtype=None) -> Iterable[tuple[str, np.n
 # safetensors writing
 
 
-def _write_safetensors(file: str, tensors: list[tuple[str, np.ndarray]]) -> None:
+def _write_safetensors(file: str, tensors: list[tuple[str, np.ndarray]], metadata: dict | None = None) -> None:
     header, offset = {}, 0
     for key, array in tensors:
         if array.dtype not in _ST_DTYPES:
@@ -143,7 +143,7 @@ def _write_safetensors(file: str, tensors: list[tuple[str, np.ndarray]]) -> None
         header[key] = {"dtype": _ST_DTYPES[array.dtype], "shape": list(array.shape),
                        "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
-    header["__metadata__"] = {"format": "pt"}
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     with open(file, "wb") as f:

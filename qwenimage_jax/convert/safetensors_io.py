@@ -101,6 +101,18 @@ def _read_header(file: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def read_metadata(file: str) -> dict[str, str]:
+    """The `__metadata__` string map of one safetensors file ({} when absent); the header is validated first."""
+    _read_header(file)
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise WeightFileError(f"{file}: the safetensors __metadata__ is not a JSON object; the file is corrupt: "
+                              + _REDOWNLOAD)
+    return meta
+
+
 def find_weight_files(path: str) -> list[str]:
     """All safetensors files of a component directory (sharded index honoured), or [path] for a file."""
     if os.path.isfile(path):

@@ -108,6 +108,7 @@ class DiTConfig:
     attention: str = "xla"            # one of attention.BACKENDS
     remat: str = "none"               # one of REMAT_POLICIES
     splash_interpret: bool = False    # run the splash kernel in Pallas interpret mode (CPU tests)
+    lora_dropout: float = 0.0         # dropout on a LoRA branch's input, only when a "dropout" rng is given
 
     def __post_init__(self):
         if self.attention not in BACKENDS:
@@ -321,12 +322,16 @@ class Dense(nn.Module):
     """Bias-free linear with named kernel axes; `features` may be a tuple (e.g. (heads, head_dim)).
 
     Kernel shape: x.shape[-contract:] + features (flax layout; torch `(out, in)` is transposed at import).
+    LoRA: when the `lora` collection holds `a` (x.shape[-contract:] + (r,)), `b` ((r,) + features) and `scale`
+    ((r,)) for this layer, the output gains `((x @ a) * scale) @ b`. Several adapters sit side by side on the rank
+    axis, each column scaled by its adapter's weight x alpha / r, so changing a weight changes values, not shapes.
     """
     features: int | tuple[int, ...]
     names: tuple[str, ...]
     contract: int = 1          # how many trailing input axes are contracted
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -336,8 +341,17 @@ class Dense(nn.Module):
                                                 out_axis=tuple(range(n_in, n_in + len(feats))))
         kernel = self.param("kernel", _kernel(self.names, init), tuple(x.shape[-n_in:]) + feats, self.param_dtype)
         x_axes = tuple(range(x.ndim - n_in, x.ndim))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                   ((x_axes, tuple(range(n_in))), ((), ())))
+        x = x.astype(self.dtype)
+        out = jax.lax.dot_general(x, kernel.astype(self.dtype), ((x_axes, tuple(range(n_in))), ((), ())))
+        if self.has_variable("lora", "a"):
+            lora_in = x
+            if self.lora_dropout > 0 and self.has_rng("dropout"):
+                lora_in = nn.Dropout(self.lora_dropout, deterministic=False)(x)
+            a, b, scale = (self.get_variable("lora", k) for k in ("a", "b", "scale"))
+            low = jax.lax.dot_general(lora_in, a.astype(self.dtype), ((x_axes, tuple(range(n_in))), ((), ())))
+            low = low * scale.astype(self.dtype)
+            out = out + jax.lax.dot_general(low, b.astype(self.dtype), (((low.ndim - 1,), (0,)), ((), ())))
+        return out
 
 
 def layer_norm(x, eps: float):
@@ -410,7 +424,7 @@ class Attention(nn.Module):
         cfg = self.config
         heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         proj = functools.partial(Dense, (heads, head_dim), ("embed", "heads", "head_dim"), dtype=cfg.dtype,
-                                 param_dtype=cfg.param_dtype)
+                                 param_dtype=cfg.param_dtype, lora_dropout=cfg.lora_dropout)
         query, key, value = proj(name="to_q")(x), proj(name="to_k")(x), proj(name="to_v")(x)
         norm = functools.partial(RMSNorm, head_dim, cfg.eps, ("head_dim",), param_dtype=cfg.param_dtype)
         query = apply_rope(norm(name="norm_q")(query).astype(cfg.dtype), cos, sin)
@@ -438,7 +452,7 @@ class Attention(nn.Module):
                 out = jnp.concatenate([out_prefix, out_target], axis=1)
         out = _constrain(out.astype(cfg.dtype), _ACT_HEADS)
         out = Dense(cfg.inner_dim, ("heads", "head_dim", "embed"), contract=2, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, name="to_out")(out)
+                    param_dtype=cfg.param_dtype, lora_dropout=cfg.lora_dropout, name="to_out")(out)
         return out, new_cache
 
 
@@ -449,10 +463,12 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        up = functools.partial(Dense, cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        up = functools.partial(Dense, cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                               lora_dropout=cfg.lora_dropout)
         hidden = nn.silu(up(name="gate_layer")(x)) * up(name="proj")(x)
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return Dense(cfg.inner_dim, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out")(hidden)
+        return Dense(cfg.inner_dim, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     lora_dropout=cfg.lora_dropout, name="out")(hidden)
 
 
 class Block(nn.Module):
@@ -518,7 +534,7 @@ class DiT(nn.Module):
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.input_features:
             raise ValueError(f"hidden_states must be (batch, tokens, {cfg.input_features}), got {hidden_states.shape}")
 
-        dense = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        dense = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora_dropout=cfg.lora_dropout)
         latents = dense(cfg.inner_dim, ("in_features", "embed"), name="img_in")(hidden_states.astype(cfg.dtype))
 
         # Modulation: one shared projection; with causal_condition an extra t=0 row for prefix tokens.
@@ -566,7 +582,8 @@ class DiT(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        # "lora" (optional adapter factors) is stacked on the layers axis like the params; dropout differs per layer.
+        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         layer_caches = (kv_cache["k"], kv_cache["v"]) if mode == "cached" else None
@@ -594,10 +611,10 @@ class _TextProjection(nn.Module):
         text = RMSNorm(cfg.context_in_dim, cfg.eps, ("norm",), zero_centred=True, param_dtype=cfg.param_dtype,
                        name="text_norm")(text)
         text = Dense(cfg.inner_dim, ("in_features", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     name="in_layer")(text)
+                     lora_dropout=cfg.lora_dropout, name="in_layer")(text)
         text = jax.nn.gelu(text, approximate=True)
         return Dense(cfg.inner_dim, ("embed", "out_features"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     name="out_layer")(text)
+                     lora_dropout=cfg.lora_dropout, name="out_layer")(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -661,11 +678,17 @@ class Transformer:
         self.config = dict(config)
         self.dit_config = module.config
         self.mesh = mesh
+        self.lora = None  # optional "lora" collection (see `Dense`); set by the pipeline's LoRA methods
         self._apply = jax.jit(self._forward, static_argnames=("img_shapes", "img_mask", "kv_cache_mode"))
 
-    def _forward(self, params, hidden_states, encoder_hidden_states, timestep, encoder_hidden_states_mask,
+    @property
+    def variables(self) -> dict:
+        """What `module.apply` takes: the params, plus the unfused LoRA factors when adapters are loaded."""
+        return {"params": self.params} if self.lora is None else {"params": self.params, "lora": self.lora}
+
+    def _forward(self, variables, hidden_states, encoder_hidden_states, timestep, encoder_hidden_states_mask,
                  kv_cache, *, img_shapes, img_mask, kv_cache_mode):
-        return self.module.apply({"params": params}, hidden_states, encoder_hidden_states, timestep, img_shapes,
+        return self.module.apply(variables, hidden_states, encoder_hidden_states, timestep, img_shapes,
                                  img_mask, encoder_hidden_states_mask=encoder_hidden_states_mask,
                                  kv_cache_mode=kv_cache_mode, kv_cache=kv_cache)
 
@@ -678,10 +701,10 @@ class Transformer:
         if self.mesh is not None:
             check_parallelism(self.dit_config, self.mesh, args[0].shape[0])
             with jax.set_mesh(self.mesh):
-                result = self._apply(self.params, *args, kv_cache, img_shapes=shapes, img_mask=mask,
+                result = self._apply(self.variables, *args, kv_cache, img_shapes=shapes, img_mask=mask,
                                      kv_cache_mode=kv_cache_mode)
         else:
-            result = self._apply(self.params, *args, kv_cache, img_shapes=shapes, img_mask=mask,
+            result = self._apply(self.variables, *args, kv_cache, img_shapes=shapes, img_mask=mask,
                                  kv_cache_mode=kv_cache_mode)
         sample, prefix_kv = result if kv_cache_mode == "extract" else (result, None)
         if not return_dict:

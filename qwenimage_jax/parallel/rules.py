@@ -26,6 +26,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("lora_rank", None),      # LoRA factors: the rank axis is tiny, the other axis follows its base kernel
     ("norm", None),
     ("conv_height", None),
     ("conv_width", None),

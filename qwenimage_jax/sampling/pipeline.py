@@ -43,6 +43,7 @@ from qwenimage_jax.sampling import checks
 from qwenimage_jax.sampling import images as image_utils
 from qwenimage_jax.sampling import latents as latent_utils
 from qwenimage_jax.sampling import scheduler as sched
+from qwenimage_jax.sampling.lora import LoraMixin
 
 IMG_TOKENS_PER_SLOT = 4
 SIGMA_BUCKET = 16
@@ -110,7 +111,7 @@ def _normalize_mask(mask, batch: int, length: int):
     return jnp.asarray(mask.astype(np.int32))
 
 
-class QwenImagePipeline:
+class QwenImagePipeline(LoraMixin):
     """Loaded Qwen-Image-2 components + the jitted sampler. Build with `from_pretrained` or from components.
 
     transformer: `models.dit.Transformer`; vae: `models.vae.VAE`; text_encoder: `models.qwen3_vl.TextEncoder` or
@@ -233,7 +234,7 @@ class QwenImagePipeline:
             image_pad_mask
 
     # ------------------------------------------------------------------------------------- jitted programs
-    def _denoise(self, params, latents, image_latents, text, text_mask, neg_text, neg_mask, sigmas, timesteps,
+    def _denoise(self, variables, latents, image_latents, text, text_mask, neg_text, neg_mask, sigmas, timesteps,
                  num_steps, guidance, *, spec: SamplerSpec):
         """latents (B, N, C) noise -> (B, N, C) after `num_steps` Euler steps.
 
@@ -247,7 +248,7 @@ class QwenImagePipeline:
         dtype = latents.dtype
 
         def dit(hidden, enc, enc_mask, t, img_mask, mode, cache=None):
-            return module.apply({"params": params}, hidden, enc, t, spec.img_shapes, img_mask,
+            return module.apply(variables, hidden, enc, t, spec.img_shapes, img_mask,
                                 encoder_hidden_states_mask=enc_mask, kv_cache_mode=mode, kv_cache=cache)
 
         def with_condition(x):
@@ -485,7 +486,7 @@ class QwenImagePipeline:
         self._progress.bar = bar
         try:
             with self._mesh_context():
-                out = self._denoise_jit(self.transformer.params, *args, jnp.asarray(sigma_pad),
+                out = self._denoise_jit(self.transformer.variables, *args, jnp.asarray(sigma_pad),
                                         jnp.asarray(time_pad), jnp.asarray(steps, jnp.int32),
                                         jnp.asarray(true_cfg_scale, jnp.float32), spec=spec)
                 out = jax.block_until_ready(out)

@@ -348,7 +348,7 @@ def build_sample(config, mesh, resolution: int = 1024, steps: int = 40, cfg_scal
     bs = NamedSharding(mesh, P(("data", "fsdp")))
     rep = NamedSharding(mesh, P())
     text = _abstract((batch, prompt_tokens, cfg.context_in_dim), dtype, bs)
-    args = (params, _abstract((batch, n_target, cfg.in_channels), dtype, bs), None, text, None,
+    args = ({"params": params}, _abstract((batch, n_target, cfg.in_channels), dtype, bs), None, text, None,
             text if do_cfg else None, None, _abstract((bucket,), jnp.float32, rep),
             _abstract((bucket,), jnp.float32, rep), _abstract((), jnp.int32, rep), _abstract((), jnp.float32, rep))
     branches = 2 if do_cfg else 1
