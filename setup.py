@@ -26,8 +26,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch must be the CPU build: the Makefile installs torch==2.13.0 first, so this range installs nothing more.
     "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<=2.14.1", "diffusers>=0.42.1", "nbclient>=0.10", "ipykernel",
-             "scikit-image>=0.22",
-             "peft>=0.17,<0.22"],  # LoRA parity: adapters made by peft, saved and applied by diffusers,
+             "scikit-image>=0.22", "peft>=0.17,<0.22"],  # peft: LoRA parity (adapters made by peft)
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     # `qwenimage-jax aot`: libtpu compiles for TPU topologies on a CPU host. Pinned to the jax of the test env

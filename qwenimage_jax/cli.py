@@ -20,6 +20,7 @@ COMMANDS = {
     "eval-vae": ("qwenimage_jax.commands.eval_vae", "VAE reconstruction metrics (PSNR/SSIM/LPIPS/rFD) vs bicubic"),
     "cache-latents": ("qwenimage_jax.commands.cache_latents", "encode images + captions into DiT training shards"),
     "train-dit": ("qwenimage_jax.commands.train_dit", "train the DiT with flow matching"),
+    "train-lora": ("qwenimage_jax.commands.train_lora", "train a LoRA adapter on a frozen DiT (diffusers format out)"),
     "distill": ("qwenimage_jax.commands.distill", "DMD step distillation of the DiT"),
     "eval-t2i": ("qwenimage_jax.commands.eval_t2i", "small-world GenEval: judge accuracy of generated images"),
     "aot": ("qwenimage_jax.commands.aot", "compile a step for a TPU topology here (v5p-512, v6e-256, v5e-4, ...): "

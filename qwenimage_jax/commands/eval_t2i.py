@@ -28,8 +28,11 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the model's sample_sigmas when it has them, else 40)")
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--split", default="heldout", choices=["heldout", "train"],
-                        help="heldout: compositions kept out of all training; train: seen compositions")
+    parser.add_argument("--split", default="heldout", choices=["heldout", "train", "novel"],
+                        help="heldout: compositions kept out of all training; train: seen compositions; novel: one "
+                             "pink object per scene (a colour only LoRA training on the novel split shows)")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter (directory or .safetensors) to load first")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--expand", action="store_true", help="also score short prompts with/without expansion")
     parser.add_argument("--cfg", type=float, default=None,
                         help="true CFG scale (negative prompt ' '); 1 = off (default: 1 for a distilled model with "
@@ -192,6 +195,8 @@ def run(args, out=None):
 
     out = out or sys.stdout
     pipe = QwenImagePipeline.from_pretrained(args.model, transformer_subfolder=args.transformer)
+    if args.lora:
+        pipe.load_lora_weights(args.lora, adapter_name="eval", scale=args.lora_scale)
     steps, cfg = sampling_defaults(pipe, args.steps, args.cfg)
     result = evaluate(pipe, args.model, args.split, args.num_prompts, steps, model_size(args.model), cfg,
                       args.seed, args.batch_size, args.expand)

@@ -272,17 +272,19 @@ def kernel_delta(f: Mapping, weight: float = 1.0) -> np.ndarray:
 
 
 def to_torch_state(factors: Mapping, config, prefix: str = "transformer.") -> dict[str, np.ndarray]:
-    """{dense path: {"a", "b", ...}} -> diffusers keys `<prefix><module>.lora_{A,B}.weight` (torch layout).
-    Layers whose factors are all zero (not targeted) are left out."""
+    """{dense path: {"a", "b", "scale"}} -> diffusers keys `<prefix><module>.lora_{A,B}.weight` (torch layout).
+    Layers the adapter does not touch (scale 0, or all-zero factors) are left out."""
     by_place = {(t.path, t.layer): m for m, t in lora_targets(config).items()}
     state = {}
     for path, f in factors.items():
         a, b = np.asarray(f["a"], np.float32), np.asarray(f["b"], np.float32)
         stacked = path[0] == "blocks"
         layers = range(a.shape[0]) if stacked else [None]
+        scale = np.asarray(f["scale"]) if "scale" in f else None
         for layer in layers:
             a_l, b_l = (a[layer], b[layer]) if stacked else (a, b)
-            if not a_l.any() and not b_l.any():
+            s_l = None if scale is None else (scale[layer] if stacked else scale)
+            if (not a_l.any() and not b_l.any()) or (s_l is not None and not s_l.any()):
                 continue
             rank = a_l.shape[-1]
             module = by_place[(tuple(path), layer)]

@@ -55,7 +55,11 @@ TEXTURES = ("plain", "stripes", "checker", "noise")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 SIZES = ("small", "large")
 WORDS = ("CAT", "DOG", "SUN", "BOX", "KEY", "FISH", "MOON", "TREE", "WAVE", "ZOO")
-SPLITS = ("train", "heldout", "all")
+SPLITS = ("train", "heldout", "all", "novel")
+# The "novel" split (the LoRA demonstration): one group of every scene is pink, a colour the world otherwise only
+# paints backgrounds with, so no model trained on the other splits has seen a pink object; backgrounds are never
+# pink there. The word "pink" is known to the text encoder (from backgrounds).
+NOVEL_OBJECT_COLOUR = "pink"
 
 MIN_WORD_IMAGE_SIZE = 128  # words are drawn only at image sizes >= this (they are not legible below)
 CENTRE_HALF_WIDTH = 0.2  # |dx|, |dy| < this (fractions of the image) is "centre"
@@ -332,6 +336,12 @@ def _sample_content(rng: np.random.Generator, split: str, word_prob: float) -> S
         free = [c for c in COLOURS if c not in used]
         word_colour = free[rng.integers(len(free))]
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    if split == "novel":
+        novel = int(rng.integers(num_groups))
+        groups = tuple(dataclasses.replace(g, colour=NOVEL_OBJECT_COLOUR, shape=SHAPES[rng.integers(len(SHAPES))])
+                       if i == novel else g for i, g in enumerate(groups))
+        others = [b for b in BACKGROUNDS if b != NOVEL_OBJECT_COLOUR]
+        background = others[rng.integers(len(others))]
     texture = SCENE_TEXTURES[rng.integers(len(SCENE_TEXTURES))]
     return Scene(groups=groups, word=word, word_colour=word_colour, background=background, texture=texture)
 
@@ -386,7 +396,7 @@ def render_scene(rng: np.random.Generator, scene: Scene, size: int):
     for group, group_centres in zip(scene.groups, centres):
         diameter = object_diameter(group.size, size)
         for cx, cy in group_centres:
-            _draw_object(draw, group.shape, cx, cy, diameter, OBJECT_COLOURS[group.colour])
+            _draw_object(draw, group.shape, cx, cy, diameter, PALETTE[group.colour])
     pixels = np.array(image)
     if scene.word is not None:
         mask = render_word_mask(scene.word, word_font_size(size))
@@ -399,7 +409,8 @@ def render_scene(rng: np.random.Generator, scene: Scene, size: int):
 def generate_scene(rng: np.random.Generator, size: int = 256, split: str = "train", word_prob: Optional[float] = None):
     """One random scene: (image uint8 (size, size, 3), rich caption, Scene record).
 
-    split: "train" (no held-out pair), "heldout" (at least one held-out pair) or "all".
+    split: "train" (no held-out pair), "heldout" (at least one held-out pair), "all", or "novel" (one group pink,
+    see NOVEL_OBJECT_COLOUR).
     word_prob: chance of a word; default 0 (the world models have no words; session 3). Words need sizes >= 128.
     """
     if size < 32:

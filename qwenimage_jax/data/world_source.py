@@ -22,7 +22,7 @@ from PIL import Image
 
 from qwenimage_jax.data import prompts, world
 
-_SPLIT_CODES = {"train": 0, "heldout": 1, "all": 2}
+_SPLIT_CODES = {"train": 0, "heldout": 1, "all": 2, "novel": 3}
 
 
 class WorldSource(grain.sources.RandomAccessDataSource):

@@ -80,7 +80,12 @@ def train_flops_per_example(cfg: DiTConfig, seq_len: int, text_len: int) -> floa
 # The step
 
 
-def make_loss_fn(module: DiT, config, layout, null_text):
+def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
+    """loss_fn(params, batch, key, *frozen) -> scalar flow-matching loss for one layout bucket.
+
+    variables_of(params, *frozen) -> the variables `module.apply` takes (default {"params": params}); the LoRA
+    trainer passes trainable factors as `params` and the frozen base weights as `frozen`."""
+    variables_of = variables_of or (lambda params: {"params": params})
     img_shapes, img_mask = layout
     n_target = img_shapes[-1][1] * img_shapes[-1][2]
     mu = fm.mu_for_tokens(n_target) if config.flow.shift == "tokens" else None
@@ -88,7 +93,7 @@ def make_loss_fn(module: DiT, config, layout, null_text):
     is_t2i = len(img_shapes) == 1 and not any(img_mask[:len(img_mask) - n_target // 4])
     dropout = float(config.cfg_dropout) if (is_t2i and null_text is not None) else 0.0
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, *frozen):
         x0 = batch["latents"]                                   # (B, h, w, C)
         bsz = x0.shape[0]
         k_sigma, k_noise, k_drop = jax.random.split(key, 3)
@@ -107,9 +112,9 @@ def make_loss_fn(module: DiT, config, layout, null_text):
             drop = jax.random.bernoulli(k_drop, dropout, (bsz,))
             text = jnp.where(drop[:, None, None], null_embeds[None], text)
             text_mask = jnp.where(drop[:, None], null_mask[None], text_mask)
-        pred = module.apply({"params": params}, hidden.astype(module.config.dtype),
+        pred = module.apply(variables_of(params, *frozen), hidden.astype(module.config.dtype),
                             text.astype(module.config.dtype), sigmas, img_shapes, img_mask,
-                            encoder_hidden_states_mask=text_mask)
+                            encoder_hidden_states_mask=text_mask, rngs={"dropout": jax.random.fold_in(key, 1)})
         return fm.flow_matching_loss(pred[:, -n_target:], target)
 
     return loss_fn
