@@ -12,6 +12,10 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.base = ""                      # diffusers or Orbax transformer/ directory (frozen)
+    # the base's shape, read by `aot` only (training reads it from config.base): configs/dit_train_tiny.py's
+    c.model = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+                   num_attention_heads=4, context_in_dim=32, mlp_ratio=3, axes_dims_rope=[4, 6, 6], eps=1e-6,
+                   causal_condition=True)
     c.base_dtype = "float32"         # storage of the frozen base: "bfloat16" halves its memory
     c.compute_dtype = "float32"
     c.remat = "none"

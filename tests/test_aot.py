@@ -92,6 +92,27 @@ def test_tiny_sampler_compiles_with_rule_argument_bytes(v5p_4):
     assert "4 steps" in report.description and "CFG on" in report.description
 
 
+def test_tiny_lora_step_compiles_with_a_frozen_sharded_bf16_base(v5p_4):
+    """train-lora: the base is an argument in bf16 sharded like the DiT trainer's params; the TrainState holds
+    only the rank-4 factors (a's input axis split like the base kernel's) and their moments."""
+    target, devices = v5p_4
+    config = load_config("configs/lora_tiny.py", TINY_SPLASH + ["--config.base_dtype=bfloat16"])
+    program = aot.build(config, devices, resolution=128)
+    assert program.kind == "train-lora"
+    with jax.default_matmul_precision("default"):
+        report = aot.compile_program(program, target)
+    assert report.fits and report.argument_bytes == report.layout_argument_bytes
+    state, base = program.args[0], program.args[1]
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype("bfloat16")}
+    q = base["blocks"]["attn"]["to_q"]["kernel"]
+    assert q.sharding.shard_shape(q.shape)[1] == q.shape[1] // 4
+    a = state.params["blocks"]["attn"]["to_q"]["a"]
+    assert a.shape[-1] == 4 and a.sharding.shard_shape(a.shape)[1] == a.shape[1] // 4
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state) if hasattr(x, "size")) <= 2 * n_train + 8
+    assert "trainable" in report.description
+
+
 def test_oversized_program_does_not_fit_with_a_clear_message(tmp_path):
     # through the pod launcher's dry run, which runs `aot` for the slice before touching any pod.
     # 2048² = 16384 image tokens with the einsum attention: (B, heads, S, S) fp32 logits per chip >> 15.75 GiB

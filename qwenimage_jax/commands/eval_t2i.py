@@ -29,8 +29,8 @@ def add_arguments(parser):
                         help="sampling steps (default: the model's sample_sigmas when it has them, else 40)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--split", default="heldout", choices=["heldout", "train", "novel"],
-                        help="heldout: compositions kept out of all training; train: seen compositions; novel: one "
-                             "pink object per scene (a colour only LoRA training on the novel split shows)")
+                        help="heldout: compositions kept out of all training; train: seen compositions; novel: purple "
+                             "backgrounds, which only the LoRA demonstration (configs/world_lora.py) trains on")
     parser.add_argument("--lora", default=None, help="a LoRA adapter (directory or .safetensors) to load first")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--expand", action="store_true", help="also score short prompts with/without expansion")

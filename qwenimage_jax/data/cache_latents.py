@@ -3,7 +3,8 @@ written as ArrayRecord shards (`data/latent_records.py`). Multi-host: every host
 `i % process_count == process_index` into its own shards; host 0 merges the metadata at the end.
 
 Sources: the small world (`world:N[:split[:size]]`), or an image folder with `captions.jsonl` lines
-`{"file": "x.png", "caption": "..."}` (`folder:DIR`).
+`{"file": "x.png", "caption": "..."}` (`folder:DIR`); `A+B` concatenates sources (e.g. new-concept scenes plus
+replayed training scenes for a LoRA).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ PROMPT_LENGTH_BUCKET = 64  # tokens
 
 def iter_source(spec: str) -> Iterator[tuple[np.ndarray, str]]:
     """Yields (uint8 HWC RGB image, caption) pairs."""
+    if "+" in spec:
+        for part in spec.split("+"):
+            yield from iter_source(part)
+        return
     kind, _, rest = spec.partition(":")
     if kind == "world":
         from qwenimage_jax.data.world_source import WorldSource

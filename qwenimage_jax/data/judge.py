@@ -158,7 +158,8 @@ def judge(image: np.ndarray, record: world.Scene) -> dict[str, float]:
     """Per-attribute accuracy of `image` (uint8 (h, w, 3), square) against `record`.
 
     Returns {attribute: score in [0, 1]} for each checked attribute (group attributes averaged over groups),
-    "overall" (mean over all individual checks) and "all_correct" (1.0 iff every check passed).
+    "overall" (mean over all individual checks) and "all_correct" (1.0 iff every check passed); for a record on
+    `world.NOVEL_BACKGROUND`, also "novel_background" (its background score, counted in the novel split only).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] < 3 or image.shape[0] != image.shape[1]:
@@ -190,6 +191,8 @@ def judge(image: np.ndarray, record: world.Scene) -> dict[str, float]:
     every = [v for values in checks.values() for v in values]
     result["overall"] = float(np.mean(every)) if every else 0.0
     result["all_correct"] = float(bool(every) and all(v == 1.0 for v in every))
+    if record.background == world.NOVEL_BACKGROUND:  # the "novel" split's purple background, what a LoRA teaches
+        result["novel_background"] = result["background"]
     return result
 
 

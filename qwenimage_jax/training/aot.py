@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 
 GIB = 1024 ** 3
-PROGRAMS = ("train-dit", "distill", "train-vae", "sample", "encode-prompt")
+PROGRAMS = ("train-dit", "train-lora", "distill", "train-vae", "sample", "encode-prompt")
 
 
 @dataclasses.dataclass
@@ -256,6 +256,57 @@ def build_train_dit(config, mesh, resolution: int = 1024) -> Program:
                    f"text tokens), global batch {config.batch_size}, attention {cfg.attention}, remat {cfg.remat}",
                    step, args, {}, mesh, flops, "analytic 3 x forward, remat recompute not counted",
                    argument_bytes(args), _train_hints(config))
+
+
+def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
+    """The `train-lora` step at `resolution`²: the frozen base (config.model shape, stored in config.base_dtype,
+    sharded by the rules) is an argument, the TrainState holds only the factors and their AdamW moments."""
+    from qwenimage_jax.convert.params import unbox_abstract
+    from qwenimage_jax.models.dit import DiT, DiTConfig, abstract_params, param_shardings
+    from qwenimage_jax.training import dit as dit_train
+    from qwenimage_jax.training import lora as lora_train
+    from qwenimage_jax.training.state import make_optimizer, state_shardings
+
+    runtime = lora_train.base_config(config)
+    cfg = DiTConfig.from_diffusers(dict(config.model), param_dtype=jnp.dtype(config.get("base_dtype", "float32")),
+                                   **runtime)
+    batch, example = _dit_batch(config, mesh, resolution, cfg)
+    layout = dit_train.batch_layout(example)
+    length = int(config.data.max_text_tokens)
+    null_text = None
+    if float(config.get("cfg_dropout", 0.0)) > 0:
+        null_text = (np.zeros((length, cfg.context_in_dim), np.float32), np.arange(length) < 8)
+    rank, alpha = int(config.lora.rank), float(config.lora.get("alpha", config.lora.rank))
+    replicated = NamedSharding(mesh, P())
+    with _mesh_context(mesh):
+        targets = lora_train.lora_layout(cfg, list(config.lora.target_modules), rank)
+        tx, lr = make_optimizer(config.optimizer)
+        abstract, shardings = state_shardings(lambda k: lora_train.init_factors(targets, rank, k), tx, mesh,
+                                              _key(None), use_ema=False)
+        base_shardings = param_shardings(cfg, mesh)
+        base = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, cfg.param_dtype, sharding=sh),
+                            unbox_abstract(abstract_params(cfg)), base_shardings)
+        scales = jax.tree.map(lambda x: _abstract(x.shape, jnp.float32, replicated),
+                              lora_train.column_scales(targets, rank, alpha))
+        step = lora_train.make_train_step(DiT(cfg), tx, lr, config, layout, null_text, shardings, base_shardings,
+                                          mesh)
+    n_target = (resolution // 16) ** 2
+    seq = n_target + length
+    # the frozen base still runs forward and backward through the activations; only its weight gradients are
+    # skipped (2 of the 3 forward-equivalents remain): 2 x forward is the honest count
+    flops = int(config.batch_size) * dit_train.train_flops_per_example(cfg, seq, length) * 2.0 / 3.0
+    args = (abstract, base, scales, batch, _key(replicated))
+    n_train, n_base = _count_params(abstract.params), _count_params(base)
+    return Program("train-lora", f"LoRA rank {rank} on {len(targets)} linears of a {_params(base)}-param DiT "
+                   f"({jnp.dtype(cfg.param_dtype).name} base, frozen): {n_train / 1e6:.1f}M trainable "
+                   f"({100 * n_train / n_base:.2f}% of the base), {resolution}², global batch {config.batch_size}, "
+                   f"attention {cfg.attention}, remat {cfg.remat}",
+                   step, args, {}, mesh, flops, "analytic 2 x forward (activation gradients, no base weight "
+                   "gradients), remat recompute not counted", argument_bytes(args), _train_hints(config))
+
+
+def _count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def build_distill(config, mesh, resolution: int = 1024) -> Program:
@@ -512,6 +563,8 @@ def program_kind(config) -> str:
     (model + optimizer), encode-prompt (text_config), sample (a DiT model shape without an optimizer)."""
     if "dmd" in config and "teacher" in config:
         return "distill"
+    if "lora" in config and "base" in config:
+        return "train-lora"
     if "vae" in config and "losses" in config:
         return "train-vae"
     if "text_config" in config:
@@ -539,6 +592,8 @@ def build(config, devices, kind: str | None = None, *, resolution: int | None = 
         return build_train_dit(config, mesh, resolution or 1024)
     if kind == "distill":
         return build_distill(config, mesh, resolution or 1024)
+    if kind == "train-lora":
+        return build_train_lora(config, mesh, resolution or 1024)
     if kind == "sample":
         return build_sample(config, mesh, resolution or 1024, steps, cfg_scale, batch, prompt_tokens or 128)
     return build_encode_prompt(config, mesh, batch, prompt_tokens)
