@@ -10,7 +10,7 @@ import torch
 
 from qwenimage_jax.models.qwen3_vl import load_text_encoder
 from qwenimage_jax.text.generate import sample_next
-from tests.fixtures_tokenizer import build_tiny_tokenizer, special_token_ids
+from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
 from tests.qwen3_vl_tiny import TEXT_CONFIGS, build_reference
 
 NAMES = sorted(TEXT_CONFIGS)
@@ -137,7 +137,7 @@ def test_expand_prompt_command_prints_the_generated_text(tmp_path, capsys):
     import argparse
 
     from qwenimage_jax.commands import expand_prompt
-    from tests.fixtures_tokenizer import build_tiny_tokenizer, special_token_ids
+    from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
     from tests.qwen3_vl_tiny import build_reference
 
     tok = build_tiny_tokenizer(str(tmp_path / "tokenizer"))
@@ -181,7 +181,7 @@ def test_greedy_with_images_equals_transformers_generate(tmp_path):
     from PIL import Image
 
     from qwenimage_jax.text.templates import build_prompt
-    from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision
+    from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision
 
     proc_dir = build_tiny_processor(str(tmp_path / "processor"), patch_size=4)
     model, path = build_reference(str(tmp_path), "untied_gqa3", special_token_ids(proc_dir), seed=7, noise=0.3)
