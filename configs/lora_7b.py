@@ -27,6 +27,7 @@ def get_config(arg=None):
                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
                                   "img_mlp.out"])
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 8
     c.steps = 2000
     c.optimizer = dict(learning_rate=dict(name="warmup_constant", peak_value=1e-4, warmup_steps=100),

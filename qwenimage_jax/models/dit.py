@@ -71,7 +71,6 @@ import numpy as np
 
 from qwenimage_jax.models.attention import BACKENDS, attention, block_causal_mask
 from qwenimage_jax.models.rope import apply_rope, rope_cos_sin, rope_position_ids
-from qwenimage_jax.parallel.rules import LOGICAL_RULES
 
 IMG_TOKENS_PER_SLOT = 4  # one VLM image slot = a 2x2 group of latent tokens
 TIME_EMBED_DIM = 256
@@ -311,7 +310,9 @@ def joint_layout(img_shapes: tuple, img_mask: tuple) -> JointLayout:
 
 
 def _constrain(x, names):
-    return nn.with_logical_constraint(x, names, rules=LOGICAL_RULES)
+    # the rules the caller installed (`nn.logical_axis_rules`: a trainer's preset, the pipeline's table); none
+    # installed (a plain single-device call) means no constraint
+    return nn.with_logical_constraint(x, names)
 
 
 def _kernel(names, init=nn.initializers.lecun_normal()):
@@ -700,7 +701,9 @@ class Transformer:
             args[2] = jnp.broadcast_to(args[2], (args[0].shape[0],))
         if self.mesh is not None:
             check_parallelism(self.dit_config, self.mesh, args[0].shape[0])
-            with jax.set_mesh(self.mesh):
+            from qwenimage_jax.parallel.rules import ambient_rules
+
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(ambient_rules()):
                 result = self._apply(self.variables, *args, kv_cache, img_shapes=shapes, img_mask=mask,
                                      kv_cache_mode=kv_cache_mode)
         else:

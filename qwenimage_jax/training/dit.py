@@ -29,7 +29,7 @@ from qwenimage_jax.data import latent_records
 from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs, check_parallelism, load_transformer
 from qwenimage_jax.parallel.distributed import maybe_initialize
 from qwenimage_jax.parallel.mesh import mesh_from_config
-from qwenimage_jax.parallel.rules import LOGICAL_RULES
+from qwenimage_jax.parallel.rules import rules_for
 from qwenimage_jax.training import flow_matching as fm
 from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
@@ -176,7 +176,7 @@ def abstract_train_state(config, mesh, key):
     """(abstract state (ShapeDtypeStructs with shardings), state_shardings, module, tx, lr_schedule) without
     allocating anything: what `aot` compiles the train step against. `key` may itself be abstract."""
     module, tx, lr_schedule, init_params, use_ema = _setup(config, mesh)
-    abstract, shardings = state_shardings(init_params, tx, mesh, key, use_ema=use_ema)
+    abstract, shardings = state_shardings(init_params, tx, mesh, key, use_ema=use_ema, rules=rules_for(config))
     return abstract, shardings, module, tx, lr_schedule
 
 
@@ -184,7 +184,7 @@ def init_state(config, mesh, key):
     """(state, state_shardings, module, tx, lr_schedule): fresh init straight into shardings, optionally
     overwritten by a diffusers/Orbax transformer checkpoint (`config.init_from`)."""
     module, tx, lr_schedule, init_params, use_ema = _setup(config, mesh)
-    state, shardings = sharded_init(init_params, tx, mesh, key, use_ema=use_ema)
+    state, shardings = sharded_init(init_params, tx, mesh, key, use_ema=use_ema, rules=rules_for(config))
     if config.get("init_from"):
         loaded = load_transformer(config.init_from, dtype=jnp.float32, shardings=shardings.params)
         params = loaded.params
@@ -234,7 +234,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     mesh, global_batch, n_proc, proc = start_run(config, workdir)
     key = jax.random.key(int(config.seed))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    rules = rules_for(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings, module, tx, lr_schedule = init_state(config, mesh, key)
     log.info("DiT with %.2fM parameters on mesh %s", param_count(state.params) / 1e6, dict(mesh.shape))
 
@@ -279,7 +280,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                 step_for=lambda layout: make_train_step(module, tx, lr_schedule, config, layout, null_text,
                                                         shardings, mesh),
                 layout_of=batch_layout, to_global=to_global, key=key, export=export, extra_scalars=extra_scalars)
-    result = run(task, config, workdir, mesh, LOGICAL_RULES, proc)
+    result = run(task, config, workdir, mesh, rules, proc)
     result.update(export_dir=export_dir, batch_checksums=batch_checksums, mesh=mesh)
     return result
 

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenimage_jax.convert import lora as lora_io
 from qwenimage_jax.data import latent_records
 from qwenimage_jax.models.dit import DiT, abstract_params, load_transformer
-from qwenimage_jax.parallel.rules import LOGICAL_RULES
+from qwenimage_jax.parallel.rules import logical_shardings, rules_for
 from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, make_loss_fn,
                                         start_run)
 from qwenimage_jax.training.guards import keep_finite
@@ -122,17 +122,31 @@ def base_config(config):
 def setup(config, mesh, key, base=None):
     """(state, state shardings, module, base params, scales, tx, lr_schedule, layout): the base restored into its
     shardings (or the given `base` Transformer), the factors initialised straight into theirs."""
+    rules = rules_for(config)
     if base is None:
-        base = load_transformer(config.base, dtype=jnp.dtype(config.get("compute_dtype", "float32")),
-                                param_dtype=jnp.dtype(config.get("base_dtype", "float32")), mesh=mesh,
-                                **{k: v for k, v in base_config(config).items() if k != "dtype"})
+        runtime = {k: v for k, v in base_config(config).items() if k != "dtype"}
+        dtype, param_dtype = (jnp.dtype(config.get(k, "float32")) for k in ("compute_dtype", "base_dtype"))
+        shardings = logical_shardings(abstract_params(_base_dit_config(config.base, dtype, param_dtype, runtime)),
+                                      mesh, rules)
+        base = load_transformer(config.base, dtype=dtype, param_dtype=param_dtype, shardings=shardings, **runtime)
     module = DiT(base.dit_config)
     rank, alpha = int(config.lora.rank), float(config.lora.get("alpha", config.lora.rank))
     layout = lora_layout(base.dit_config, list(config.lora.target_modules), rank)
     tx, lr_schedule = make_optimizer(config.optimizer)
-    state, shardings = sharded_init(lambda k: init_factors(layout, rank, k), tx, mesh, key, use_ema=False)
+    state, shardings = sharded_init(lambda k: init_factors(layout, rank, k), tx, mesh, key, use_ema=False,
+                                    rules=rules)
     scales = jax.tree.map(jnp.asarray, column_scales(layout, rank, alpha))
     return state, shardings, module, base.params, scales, tx, lr_schedule, layout
+
+
+def _base_dit_config(path: str, dtype, param_dtype, runtime):
+    """The DiTConfig of a transformer directory (diffusers or Orbax), read before its weights."""
+    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config
+    from qwenimage_jax.convert.safetensors_io import load_json_config
+    from qwenimage_jax.models.dit import DiTConfig
+
+    raw = load_component_config(path, "transformer") if is_orbax_component(path) else load_json_config(path)
+    return DiTConfig.from_diffusers(raw, dtype=dtype, param_dtype=param_dtype, **runtime)
 
 
 def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, state_shardings, base_shardings,
@@ -172,7 +186,8 @@ def train(config, workdir: str, base=None) -> dict[str, Any]:
 
     mesh, global_batch, n_proc, proc = start_run(config, workdir)
     key = jax.random.key(int(config.seed))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    rules = rules_for(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings, module, base_params, scales, tx, lr_schedule, layout = setup(config, mesh, key, base)
     n_train, n_base = trainable_fraction(state.params, base_params)
     log.info("LoRA rank %d on %d linears: %d trainable parameters (%.3f%% of the base's %d)",
@@ -200,7 +215,7 @@ def train(config, workdir: str, base=None) -> dict[str, Any]:
 
     task = Task("train-lora", state, abstract_state(state, shardings), latent_records.iterate(dataset), step_for,
                 batch_layout, lambda local: _global_batch(local, batch_sharding), key, export=export)
-    result = run(task, config, workdir, mesh, LOGICAL_RULES, proc)
+    result = run(task, config, workdir, mesh, rules, proc)
     result.update(export_dir=export_dir, trainable_params=n_train, base_params=n_base)
     return result
 
