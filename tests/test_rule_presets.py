@@ -11,6 +11,15 @@ def dataset(tmp_path_factory):
     return fx.write(tmp_path_factory.mktemp("presets_data"), n=32)
 
 
+def _walk(jaxpr):
+    """Every sharding_constraint equation of a jaxpr, nested ones (scan, remat, pjit) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _walk(sub)
+
+
 def _q_kernel(state):
     return state.params["blocks"]["attn"]["to_q"]["kernel"]
 
@@ -53,21 +62,48 @@ def test_dit_activation_constraints_follow_the_callers_rules():
 
     mesh = mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "sharding_constraint":
-                yield eqn
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                yield from walk(sub)
-
     def constraints(rules):
         import contextlib
 
         ctx = nn.logical_axis_rules(rules) if rules else contextlib.nullcontext()
         with jax.set_mesh(mesh), ctx:
             jaxpr = jax.make_jaxpr(lambda p: module.apply(p, *inputs))(params)
-        return [str(e.params["sharding"].spec) for e in walk(jaxpr.jaxpr)]
+        return [str(e.params["sharding"].spec) for e in _walk(jaxpr.jaxpr)]
 
     assert constraints(None) == []
     specs = constraints(RULE_PRESETS["tensor"])
     assert specs and any("data" in s and "fsdp" in s for s in specs), specs
+
+
+def test_context_axis_shards_the_joint_sequence_with_the_same_output():
+    """The `context` mesh axis is used: `activation_length` maps to it, so on a mesh with context=2 the joint
+    text+image sequence is split in two along its length (sequence parallelism for large images; XLA gathers
+    keys/values for attention). The output equals the unsharded forward."""
+    import numpy as np
+
+    from qwenimage_jax.models.dit import init_transformer
+    from qwenimage_jax.parallel.mesh import mesh_from_config
+    from tests.conftest import max_rel_err
+
+    config = dict(in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                  context_in_dim=16, axes_dims_rope=[4, 6, 6])
+    mesh = mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1, "context": 2})
+    sharded = init_transformer(config, jax.random.key(0), mesh=mesh)
+    single = init_transformer(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(1, 64, 8)).astype(np.float32)
+    text = rng.normal(size=(1, 8, 16)).astype(np.float32)
+    shapes, mask = ((1, 8, 8),), (False,) * 8 + (True,) * 16
+    args = (hidden, text, np.array([0.6], np.float32), shapes, mask)
+    out = sharded(*args).sample
+    ref = single(*args).sample
+    assert max_rel_err(np.asarray(out), np.asarray(ref)) <= 1e-5
+    import flax.linen as nn
+
+    from qwenimage_jax.parallel.rules import LOGICAL_RULES
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        jaxpr = jax.make_jaxpr(lambda v: sharded.module.apply(v, *[jax.numpy.asarray(a) for a in args[:3]],
+                                                               shapes, mask))(sharded.variables)
+    specs = [str(e.params["sharding"].spec) for e in _walk(jaxpr.jaxpr)]
+    assert any("context" in spec for spec in specs), specs

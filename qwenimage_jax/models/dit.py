@@ -30,7 +30,7 @@ The Linen module, for use inside jit (training, the sampling loop):
       None       -> (B, S, C_out)              the whole joint sequence, like the reference; target = [:, -N_tgt:]
       "extract"  -> ((B, S, C_out), prefix_kv)
       "cached"   -> (B, N_tgt, C_out)          target tokens only, like the reference
-    prefix_kv = {"k": (layers, B, P, heads, head_dim), "v": same, "key_valid": (B, P) bool}: post-RoPE K/V of the
+    prefix_kv = PrefixKV(k=(layers, B, P, heads, head_dim), v=same, key_valid=(B, P) bool): post-RoPE K/V of the
       P prefix (text + condition image) tokens. It is a plain pytree: carry it through `jax.lax.fori_loop`.
     img_shapes / img_mask fix every shape, so they must be concrete Python/numpy values at trace time: close over
     them or pass them through `static_argnames` as tuples (`layout_key(img_shapes, img_mask)` normalises them).
@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenimage_jax.models.attention import BACKENDS, attention, block_causal_mask
+from qwenimage_jax.models.kv_cache import PrefixKV
 from qwenimage_jax.models.rope import apply_rope, rope_cos_sin, rope_position_ids
 
 IMG_TOKENS_PER_SLOT = 4  # one VLM image slot = a 2x2 group of latent tokens
@@ -598,7 +599,7 @@ class DiT(nn.Module):
         if mode == "extract":
             prefix_valid = (jnp.ones((batch, layout.prefix_len), bool) if key_valid is None
                             else key_valid[:, :layout.prefix_len])
-            return out, {"k": new_caches[0], "v": new_caches[1], "key_valid": prefix_valid}
+            return out, PrefixKV(new_caches[0], new_caches[1], prefix_valid).constrained()
         return out
 
 
