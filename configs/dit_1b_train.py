@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.model.update(num_layers=18, num_attention_heads=16)
     c.attention = "cudnn"
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 32
     c.peak_flops_per_device = 989e12
     assert isinstance(c, ml_collections.ConfigDict)

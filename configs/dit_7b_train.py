@@ -22,6 +22,7 @@ def get_config(arg=None):
     c.remat = "full"
     c.attention = "splash"             # TPU; "cudnn" on GPU, "xla" anywhere
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 256
     c.grad_accum = 1
     c.steps = 250_000

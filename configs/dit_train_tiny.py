@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.remat = "none"
     c.attention = "xla"
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 8
     c.grad_accum = 1
     c.steps = 500

@@ -22,6 +22,7 @@ def get_config(arg=None):
     c.attention = "xla"
     c.lora = dict(rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"], dropout=0.0)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 8
     c.steps = 40
     c.optimizer = dict(learning_rate=dict(name="warmup_constant", peak_value=1e-3, warmup_steps=5),

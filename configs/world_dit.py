@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.remat = "none"
     c.attention = "xla"
     c.mesh = dict(data=1, fsdp=1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 32
     c.grad_accum = 1
     c.steps = 1031  # session 3 stopped here for time (preempted); the schedule below decays over 1200

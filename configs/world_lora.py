@@ -29,6 +29,7 @@ def get_config(arg=None):
                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
                                   "img_mlp.out", "txt_in.in_layer", "txt_in.out_layer"])
     c.mesh = dict(data=1, fsdp=1, tensor=1)
+    c.sharding_rules = "fsdp"        # parallel/rules.py presets: fsdp | replicated | tensor
     c.batch_size = 32
     c.steps = 300
     c.optimizer = dict(learning_rate=dict(name="warmup_cosine", peak_value=1e-3, warmup_steps=30, decay_steps=300,

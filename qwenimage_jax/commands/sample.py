@@ -22,6 +22,11 @@ import time
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="diffusers-format Qwen-Image-2 directory")
+    parser.add_argument("--transformer", default="transformer",
+                        help="transformer subfolder of --model (e.g. teacher/transformer in the shipped tiny_world)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="LoRA adapter (diffusers/peft/kohya directory or .safetensors) with an optional weight; "
+                             "repeat to combine several")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat the flag for a batch of prompts")
     parser.add_argument("--image", nargs="+", default=None, help="condition image(s) for editing (up to 10)")
@@ -117,7 +122,15 @@ def run(args):
     mesh = _mesh(args.mesh, settings)
     runtime = {} if settings.get("attention", "xla") == "xla" else {"attention": settings["attention"]}
     start = time.perf_counter()
-    pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, **runtime)
+    pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, transformer_subfolder=args.transformer,
+                                             **runtime)
+    if args.lora:
+        names, weights = [], []
+        for i, spec in enumerate(args.lora):
+            path, _, weight = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "1")
+            names.append(pipe.load_lora_weights(path, adapter_name=f"lora_{i}"))
+            weights.append(float(weight or 1.0))
+        pipe.set_adapters(names, weights)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f}s on {jax.device_count()} device(s)")
     condition = [Image.open(p) for p in args.image] if args.image else None
     if condition is not None:

@@ -30,7 +30,7 @@ The Linen module, for use inside jit (training, the sampling loop):
       None       -> (B, S, C_out)              the whole joint sequence, like the reference; target = [:, -N_tgt:]
       "extract"  -> ((B, S, C_out), prefix_kv)
       "cached"   -> (B, N_tgt, C_out)          target tokens only, like the reference
-    prefix_kv = {"k": (layers, B, P, heads, head_dim), "v": same, "key_valid": (B, P) bool}: post-RoPE K/V of the
+    prefix_kv = PrefixKV(k=(layers, B, P, heads, head_dim), v=same, key_valid=(B, P) bool): post-RoPE K/V of the
       P prefix (text + condition image) tokens. It is a plain pytree: carry it through `jax.lax.fori_loop`.
     img_shapes / img_mask fix every shape, so they must be concrete Python/numpy values at trace time: close over
     them or pass them through `static_argnames` as tuples (`layout_key(img_shapes, img_mask)` normalises them).
@@ -70,8 +70,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenimage_jax.models.attention import BACKENDS, attention, block_causal_mask
+from qwenimage_jax.models.kv_cache import PrefixKV
 from qwenimage_jax.models.rope import apply_rope, rope_cos_sin, rope_position_ids
-from qwenimage_jax.parallel.rules import LOGICAL_RULES
 
 IMG_TOKENS_PER_SLOT = 4  # one VLM image slot = a 2x2 group of latent tokens
 TIME_EMBED_DIM = 256
@@ -311,7 +311,9 @@ def joint_layout(img_shapes: tuple, img_mask: tuple) -> JointLayout:
 
 
 def _constrain(x, names):
-    return nn.with_logical_constraint(x, names, rules=LOGICAL_RULES)
+    # the rules the caller installed (`nn.logical_axis_rules`: a trainer's preset, the pipeline's table); none
+    # installed (a plain single-device call) means no constraint
+    return nn.with_logical_constraint(x, names)
 
 
 def _kernel(names, init=nn.initializers.lecun_normal()):
@@ -597,7 +599,7 @@ class DiT(nn.Module):
         if mode == "extract":
             prefix_valid = (jnp.ones((batch, layout.prefix_len), bool) if key_valid is None
                             else key_valid[:, :layout.prefix_len])
-            return out, {"k": new_caches[0], "v": new_caches[1], "key_valid": prefix_valid}
+            return out, PrefixKV(new_caches[0], new_caches[1], prefix_valid).constrained()
         return out
 
 
@@ -700,7 +702,9 @@ class Transformer:
             args[2] = jnp.broadcast_to(args[2], (args[0].shape[0],))
         if self.mesh is not None:
             check_parallelism(self.dit_config, self.mesh, args[0].shape[0])
-            with jax.set_mesh(self.mesh):
+            from qwenimage_jax.parallel.rules import ambient_rules
+
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(ambient_rules()):
                 result = self._apply(self.variables, *args, kv_cache, img_shapes=shapes, img_mask=mask,
                                      kv_cache_mode=kv_cache_mode)
         else:

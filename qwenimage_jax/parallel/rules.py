@@ -50,6 +50,42 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Named presets a config selects with `sharding_rules` (default "fsdp"): the same logical names, other placements.
+_PARAM_NAMES = ("embed", "mlp", "heads", "kv_heads", "vocab", "conv_out", "modulation")
+
+
+def _override(rules, **changes):
+    return tuple((name, changes.get(name, axes)) for name, axes in rules)
+
+
+RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
+    # ZeRO-3 style: weights split over fsdp (embed) and tensor (heads, mlp, vocab); batch over data x fsdp;
+    # sequence over context
+    "fsdp": LOGICAL_RULES,
+    # pure data parallelism: every weight replicated (small models, where fsdp's all-gathers cost more than
+    # the memory they save); the batch still splits over data x fsdp
+    "replicated": _override(LOGICAL_RULES, **{name: None for name in _PARAM_NAMES}),
+    # tensor parallel only: weights split over heads / mlp, never over fsdp, so sampling does no per-step weight
+    # all-gather (GPU inference on a few devices)
+    "tensor": _override(LOGICAL_RULES, embed=None),
+}
+
+
+def rules_for(config) -> tuple[tuple[str, Any], ...]:
+    """The rules table a config asks for (`sharding_rules`, default "fsdp")."""
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    name = get("sharding_rules", None) or "fsdp"
+    if name not in RULE_PRESETS:
+        raise ValueError(f"sharding_rules={name!r} is not a preset; choose one of {sorted(RULE_PRESETS)}")
+    return RULE_PRESETS[name]
+
+
+def ambient_rules() -> tuple[tuple[str, Any], ...]:
+    """The rules a caller installed with `nn.logical_axis_rules(...)`, else the default table: models constrain
+    their activations with these, so a preset chosen by the caller also places the activations."""
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
+
+
 def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: Sequence = LOGICAL_RULES) -> Any:
     """NamedShardings for a (possibly `nn.Partitioned`-boxed) abstract tree, e.g. from `jax.eval_shape(init)`."""
     specs = nn.get_partition_spec(abstract_tree)

@@ -71,12 +71,38 @@ def stage_eval(model: str, adapter: str, num_prompts: int = 64, steps: int = 40,
     return figures
 
 
+def figure(model: str, adapter: str, out_png: str, num: int = 6, steps: int = 40, cfg: float = 4.0) -> str:
+    """Rows: the prompt's rendering, the teacher, the teacher with the adapter (same noise), for `num` fresh
+    novel-split prompts (eval seed 1000)."""
+    import numpy as np
+    from PIL import Image
+
+    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer")
+    pipe.load_lora_weights(adapter, adapter_name="purple")
+    size = eval_t2i.model_size(model)
+    items = eval_t2i.world_prompts("novel", num, size)
+    prompts = [r["caption"] for r in items]
+    rows = [np.concatenate([r["image"] for r in items], axis=1)]
+    for weight in (0.0, 1.0):
+        pipe.set_adapters("purple", adapter_weights=weight)
+        rows.append(np.concatenate(list(eval_t2i.generate(pipe, prompts, steps, size, cfg, 0, num)), axis=1))
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out_png)
+    with open(os.path.splitext(out_png)[0] + ".txt", "w") as f:
+        f.write("rows: rendering | teacher | teacher + LoRA; prompts:\n" + "\n".join(prompts) + "\n")
+    return out_png
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--model", default=None, help="the world model (default: the shipped tiny_world)")
     parser.add_argument("--out", default=None, help="copy the adapter and figures into this model directory")
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--figure", default=None, help="also write the before/after picture here (PNG)")
     args, overrides = parser.parse_known_args(argv)
     from qwenimage_jax.commands.demo import TINY_WORLD_DIR
 
@@ -88,6 +114,8 @@ def main(argv=None) -> int:
     run = stage_train(args.workdir, model, latents, [o for o in overrides if o.startswith("--config.")])
     figures = {"train": run, "cache_seconds": cache_seconds,
                "splits": stage_eval(model, run["export_dir"], args.num_prompts)}
+    if args.figure:
+        figure(model, run["export_dir"], args.figure)
     with open(os.path.join(args.workdir, "lora_figures.json"), "w") as f:
         json.dump(figures, f, indent=1)
     if args.out:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 from typing import Any, Sequence
@@ -333,7 +332,16 @@ class QwenImagePipeline(LoraMixin):
     def _mesh_context(self):
         import contextlib
 
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        import flax.linen as nn
+
+        from qwenimage_jax.parallel.rules import ambient_rules
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(ambient_rules()))  # the DiT constrains its activations by these
+        return stack
 
     def decode_latents(self, latents, height: int, width: int) -> np.ndarray:
         """Packed latents (B, N, C) -> (B, H, W, C_out) float32 numpy in [0, 1] (one jitted, batched VAE decode)."""

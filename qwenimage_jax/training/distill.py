@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import flax
@@ -48,11 +47,10 @@ from qwenimage_jax.models.dit import (DiT, DiTConfig, _dummy_inputs, check_paral
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import dmd
-from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout, start_run
-from qwenimage_jax.training.metrics_writer import MetricsWriter
-from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
-                                          param_count, state_shardings)
+from qwenimage_jax.training.guards import keep_finite
+from qwenimage_jax.training.loop import Task, run
+from qwenimage_jax.training.state import TrainState, apply_gradients, make_optimizer, param_count, state_shardings
 
 log = logging.getLogger("qwenimage_jax.training.distill")
 
@@ -324,9 +322,14 @@ def _make_distill_step(config_json: str, layout, mesh):
         (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(
             state.student.params, fake.params, tparams, batch, null_text, k_student)
         student = apply_gradients(state.student, grads, tx_s, float(config.ema_decay))
-        metrics.update(aux, loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr_s(state.student.step),
+        grad_norm = optax.global_norm(grads)
+        metrics.update(aux, loss=loss, grad_norm=grad_norm, learning_rate=lr_s(state.student.step),
                        fake_learning_rate=lr_f(state.fake.step))
-        return DistillState(step=state.step + 1, student=student, fake=fake), metrics
+        new_state = DistillState(step=state.step + 1, student=student, fake=fake)
+        # a NaN/Inf in the student's or the fake score's loss leaves both as they were (training/guards.py)
+        checked = loss + metrics.get("fake_loss", 0.0) + metrics.get("fake_grad_norm", 0.0)
+        new_state, metrics["finite"] = keep_finite(state, new_state, checked, grad_norm)
+        return new_state, metrics
 
     shardings, _, teacher_shardings = _shardings_cached(config_json, mesh)
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
@@ -372,54 +375,25 @@ def distill(config, workdir: str) -> dict[str, Any]:
     data_iter = latent_records.iterate(dataset)
     null_text = null_text_for(config)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.keep),
-                        save_interval_steps=int(config.checkpoint.every),
-                        async_save=bool(config.checkpoint.get("async_save", True)))
-    if ckpt.latest_step() is not None:
-        state, start_step = ckpt.restore(abstract, data_iter)
-        log.info("resumed distillation from step %d", start_step)
-    else:
-        state, start_step = init_from_teacher(config, mesh, teacher_params), 0
     log.info("DMD: student/fake/teacher of %.2fM parameters each on mesh %s; %d fake updates per student update",
-             param_count(state.student.params) / 1e6, dict(mesh.shape), int(config.fake.updates))
+             param_count(teacher_params) / 1e6, dict(mesh.shape), int(config.fake.updates))
 
-    writer = MetricsWriter(workdir, console_every=int(config.log_every))
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    losses: dict[int, float] = {}
-    all_metrics: dict[int, dict] = {}
-    total_steps = int(config.steps)
-    step = start_step
-    progress = _progress(start_step, total_steps, proc == 0 and config.get("progress", True))
-    with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        while step < total_steps:
-            local = next(data_iter)
-            layout = batch_layout(local)
-            step_fn = make_distill_step(config, layout, mesh)
-            batch = _global_batch(local, batch_sharding)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, teacher_params, batch, null_text, key)
-            step += 1
-            if step % int(config.log_every) == 0 or step == total_steps:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                scalars["step_time_s"] = time.perf_counter() - t0
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"distillation loss became {scalars['loss']} at step {step}; lower "
-                                             "the learning rates or check the teacher and the cached data")
-                losses[step] = scalars["loss"]
-                all_metrics[step] = scalars
-                writer.write_scalars(step, scalars)
-                progress.set_postfix(dmd=f"{scalars['dmd_loss']:.3g}", fake=f"{scalars.get('fake_loss', 0):.3g}")
-            progress.update(1)
-            if ckpt.save_or_stop(step, state, data_iter, guard.requested):
-                break
-        ckpt.finish(step, state, data_iter)     # inside the guard: a second SIGTERM cannot cut the save short
-    writer.close()
-    progress.close()
-    export_dir = None
-    if step >= total_steps and config.export.get("enabled", True) and proc == 0:
-        export_dir = export_student(config, state, os.path.join(workdir, "export"))
-    return {"losses": losses, "metrics": all_metrics, "final_step": step, "state": state,
-            "teacher_params": teacher_params, "export_dir": export_dir, "mesh": mesh}
+    export_dir = os.path.join(workdir, "export")
+
+    def step_for(layout):
+        step_fn = make_distill_step(config, layout, mesh)
+        # the DMD step folds its own step counter into one fixed key (as the shipped student was trained)
+        return lambda s, batch, _: step_fn(s, teacher_params, batch, null_text, key)
+
+    # the initial state is built (from the teacher) only when there is no checkpoint to resume from
+    task = Task("distill", lambda: init_from_teacher(config, mesh, teacher_params), abstract, data_iter, step_for,
+                batch_layout, lambda local: _global_batch(local, batch_sharding), key,
+                export=lambda s: export_student(config, s, export_dir) if proc == 0 else None,
+                postfix=lambda m: {"dmd": f"{m['dmd_loss']:.3g}", "fake": f"{m.get('fake_loss', 0):.3g}"})
+    result = run(task, config, workdir, mesh, LOGICAL_RULES, proc)
+    result.update(teacher_params=teacher_params, mesh=mesh)
+    return result
 
 
 def export_student(config, state: DistillState, dst: str) -> str:
@@ -438,9 +412,3 @@ def export_student(config, state: DistillState, dst: str) -> str:
                        link=bool(config.export.get("link", False)))
     log.info("student exported to %s (sample_sigmas %s)", dst, student_sample_sigmas(config))
     return dst
-
-
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, disable=not enabled, desc="distill", dynamic_ncols=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -30,11 +29,9 @@ from qwenimage_jax.data import latent_records
 from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs, check_parallelism, load_transformer
 from qwenimage_jax.parallel.distributed import maybe_initialize
 from qwenimage_jax.parallel.mesh import mesh_from_config
-from qwenimage_jax.parallel.rules import LOGICAL_RULES
+from qwenimage_jax.parallel.rules import rules_for
 from qwenimage_jax.training import flow_matching as fm
-from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
-from qwenimage_jax.training.guards import NonFiniteMonitor, keep_finite
-from qwenimage_jax.training.metrics_writer import MetricsWriter
+from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
                                           param_count, sharded_init, state_shardings)
 
@@ -179,7 +176,7 @@ def abstract_train_state(config, mesh, key):
     """(abstract state (ShapeDtypeStructs with shardings), state_shardings, module, tx, lr_schedule) without
     allocating anything: what `aot` compiles the train step against. `key` may itself be abstract."""
     module, tx, lr_schedule, init_params, use_ema = _setup(config, mesh)
-    abstract, shardings = state_shardings(init_params, tx, mesh, key, use_ema=use_ema)
+    abstract, shardings = state_shardings(init_params, tx, mesh, key, use_ema=use_ema, rules=rules_for(config))
     return abstract, shardings, module, tx, lr_schedule
 
 
@@ -187,7 +184,7 @@ def init_state(config, mesh, key):
     """(state, state_shardings, module, tx, lr_schedule): fresh init straight into shardings, optionally
     overwritten by a diffusers/Orbax transformer checkpoint (`config.init_from`)."""
     module, tx, lr_schedule, init_params, use_ema = _setup(config, mesh)
-    state, shardings = sharded_init(init_params, tx, mesh, key, use_ema=use_ema)
+    state, shardings = sharded_init(init_params, tx, mesh, key, use_ema=use_ema, rules=rules_for(config))
     if config.get("init_from"):
         loaded = load_transformer(config.init_from, dtype=jnp.float32, shardings=shardings.params)
         params = loaded.params
@@ -232,10 +229,13 @@ def start_run(config, workdir: str, devices=None) -> tuple[Any, int, int, int]:
 
 def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) training in `workdir`; returns {"losses": {step: loss}, "final_step": int, ...}."""
+    from qwenimage_jax.training.loop import Task, run
+
     mesh, global_batch, n_proc, proc = start_run(config, workdir)
     key = jax.random.key(int(config.seed))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    rules = rules_for(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings, module, tx, lr_schedule = init_state(config, mesh, key)
     log.info("DiT with %.2fM parameters on mesh %s", param_count(state.params) / 1e6, dict(mesh.shape))
 
@@ -243,77 +243,46 @@ def train(config, workdir: str) -> dict[str, Any]:
         config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
         seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
         process_index=proc, process_count=n_proc)
-    data_iter = latent_records.iterate(dataset)
     null_text = _null_text(config.data.path, int(config.data.max_text_tokens))
-
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.keep),
-                        save_interval_steps=int(config.checkpoint.every),
-                        async_save=bool(config.checkpoint.get("async_save", True)))
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        state, start_step = ckpt.restore(abstract_state(state, shardings), data_iter)
-        log.info("resumed from step %d", start_step)
-
-    writer = MetricsWriter(workdir, console_every=int(config.log_every))
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    steps_cache: dict[Any, Any] = {}
-    losses: dict[int, float] = {}
-    peak = float(config.get("peak_flops_per_device", 0.0))
-    total_steps = int(config.steps)
-    step = start_step
-    progress = _progress(start_step, total_steps, proc == 0 and config.get("progress", True))
     batch_checksums = []
-    monitor = NonFiniteMonitor(config.get("on_nonfinite", "stop"), ckpt)
-    # the guard stays installed through the final save: a second SIGTERM must not kill it half-written
-    with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        while step < total_steps:
-            local = next(data_iter)
-            layout = batch_layout(local)
-            if layout not in steps_cache:
-                steps_cache[layout] = make_train_step(module, tx, lr_schedule, config, layout, null_text,
-                                                      shardings, mesh)
-            batch = _global_batch(local, batch_sharding)
-            if config.get("record_batch_checksums", False):  # multi-host tests: global vs this host's data
-                batch_checksums.append((float(jnp.sum(batch["latents"])), float(np.sum(local["latents"]))))
-            t0 = time.perf_counter()
-            state, metrics = steps_cache[layout](state, batch, jax.random.fold_in(key, step))
-            step += 1
-            finite = monitor.check(step, step - 1, metrics)   # one batch per step: batch index = step - 1
-            if finite and (step % int(config.log_every) == 0 or step == total_steps):
-                metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                n_tokens = sum(h * w for _, h, w in layout[0]) + int(config.data.max_text_tokens)
-                scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
-                scalars.update(step_time_s=dt, tokens_per_s=global_batch * n_tokens / dt)
-                if peak > 0:
-                    flops = train_flops_per_example(module.config, n_tokens, int(config.data.max_text_tokens))
-                    scalars["mfu"] = global_batch * flops / dt / (peak * jax.device_count())
-                losses[step] = scalars["loss"]
-                writer.write_scalars(step, scalars)
-                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-            progress.update(1)
-            if ckpt.save_or_stop(step, state, data_iter, guard.requested):
-                break
-        ckpt.finish(step, state, data_iter)
+    peak = float(config.get("peak_flops_per_device", 0.0))
+    text_tokens = int(config.data.max_text_tokens)
+
+    def to_global(local):
+        batch = _global_batch(local, batch_sharding)
+        if config.get("record_batch_checksums", False):  # multi-host tests: global vs this host's data
+            batch_checksums.append((float(jnp.sum(batch["latents"])), float(np.sum(local["latents"]))))
+        return batch
+
+    def extra_scalars(layout, scalars):
+        n_tokens = sum(h * w for _, h, w in layout[0]) + text_tokens
+        out = {"tokens_per_s": global_batch * n_tokens / scalars["step_time_s"]}
+        if peak > 0:
+            flops = train_flops_per_example(module.config, n_tokens, text_tokens)
+            out["mfu"] = global_batch * flops / scalars["step_time_s"] / (peak * jax.device_count())
+        return out
+
     export_dir = os.path.join(workdir, "export", "transformer")
-    if config.get("export", True) and step >= total_steps and n_proc == 1 and not os.path.exists(export_dir):
+
+    def export(final_state):
+        if n_proc != 1 or os.path.exists(export_dir):
+            return None
         # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
         # --config.teacher=` read. Multi-host runs export from a checkpoint restored on one host instead.
         from qwenimage_jax.convert.export_dit import export_transformer
 
-        export_transformer(export_params(state), module.config, export_dir)
-        log.info("exported the %s weights to %s", "EMA" if state.ema_params is not None else "raw", export_dir)
-    writer.close()
-    progress.close()
-    return {"losses": losses, "final_step": step, "export_dir": export_dir, "state": state,
-            "batch_checksums": batch_checksums, "skipped_steps": monitor.skipped,
-            "mesh": mesh}
+        export_transformer(export_params(final_state), module.config, export_dir)
+        log.info("exported the %s weights to %s", "EMA" if final_state.ema_params is not None else "raw", export_dir)
+        return export_dir
 
-
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train-dit", dynamic_ncols=True)
+    task = Task("train-dit", state, abstract_state(state, shardings), latent_records.iterate(dataset),
+                step_for=lambda layout: make_train_step(module, tx, lr_schedule, config, layout, null_text,
+                                                        shardings, mesh),
+                layout_of=batch_layout, to_global=to_global, key=key, export=export, extra_scalars=extra_scalars)
+    result = run(task, config, workdir, mesh, rules, proc)
+    result.update(export_dir=export_dir, batch_checksums=batch_checksums, mesh=mesh)
+    return result
 
 
 def export_params(state: TrainState, use_ema: bool = True):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import flax
@@ -29,12 +28,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenimage_jax.convert import lora as lora_io
 from qwenimage_jax.data import latent_records
 from qwenimage_jax.models.dit import DiT, abstract_params, load_transformer
-from qwenimage_jax.parallel.rules import LOGICAL_RULES
-from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
+from qwenimage_jax.parallel.rules import logical_shardings, rules_for
 from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, make_loss_fn,
                                         start_run)
-from qwenimage_jax.training.guards import NonFiniteMonitor, keep_finite
-from qwenimage_jax.training.metrics_writer import MetricsWriter
+from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.state import TrainState, abstract_state, apply_gradients, make_optimizer, sharded_init
 
 log = logging.getLogger("qwenimage_jax.training.lora")
@@ -125,17 +122,31 @@ def base_config(config):
 def setup(config, mesh, key, base=None):
     """(state, state shardings, module, base params, scales, tx, lr_schedule, layout): the base restored into its
     shardings (or the given `base` Transformer), the factors initialised straight into theirs."""
+    rules = rules_for(config)
     if base is None:
-        base = load_transformer(config.base, dtype=jnp.dtype(config.get("compute_dtype", "float32")),
-                                param_dtype=jnp.dtype(config.get("base_dtype", "float32")), mesh=mesh,
-                                **{k: v for k, v in base_config(config).items() if k != "dtype"})
+        runtime = {k: v for k, v in base_config(config).items() if k != "dtype"}
+        dtype, param_dtype = (jnp.dtype(config.get(k, "float32")) for k in ("compute_dtype", "base_dtype"))
+        shardings = logical_shardings(abstract_params(_base_dit_config(config.base, dtype, param_dtype, runtime)),
+                                      mesh, rules)
+        base = load_transformer(config.base, dtype=dtype, param_dtype=param_dtype, shardings=shardings, **runtime)
     module = DiT(base.dit_config)
     rank, alpha = int(config.lora.rank), float(config.lora.get("alpha", config.lora.rank))
     layout = lora_layout(base.dit_config, list(config.lora.target_modules), rank)
     tx, lr_schedule = make_optimizer(config.optimizer)
-    state, shardings = sharded_init(lambda k: init_factors(layout, rank, k), tx, mesh, key, use_ema=False)
+    state, shardings = sharded_init(lambda k: init_factors(layout, rank, k), tx, mesh, key, use_ema=False,
+                                    rules=rules)
     scales = jax.tree.map(jnp.asarray, column_scales(layout, rank, alpha))
     return state, shardings, module, base.params, scales, tx, lr_schedule, layout
+
+
+def _base_dit_config(path: str, dtype, param_dtype, runtime):
+    """The DiTConfig of a transformer directory (diffusers or Orbax), read before its weights."""
+    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config
+    from qwenimage_jax.convert.safetensors_io import load_json_config
+    from qwenimage_jax.models.dit import DiTConfig
+
+    raw = load_component_config(path, "transformer") if is_orbax_component(path) else load_json_config(path)
+    return DiTConfig.from_diffusers(raw, dtype=dtype, param_dtype=param_dtype, **runtime)
 
 
 def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, state_shardings, base_shardings,
@@ -171,71 +182,42 @@ def trainable_fraction(factors, base) -> tuple[int, int]:
 
 def train(config, workdir: str, base=None) -> dict[str, Any]:
     """Runs (or resumes) LoRA training in `workdir`; returns {"losses", "final_step", "export_dir", "state", ...}."""
+    from qwenimage_jax.training.loop import Task, run
+
     mesh, global_batch, n_proc, proc = start_run(config, workdir)
     key = jax.random.key(int(config.seed))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    rules = rules_for(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings, module, base_params, scales, tx, lr_schedule, layout = setup(config, mesh, key, base)
     n_train, n_base = trainable_fraction(state.params, base_params)
     log.info("LoRA rank %d on %d linears: %d trainable parameters (%.3f%% of the base's %d)",
              int(config.lora.rank), len(layout), n_train, 100 * n_train / n_base, n_base)
     base_shardings = jax.tree.map(lambda x: x.sharding, base_params)
-
     dataset = latent_records.bucketed_batches(
         config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
         seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
         process_index=proc, process_count=n_proc)
-    data_iter = latent_records.iterate(dataset)
     null_text = _null_text(config.data.path, int(config.data.max_text_tokens))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.keep),
-                        save_interval_steps=int(config.checkpoint.every),
-                        async_save=bool(config.checkpoint.get("async_save", True)))
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        state, start_step = ckpt.restore(abstract_state(state, shardings), data_iter)
-        log.info("resumed from step %d", start_step)
-
-    writer = MetricsWriter(workdir, console_every=int(config.log_every))
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    steps_cache: dict[Any, Any] = {}
-    losses: dict[int, float] = {}
-    total_steps = int(config.steps)
-    step = start_step
-    from tqdm import tqdm
-
-    progress = tqdm(total=total_steps, initial=start_step, disable=not (proc == 0 and config.get("progress", True)),
-                    desc="train-lora", dynamic_ncols=True)
-    monitor = NonFiniteMonitor(config.get("on_nonfinite", "stop"), ckpt)
-    with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        while step < total_steps:
-            local = next(data_iter)
-            layout_key = batch_layout(local)
-            if layout_key not in steps_cache:
-                steps_cache[layout_key] = make_train_step(module, tx, lr_schedule, config, layout_key, null_text,
-                                                          shardings, base_shardings, mesh)
-            batch = _global_batch(local, batch_sharding)
-            t0 = time.perf_counter()
-            state, metrics = steps_cache[layout_key](state, base_params, scales, batch, jax.random.fold_in(key, step))
-            step += 1
-            finite = monitor.check(step, step - 1, metrics)
-            if finite and (step % int(config.log_every) == 0 or step == total_steps):
-                metrics = jax.device_get(metrics)
-                scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
-                scalars["step_time_s"] = time.perf_counter() - t0
-                losses[step] = scalars["loss"]
-                writer.write_scalars(step, scalars)
-                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-            progress.update(1)
-            if ckpt.save_or_stop(step, state, data_iter, guard.requested):
-                break
-        ckpt.finish(step, state, data_iter)
     export_dir = os.path.join(workdir, "export", "lora")
-    if config.get("export", True) and step >= total_steps and proc == 0:
-        export_adapter(export_dir, state.params, scales, module.config, config)
+
+    def step_for(layout_key):
+        step = make_train_step(module, tx, lr_schedule, config, layout_key, null_text, shardings, base_shardings,
+                               mesh)
+        return lambda state, batch, k: step(state, base_params, scales, batch, k)
+
+    def export(final_state):
+        if proc != 0:
+            return None
+        export_adapter(export_dir, final_state.params, scales, module.config, config)
         log.info("exported the adapter to %s (diffusers format)", export_dir)
-    writer.close()
-    progress.close()
-    return {"losses": losses, "final_step": step, "export_dir": export_dir, "state": state,
-            "trainable_params": n_train, "base_params": n_base, "skipped_steps": monitor.skipped}
+        return export_dir
+
+    task = Task("train-lora", state, abstract_state(state, shardings), latent_records.iterate(dataset), step_for,
+                batch_layout, lambda local: _global_batch(local, batch_sharding), key, export=export)
+    result = run(task, config, workdir, mesh, rules, proc)
+    result.update(export_dir=export_dir, trainable_params=n_train, base_params=n_base)
+    return result
 
 
 def export_adapter(directory: str, factors, scales, dit_config, config) -> str:

@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.models.kv_cache import KVCache
 from qwenimage_jax.models.qwen3_vl.config import TextConfig
 
 Dtype = Any
-# KV cache: {"k": (layers, batch, max_len, kv_heads, head_dim), "v": same}
-KVCache = dict
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -22,7 +21,7 @@ _INIT = nn.initializers.normal(stddev=0.02)
 def init_kv_cache(config: TextConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> KVCache:
     """Zero KV cache for `batch` sequences of up to `max_length` tokens."""
     shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def mrope_axis_of_frequency(head_dim: int, mrope_section) -> np.ndarray:
@@ -115,7 +114,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
-        # x (B, T, D); cos/sin (B, T, Dh); mask (B, 1, T, S_kv) bool; layer_cache {"k","v"} (B, S_max, KVH, Dh)
+        # x (B, T, D); cos/sin (B, T, Dh); mask (B, 1, T, S_kv) bool; layer_cache: one layer of a KVCache (B, S_max, KVH, Dh)
         cfg = self.config
         h, kvh, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
@@ -134,7 +133,7 @@ class Attention(nn.Module):
                                              (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
                                              (0, cache_index, 0, 0))
-            new_cache = {"k": k, "v": v}
+            new_cache = KVCache(k, v).constrained()
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         b, t = q.shape[:2]
         q = q.reshape(b, t, kvh, cfg.num_kv_groups, dh)
