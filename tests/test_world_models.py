@@ -250,8 +250,8 @@ def test_shipped_lora_gives_diffusers_numbers():
                            QwenImage21Transformer2DModel)
 
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
-    from tests.fixtures_tokenizer import load_processor_without_torchvision
-    from tests.pipeline_tiny import reference_noise
+    from qwenimage_jax.testing.tokenizer import load_processor_without_torchvision
+    from qwenimage_jax.testing.pipeline import reference_noise
 
     ref = QwenImage21Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(MODEL, "scheduler")),
@@ -283,7 +283,7 @@ def test_shipped_lora_gives_diffusers_numbers():
 def test_shipped_lora_teaches_purple_backgrounds():
     """Fresh prompts of the novel split (seed 2000, never trained on), 8 steps CFG 4, the same noise: the
     teacher never draws the purple background they ask for; with the adapter it does in most images."""
-    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.evals import t2i as eval_t2i
     from qwenimage_jax.data import judge
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
