@@ -157,7 +157,7 @@ def diffusers_side(args, cfg, peak: float) -> list[dict]:
     from qwenimage_jax.models.dit import joint_layout, layout_key
     from qwenimage_jax.sampling.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
     from sample_bench import CPU_VAE
-    from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision
+    from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.dry_run:

@@ -45,7 +45,7 @@ def cpu(args):
     import torch
 
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
-    from tests.pipeline_tiny import build_reference_pipeline, reference_noise
+    from qwenimage_jax.testing.pipeline import build_reference_pipeline, reference_noise
 
     torch.set_num_threads(args.threads)
     size, steps, batch, text_len = args.cpu_resolution, args.cpu_steps, args.cpu_batch, 32
@@ -159,7 +159,7 @@ def _diffusers_gpu(args, dit_cfg, size, ours):
                            QwenImage21Transformer2DModel)
 
     from qwenimage_jax.sampling.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
-    from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision
+    from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision
 
     with tempfile.TemporaryDirectory() as tmp:
         processor = load_processor_without_torchvision(build_tiny_processor(tmp))

@@ -220,8 +220,9 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     std = z.reshape(-1, z.shape[-1]).std(0) + 1e-6
     held = images(64, 6, "heldout")
     recon = np.concatenate([np.asarray(vae.decode(vae.encode(held[i:i + 32]))) for i in range(0, 64, 32)])
-    mse = np.mean(((np.clip(recon, -1, 1) - held) / 2.0) ** 2, axis=(1, 2, 3))
-    psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+    from qwenimage_jax.metrics.image_quality import psnr as psnr_db
+
+    psnr = float(np.mean(psnr_db(np.clip(recon, -1, 1), held, 2.0)))
     # The DiT can draw at best what the VAE keeps: the judge on reconstructions bounds the DiT's accuracy.
     from qwenimage_jax.data import judge
 
@@ -374,7 +375,7 @@ def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
     """The seed's alignment claim on this world: for each arm, the judge on its VAE's held-out reconstructions
     (from the vae stage) and on 40-step CFG-4 samples of train / held-out prompts from its DiT after the same
     `ablation_steps` (configs/world_dit.py)."""
-    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.evals import t2i as eval_t2i
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     t0 = time.time()
@@ -400,7 +401,7 @@ def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
 
 def write_pipeline_files(workdir: str, out: str, sample_sigmas, processor_config: bool = True) -> None:
     """model_index.json, scheduler/, world.json (+ processor/preprocessor_config.json) of a pipeline dir."""
-    from qwenimage_jax.commands.eval_t2i import WORLD_FILE
+    from qwenimage_jax.evals.t2i import WORLD_FILE
     from qwenimage_jax.convert.export_dit import PIPELINE_COMPONENTS, SCHEDULER_CONFIG
 
     if processor_config:
@@ -561,7 +562,7 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
     when distilled, of the 4-step student (no CFG), on train and held-out compositions, with ground truth; the
     sliced-W2 distance (16 x 16 box-downsampled pixels) of each to the teacher's 40-step images from the same
     noise; and the prompt-expansion gain on short prompts (teacher, 40 steps)."""
-    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.evals import t2i as eval_t2i
     from qwenimage_jax.metrics.distribution import image_features, sliced_wasserstein
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 

@@ -4,7 +4,7 @@ import numpy as np
 from qwenimage_jax import cli
 from qwenimage_jax.data import latent_records
 from qwenimage_jax.data.cache_latents import iter_source
-from tests.fixtures_tokenizer import build_tiny_tokenizer, special_token_ids
+from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
 from tests.qwen3_vl_tiny import build_reference
 
 

@@ -55,7 +55,9 @@ def test_kill_and_resume_reproduces_losses_and_restores_onto_another_mesh(datase
     # the same checkpoint continues on a different mesh (tensor-parallel instead of data-parallel)
     other = dit_trainer.train(tiny_config(dataset, steps=21, mesh=dict(data=2, fsdp=2, tensor=2)),
                               str(tmp_path / "part"))
-    assert list(other["losses"]) == [21] and np.isfinite(other["losses"][21])
+    more = dit_trainer.train(tiny_config(dataset, steps=21), str(tmp_path / "full"))  # step 21 on the first mesh
+    assert list(other["losses"]) == [21] == list(more["losses"])
+    assert other["losses"][21] == pytest.approx(more["losses"][21], rel=1e-5)
 
 
 def test_loss_falls_on_structured_data(dataset, tmp_path):
@@ -80,8 +82,12 @@ def test_editing_bucket_layout_and_step(tmp_path):
     assert edit, f"no editing batch among {layouts}"
     shapes, mask = edit[0]
     assert shapes == ((1, 2, 2), (1, 4, 4)) and mask[3] and sum(mask) == 1 + 4
+    config.steps = 30
     result = dit_trainer.train(config, str(tmp_path / "run"))
-    assert all(np.isfinite(v) for v in result["losses"].values())
+    losses = [result["losses"][s] for s in sorted(result["losses"])]
+    assert len(losses) == 30
+    # text-to-image and editing batches both learn their class patterns (conditions come from the same classes)
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
 def test_bad_batch_size_for_mesh_is_a_readable_error(dataset, tmp_path):
@@ -89,12 +95,51 @@ def test_bad_batch_size_for_mesh_is_a_readable_error(dataset, tmp_path):
         dit_trainer.train(tiny_config(dataset, batch_size=6), str(tmp_path / "bad"))
 
 
-def test_flops_formula_counts_matmuls():
+def _matmul_flops(jaxpr) -> float:
+    """2 x M x N x K summed over every dot_general of a jaxpr, scan bodies counted `length` times."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
+        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    total += repeat * _matmul_flops(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    total += repeat * _matmul_flops(sub)
+    return total
+
+
+def test_flops_formula_matches_the_matmuls_of_the_traced_forward_and_backward():
+    """MFU's analytic FLOPs (train_flops_per_example) against the matmuls JAX actually traces for one example at a
+    16x16 latent grid + 12 text tokens: forward within 2%, and forward + backward (grads of the params) within 5%
+    of the analytic 3 x forward."""
+    from qwenimage_jax.models.dit import DiT
+
     cfg = dit_trainer.model_config(tiny_config("x"))
-    d, s = cfg.inner_dim, 32
-    per_layer = s * (8 * d * d + 18 * d * d + 4 * s * d)
-    flops = dit_trainer.train_flops_per_example(cfg, s, 0)
-    assert flops == pytest.approx(3 * (cfg.num_layers * per_layer + s * 2 * d * (16 + 16)))
+    module = DiT(cfg)
+    grid, text_len = (1, 16, 16), 12
+    n_image = int(np.prod(grid))
+    hidden = jnp.zeros((1, n_image, cfg.input_features), jnp.float32)
+    text = jnp.zeros((1, text_len, cfg.context_in_dim), jnp.float32)
+    sigma = jnp.full((1,), 0.5, jnp.float32)
+    shapes, img_mask = (grid,), (False,) * text_len + (True,) * (n_image // 4)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), hidden, text, sigma, shapes, img_mask))["params"]
+
+    def forward(p):
+        return module.apply({"params": p}, hidden, text, sigma, shapes, img_mask)
+
+    def loss(p):
+        return jnp.mean(jnp.square(forward(p)))
+
+    analytic = dit_trainer.train_flops_per_example(cfg, n_image + text_len, text_len)
+    traced_forward = _matmul_flops(jax.make_jaxpr(forward)(params).jaxpr)
+    traced_train = _matmul_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert traced_forward == pytest.approx(analytic / 3, rel=0.02), (traced_forward, analytic / 3)
+    assert traced_train == pytest.approx(analytic, rel=0.05), (traced_train, analytic)
 
 
 def test_init_from_loads_an_exported_transformer_inside_the_training_mesh(dataset, tmp_path):

@@ -145,7 +145,7 @@ def test_exported_student_dir_gives_the_same_image_in_our_pipeline_and_diffusers
     from diffusers import AutoencoderKLQwenImage21
 
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
-    from tests.pipeline_tiny import VAE_CONFIG
+    from qwenimage_jax.testing.pipeline import VAE_CONFIG
 
     torch.manual_seed(0)
     vae = AutoencoderKLQwenImage21(**dict(VAE_CONFIG, z_dim=16, latents_mean=[0.1] * 16, latents_std=[0.9] * 16))

@@ -10,7 +10,7 @@ import torch
 
 from qwenimage_jax.models.qwen3_vl import load_text_encoder
 from qwenimage_jax.text.generate import sample_next
-from tests.fixtures_tokenizer import build_tiny_tokenizer, special_token_ids
+from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
 from tests.qwen3_vl_tiny import TEXT_CONFIGS, build_reference
 
 NAMES = sorted(TEXT_CONFIGS)
@@ -137,7 +137,7 @@ def test_expand_prompt_command_prints_the_generated_text(tmp_path, capsys):
     import argparse
 
     from qwenimage_jax.commands import expand_prompt
-    from tests.fixtures_tokenizer import build_tiny_tokenizer, special_token_ids
+    from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
     from tests.qwen3_vl_tiny import build_reference
 
     tok = build_tiny_tokenizer(str(tmp_path / "tokenizer"))
@@ -164,6 +164,36 @@ def test_expand_prompt_command_prints_the_generated_text(tmp_path, capsys):
     assert printed == tokenizer.decode(kept, skip_special_tokens=True) + "\n"
 
 
+def test_expand_prompts_batch_equals_transformers_greedy_per_prompt(tmp_path):
+    """`text.expand.expand_prompts` on a left-padded batch of prompts of different lengths gives, row by row,
+    transformers' greedy answer to each prompt's expansion chat alone, cut at the first stop token."""
+    from transformers import AutoTokenizer
+
+    from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
+    from qwenimage_jax.text.expand import expand_prompts, expansion_prompt_ids, stop_token_ids
+    from tests.qwen3_vl_tiny import build_reference
+
+    tok = build_tiny_tokenizer(str(tmp_path / "tokenizer"))
+    model, path = build_reference(str(tmp_path), "tied_gqa2", special_token_ids(tok), seed=5, noise=0.3)
+    encoder = load_text_encoder(path, tokenizer_path=tok)
+    tokenizer = AutoTokenizer.from_pretrained(tok)
+    prompts = ["a cat", "two small red squares on a gray background"]
+    ours = expand_prompts(encoder, prompts, max_new_tokens=10)
+    stops = set(stop_token_ids(tokenizer))
+    assert {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")} <= stops
+    for prompt, text in zip(prompts, ours):
+        ids = expansion_prompt_ids(tokenizer, prompt)
+        ref = _hf_generate(model, np.asarray([ids]), np.ones((1, len(ids)), np.int64), 10, eos_token_id=None)[0]
+        kept = []
+        for t in ref.tolist():
+            if t in stops:
+                break
+            kept.append(t)
+        assert text == tokenizer.decode(kept, skip_special_tokens=True).strip()
+    with pytest.raises(TypeError, match="list of strings"):
+        expand_prompts(encoder, "a cat")
+
+
 def test_sharded_generation_equals_single_device(setup):
     from qwenimage_jax.parallel.mesh import make_mesh
 
@@ -181,7 +211,7 @@ def test_greedy_with_images_equals_transformers_generate(tmp_path):
     from PIL import Image
 
     from qwenimage_jax.text.templates import build_prompt
-    from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision
+    from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision
 
     proc_dir = build_tiny_processor(str(tmp_path / "processor"), patch_size=4)
     model, path = build_reference(str(tmp_path), "untied_gqa3", special_token_ids(proc_dir), seed=7, noise=0.3)

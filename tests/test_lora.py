@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import max_rel_err
-from tests.pipeline_tiny import TEXT_HIDDEN, build_reference_pipeline, reference_noise
+from qwenimage_jax.testing.pipeline import TEXT_HIDDEN, build_reference_pipeline, reference_noise
 
 HEIGHT, WIDTH = 64, 64
 STEPS = 3

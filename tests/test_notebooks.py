@@ -2,8 +2,8 @@
 
 Each notebook runs in its own temporary working directory with the repository on PYTHONPATH, under a kernel spec
 written to a temporary JUPYTER_PATH that points at this interpreter (no user-level `ipykernel install` needed).
-Checks: no cell raised, every code cell ran, and the notebook's key outputs exist (images displayed, the tables and
-figures each notebook promises printed).
+Checks: no cell raised, every code cell ran, the notebook's key outputs exist (images displayed, the tables and
+figures each notebook promises printed) and it wrote nothing into the directory it ran from.
 """
 from __future__ import annotations
 
@@ -87,3 +87,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     text = "".join(_text(o) for o in _outputs(nb))
     missing = [s for s in needles if s not in text]
     assert not missing, f"{name}: outputs lack {missing}"
+    # run from any directory (the repo root included), a notebook leaves nothing behind in it
+    leftovers = sorted(p.name for p in workdir.iterdir())
+    assert leftovers == [], f"{name}: wrote {leftovers} into the directory it was run from; use a temp dir"

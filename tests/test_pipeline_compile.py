@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import max_rel_err
-from tests.pipeline_tiny import TEXT_HIDDEN, build_reference_pipeline
+from qwenimage_jax.testing.pipeline import TEXT_HIDDEN, build_reference_pipeline
 
 HEIGHT, WIDTH = 64, 64
 

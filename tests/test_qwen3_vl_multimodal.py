@@ -15,7 +15,7 @@ from qwenimage_jax.models.qwen3_vl import load_text_encoder
 from qwenimage_jax.models.qwen3_vl.processor import ImageProcessor, get_rope_index
 from qwenimage_jax.text.templates import build_prompt
 from tests.conftest import max_rel_err
-from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision, special_token_ids
+from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision, special_token_ids
 from tests.qwen3_vl_tiny import TEXT_CONFIGS, build_reference, pre_norm_hidden
 
 NAMES = sorted(TEXT_CONFIGS)

@@ -15,7 +15,7 @@ from qwenimage_jax.models.qwen3_vl import load_text_encoder
 from qwenimage_jax.models.qwen3_vl.text import mrope_axis_of_frequency
 from qwenimage_jax.parallel.mesh import make_mesh
 from tests.conftest import max_rel_err
-from tests.fixtures_tokenizer import build_tiny_tokenizer, load_processor_without_torchvision, special_token_ids
+from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, load_processor_without_torchvision, special_token_ids
 from tests.qwen3_vl_tiny import TEXT_CONFIGS, build_reference, pre_norm_hidden
 
 NAMES = sorted(TEXT_CONFIGS)
@@ -218,7 +218,7 @@ def test_prepare_inputs_with_images_matches_transformers_processor(workdir, tmp_
     from PIL import Image
 
     from qwenimage_jax.text.templates import build_prompt
-    from tests.fixtures_tokenizer import build_tiny_processor
+    from qwenimage_jax.testing.tokenizer import build_tiny_processor
 
     proc_dir = build_tiny_processor(str(tmp_path / "processor"), patch_size=4)
     enc = load_text_encoder(workdir["models"]["tied_gqa2"][1], tokenizer_path=proc_dir)

@@ -104,16 +104,36 @@ def test_rejects_missing_image(torch_vae, tmp_path):
         cli.main(["reconstruct", "--vae", vae_path, str(tmp_path / "nope.png"), "--out", str(tmp_path)])
 
 
-def test_demo_writes_grid_and_figures(tmp_path, capsys):
+def test_photo_demo_uses_the_shipped_world_vae_by_default(tmp_path, capsys):
+    """Without --vae the photo demo reconstructs through the shipped tiny world VAE: the grid's right halves are
+    diffusers' reconstructions (AutoencoderKLQwenImage21 from the same directory) of its left halves."""
+    from diffusers import AutoencoderKLQwenImage21
+
     assert cli.main(["demo", "--out", str(tmp_path), "--size", "32", "--photos", "chelsea", "brick"]) == 0
     stdout = capsys.readouterr().out
-    if demo.TINY_VAE_DIR.is_dir():
-        assert "bundled tiny VAE" in stdout
-    else:
-        assert "NO TRAINED VAE IS SHIPPED YET" in stdout
+    assert f"shipped tiny world VAE ({demo.WORLD_VAE_DIR}" in stdout and "RANDOM" not in stdout
     grid = np.asarray(Image.open(tmp_path / "reconstructions.png"))
     assert grid.shape == (64, 64, 3)
     assert len(ROW.findall(stdout)) == 2 and MEAN.search(stdout)
+    model = AutoencoderKLQwenImage21.from_pretrained(str(demo.WORLD_VAE_DIR)).eval()
+    for row in (grid[:32], grid[32:]):
+        original, recon = row[:, :32], row[:, 32:]
+        pixels = original.astype(np.float32) / 127.5 - 1.0
+        if model.config.in_channels == 4:
+            pixels = np.concatenate([pixels, np.ones(pixels.shape[:2] + (1,), np.float32)], axis=-1)
+        with torch.no_grad():
+            x = torch.from_numpy(pixels.transpose(2, 0, 1)[None, :, None])
+            decoded = model.decode(model.encode(x).latent_dist.mean).sample[0, :3, 0].numpy().transpose(1, 2, 0)
+        expected = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255)
+        assert np.max(np.abs(expected - recon.astype(np.float64))) <= 1  # rounding boundary at most
+
+
+def test_photo_demo_without_a_trained_vae_says_its_vae_is_random(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "WORLD_VAE_DIR", tmp_path / "no_vae_here")
+    assert cli.main(["demo", "--out", str(tmp_path), "--size", "32", "--photos", "chelsea"]) == 0
+    stdout = capsys.readouterr().out
+    assert "NO TRAINED VAE FOUND" in stdout and "the VAE above is RANDOM" in stdout
+    assert np.asarray(Image.open(tmp_path / "reconstructions.png")).shape == (32, 64, 3)
 
 
 def test_bundled_photos_are_small_attributed_rgb():

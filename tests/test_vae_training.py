@@ -34,12 +34,15 @@ def _config(*overrides):
     return load_config(CONFIG + ":test", list(overrides))
 
 
+UNINTERRUPTED = ("--config.total_steps=40", "--config.export_ema=True", "--config.eval_every=20",
+                 "--config.image_every=20", "--config.eval.resolution=32", "--config.eval.crops_per_image=2")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """40 steps straight through (with export of the EMA weights at the end)."""
     workdir = str(tmp_path_factory.mktemp("run_a"))
-    config = _config("--config.total_steps=40", "--config.export_ema=True", "--config.eval_every=20",
-                     "--config.image_every=20", "--config.eval.resolution=32", "--config.eval.crops_per_image=2")
+    config = _config(*UNINTERRUPTED)
     result = vae_trainer.train(config, workdir, show_progress=False)
     return workdir, result
 
@@ -109,16 +112,35 @@ def test_sharded_step_on_8_devices_equals_single_device_step():
 
 
 def test_tensorboard_scalars_eval_and_reconstruction_grids_written(uninterrupted):
-    workdir, _ = uninterrupted
+    """The logged eval/psnr and eval/ssim at the last step are scikit-image's PSNR / SSIM (data range 2) of the
+    final weights' reconstructions of the eval crops, and the bicubic baseline is scikit-image's PSNR of it."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from qwenimage_jax.data import images as image_data
+    from qwenimage_jax.evals.vae import bicubic_baseline
+    from qwenimage_jax.models.vae import QwenImageVAE
+
+    workdir, result = uninterrupted
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstructions_0000020.png",
                                                                    "reconstructions_0000040.png"]
     records = {r["step"]: r for r in read_scalars(workdir)}
-    baseline = records[0]["eval/bicubic_baseline_psnr"]
-    assert 10.0 < baseline < 40.0
-    for step in (20, 40):
-        assert 0.0 < records[step]["eval/psnr"] < 60.0 and 0.0 < records[step]["eval/ssim"] <= 1.0
-        assert "eval/ema_psnr" in records[step]
+    config = _config(*UNINTERRUPTED)
+    crops = image_data.eval_crops(config.eval.source, 32, 2, int(config.seed))
+    vae_cfg = vae_trainer.vae_config_from(config)
+    reconstruct = jax.jit(vae_trainer.make_reconstruct(QwenImageVAE(vae_cfg)))
+    params = result["state"].params["vae"]
+    recon = np.concatenate([np.asarray(reconstruct(params, crops[i:i + 8])) for i in range(0, len(crops), 8)])
+    psnr = np.mean([peak_signal_noise_ratio(o, r, data_range=2.0) for o, r in zip(crops, recon)])
+    ssim = np.mean([structural_similarity(o, r, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                          data_range=2.0, channel_axis=-1) for o, r in zip(crops, recon)])
+    assert records[40]["eval/psnr"] == pytest.approx(psnr, abs=2e-3)
+    assert records[40]["eval/ssim"] == pytest.approx(ssim, abs=1e-3)
+    r = vae_cfg.spatial_compression
+    baseline = bicubic_baseline(crops, (32 // r) ** 2 * vae_cfg.z_dim)
+    expected = np.mean([peak_signal_noise_ratio(o, b, data_range=2.0) for o, b in zip(crops, baseline)])
+    assert records[0]["eval/bicubic_baseline_psnr"] == pytest.approx(expected, abs=2e-3)
+    assert "eval/ema_psnr" in records[20] and "eval/ema_psnr" in records[40]
     assert records[40]["eval/psnr"] > records[20]["eval/psnr"] - 1.0
 
 

@@ -8,8 +8,8 @@ expander. Writes `OUT/demo_grid.png` (rows: prompts; columns: the world's own re
 generated | and, for a distilled model, the 40-step CFG teacher on the same prompt and noise) and prints each
 prompt's judge score and the mean accuracy.
 
-`--photos NAME ...` runs the earlier VAE-only demo instead (bundled photos through `--vae`, side-by-side grid +
-PSNR/SSIM in `OUT/reconstructions.png`).
+`--photos NAME ...` runs the earlier VAE-only demo instead (bundled photos through `--vae`, by default the shipped
+tiny world VAE, side-by-side grid + PSNR/SSIM in `OUT/reconstructions.png`).
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-TINY_VAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae"
 TINY_WORLD_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
+WORLD_VAE_DIR = TINY_WORLD_DIR / "vae"  # the photo demo's default VAE: trained on the small world, not on photos
 
 RANDOM_VAE_BANNER = """\
 ################################################################################################
-#  NO TRAINED VAE IS SHIPPED YET: using a RANDOMLY INITIALISED tiny VAE (seed 0).              #
+#  NO TRAINED VAE FOUND: using a RANDOMLY INITIALISED tiny VAE (seed 0).                       #
 #  Its reconstructions are not images of the input and its PSNR/SSIM are NOT quality figures;  #
 #  they only show that load -> encode -> decode -> metrics runs end to end.                    #
 #  Pass --vae PATH (a diffusers AutoencoderKLQwenImage21 dir or a converted one) for real ones. #
@@ -46,7 +46,7 @@ def add_arguments(parser):
                         help="skip the 40-step teacher column of a distilled model (teacher/transformer)")
     parser.add_argument("--photos", nargs="+", default=None,
                         help="run the VAE-only photo demo on these bundled photos instead")
-    parser.add_argument("--vae", default=None, help="(photo demo) VAE directory")
+    parser.add_argument("--vae", default=None, help=f"(photo demo) VAE directory (default: {WORLD_VAE_DIR})")
     parser.add_argument("--size", type=int, default=256, help="(photo demo) square crop size (multiple of 16)")
 
 
@@ -95,10 +95,11 @@ def run_text_to_image(args):
 
     from PIL import Image
 
-    from qwenimage_jax.commands import eval_t2i
     from qwenimage_jax.data import judge
+    from qwenimage_jax.evals import t2i as eval_t2i
+    from qwenimage_jax.metrics.image_quality import psnr
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
-    from qwenimage_jax.training.text_lm import expand_prompts
+    from qwenimage_jax.text.expand import expand_prompts
 
     t0 = time.time()
     model = str(args.model or TINY_WORLD_DIR)
@@ -155,9 +156,8 @@ def run_text_to_image(args):
               f"(all-correct {tea['all_correct']:.2f})")
     print(f"short prompt: as written {scores[n]['overall']:.2f}, expanded {scores[n + 1]['overall']:.2f} "
           "(judged on what the short prompt states)")
-    psnr = float(np.mean([10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float32) - b) ** 2), 1e-6))
-                          for a, b in zip(truth[:n], recon[:n])]))
-    print(f"VAE reconstruction PSNR on these scenes: {psnr:.2f} dB")
+    recon_psnr = float(np.mean(psnr(truth[:n].astype(np.float32), recon[:n].astype(np.float32), 255.0)))
+    print(f"VAE reconstruction PSNR on these scenes: {recon_psnr:.2f} dB")
     factor = max(1, 128 // size)  # tiles of at least 128 px
     columns = [truth, recon, images] + ([] if teacher_images is None else [teacher_images])
     rows = [np.concatenate([_upscale(tile, factor) for tile in row], axis=1) for row in zip(*columns)]
@@ -177,7 +177,7 @@ def run_photos(args):
     from tqdm import tqdm
 
     from qwenimage_jax.assets import load_photo, photo_names
-    from qwenimage_jax.commands.reconstruct import format_mean, format_row, image_metrics, reconstruct
+    from qwenimage_jax.evals.vae import format_mean, format_row, image_metrics, reconstruct
     from qwenimage_jax.models.vae import load_vae
 
     if args.size % 16 or args.size <= 0:
@@ -189,8 +189,9 @@ def run_photos(args):
                          f"bundled: {', '.join(photo_names())}")
     if args.vae is not None:
         vae, source = load_vae(args.vae), args.vae
-    elif TINY_VAE_DIR.is_dir():
-        vae, source = load_vae(str(TINY_VAE_DIR)), f"bundled tiny VAE ({TINY_VAE_DIR})"
+    elif WORLD_VAE_DIR.is_dir():
+        vae, source = load_vae(str(WORLD_VAE_DIR)), f"shipped tiny world VAE ({WORLD_VAE_DIR}; trained on the " \
+                                                    "small world's scenes, not on photos)"
     else:
         print(RANDOM_VAE_BANNER, flush=True)
         vae, source = random_tiny_vae(), "random tiny VAE (untrained, seed 0)"
@@ -214,6 +215,6 @@ def run_photos(args):
     print("\n".join(lines))
     print(format_mean(rows))
     print(f"wrote {target} (rows: {', '.join(args.photos)}; columns: original | reconstruction)")
-    if args.vae is None and not TINY_VAE_DIR.is_dir():
-        print("reminder: the VAE above is RANDOM (no trained VAE shipped yet); the figures are not quality figures.")
+    if args.vae is None and not WORLD_VAE_DIR.is_dir():
+        print("reminder: the VAE above is RANDOM (no trained VAE found); the figures are not quality figures.")
     return 0

@@ -23,49 +23,19 @@ def add_arguments(parser):
     parser.add_argument("--system", default=None, help="replace the built-in rewriting instruction")
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    ids = set()
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
 def run(args, out=None):
     import jax.numpy as jnp
-    import numpy as np
 
     from qwenimage_jax.models.qwen3_vl import load_text_encoder
-    from qwenimage_jax.text import templates
+    from qwenimage_jax.text.expand import stream_expansion
 
     out = out or sys.stdout
     encoder = load_text_encoder(args.model, dtype=getattr(jnp, args.dtype), tokenizer_path=args.tokenizer)
-    tokenizer = encoder.tokenizer
-    messages = templates.expand_messages(" ".join(args.prompt))
-    if args.system is not None:
-        messages[0]["content"] = args.system
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    ids = np.asarray([ids], np.int32)
-    stops = _stop_ids(tokenizer)
-    generated: list[int] = []
-    printed = ""
-    for block in encoder.stream(ids, np.ones_like(ids), args.max_new_tokens, chunk=args.chunk,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                stop_token_ids=stops):
-        for token in block[0].tolist():
-            if token in stops:
-                break
-            generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if "\ufffd" in text[len(printed):]:  # an incomplete multi-byte character: wait for the next block
-            continue
-        out.write(text[len(printed):])
+    for piece in stream_expansion(encoder, " ".join(args.prompt), args.max_new_tokens, chunk=args.chunk,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                  system=args.system):
+        out.write(piece)
         out.flush()
-        printed = text
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    out.write(text[len(printed):] + "\n")
+    out.write("\n")
     out.flush()
     return 0

@@ -238,22 +238,17 @@ class SyntheticTextSource:
         return render_text(background, rng, self.fonts, self.font_sizes)
 
 
-class WorldSource:
-    """Procedural scenes from `qwenimage_jax.data.world` (record i seeded by (seed, i))."""
+class RecordImages:
+    """An image source over a record source (e.g. `data.world_source.WorldSource`): record[key] as RGB uint8."""
 
-    def __init__(self, length: int = 1000, seed: int = 0, size: int = 128, split: str = "train"):
-        from qwenimage_jax.data import world
-
-        self.world = world
-        self.length, self.seed, self.size, self.split = int(length), int(seed), int(size), split
+    def __init__(self, records, key: str = "image"):
+        self.records, self.key = records, key
 
     def __len__(self):
-        return self.length
+        return len(self.records)
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, int(index)])
-        image, _caption, _scene = self.world.generate_scene(rng, self.size, self.split)
-        return _to_rgb_uint8(image)
+        return _to_rgb_uint8(self.records[int(index)][self.key])
 
 
 def make_source(spec) -> Any:
@@ -275,8 +270,10 @@ def make_source(spec) -> Any:
         return SyntheticTextSource(backgrounds, spec.get("length", 1000), spec.get("seed", 0),
                                    spec.get("canvas", 256), tuple(spec.get("font_sizes", (5, 20))))
     if name == "world":
-        return WorldSource(spec.get("length", 1000), spec.get("seed", 0), spec.get("size", 128),
-                           spec.get("split", "train"))
+        from qwenimage_jax.data.world_source import WorldSource
+
+        return RecordImages(WorldSource(spec.get("length", 1000), spec.get("seed", 0), spec.get("split", "train"),
+                                        spec.get("size", 128)))
     raise ValueError(f"unknown image source {name!r}; choose from photos, skimage, folder, tfds, synthetic_text, world")
 
 

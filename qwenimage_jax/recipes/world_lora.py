@@ -52,7 +52,7 @@ def stage_train(workdir: str, model: str, latents: str, overrides=()) -> dict:
 
 
 def stage_eval(model: str, adapter: str, num_prompts: int = 64, steps: int = 40, cfg: float = 4.0) -> dict:
-    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.evals import t2i as eval_t2i
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer")
@@ -77,7 +77,7 @@ def figure(model: str, adapter: str, out_png: str, num: int = 6, steps: int = 40
     import numpy as np
     from PIL import Image
 
-    from qwenimage_jax.commands import eval_t2i
+    from qwenimage_jax.evals import t2i as eval_t2i
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer")

@@ -87,6 +87,11 @@ def mu_for(image_seq_len: int, config: SchedulerConfig) -> float:
                            config.max_shift)
 
 
+def qwen_image_mu(image_seq_len: int) -> float:
+    """`mu_for` with the released Qwen-Image scheduler config (what training shifts its sigmas with)."""
+    return mu_for(image_seq_len, SchedulerConfig.from_dict(QWEN_IMAGE_SCHEDULER_CONFIG))
+
+
 def _time_shift(config: SchedulerConfig, mu: float, sigmas: np.ndarray) -> np.ndarray:
     if config.time_shift_type == "exponential":
         return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)

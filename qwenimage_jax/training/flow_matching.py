@@ -11,15 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-# The released scheduler_config.json values (REFERENCE.md 2.4); training uses the same mu(tokens) as sampling.
-BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 8192, 0.5, 0.9
-
-
-def mu_for_tokens(image_tokens: int, base_seq_len: int = BASE_SEQ_LEN, max_seq_len: int = MAX_SEQ_LEN,
-                  base_shift: float = BASE_SHIFT, max_shift: float = MAX_SHIFT) -> float:
-    """Linear in the token count, not clamped (as diffusers' calculate_shift)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return base_shift + slope * (image_tokens - base_seq_len)
+from qwenimage_jax.sampling.scheduler import qwen_image_mu as mu_for_tokens  # noqa: F401  (one mu formula)
 
 
 def shift_sigmas(sigmas: jax.Array, *, mu: float | None = None, shift: float = 1.0) -> jax.Array:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.text.expand import expansion_prompt_ids
+
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -109,14 +111,6 @@ def encoder_sequences(tokenizer, captions: Sequence[str]) -> list[tuple[list[int
         ids = list(ids) + [end]
         out.append((ids, [0] * drop + [1] * (len(ids) - drop)))
     return out
-
-
-def expansion_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of the expansion chat (system instruction + short prompt) up to the assistant's turn."""
-    from qwenimage_jax.text import templates
-
-    return list(tokenizer.apply_chat_template(templates.expand_messages(prompt), add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
 
 
 def expansion_sequences(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -290,31 +284,6 @@ def save_text_model(params, config: dict, directory: str, tokenizer_dir: Optiona
         for name in os.listdir(tokenizer_dir):
             shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
     return directory
-
-
-def expand_prompts(encoder, prompts: Sequence[str], max_new_tokens: int = 64) -> list[str]:
-    """Greedy expansion of each short prompt with a fine-tuned expander (`load_text_encoder` result)."""
-    tokenizer = encoder.tokenizer
-    rows = [expansion_prompt_ids(tokenizer, p) for p in prompts]
-    length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id or 0
-    ids = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
-    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    out = np.asarray(encoder.generate(ids, mask, max_new_tokens, temperature=0.0, stop_token_ids=stops,
-                                      pad_token_id=pad))
-    texts = []
-    for row in out:
-        tokens = []
-        for t in row.tolist():
-            if t in stops:
-                break
-            tokens.append(t)
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return texts
 
 
 def save_history(path: str, **histories) -> None:

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from qwenimage_jax.evals.vae import bicubic_baseline
 from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.training import losses
@@ -205,25 +206,6 @@ def make_reconstruct(vae_module):
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
-def bicubic_baseline(images: np.ndarray, num_values: int) -> np.ndarray:
-    """The honest same-size baseline: bicubic down-sampling to the square-ish resolution holding `num_values`
-    floats per image (as many as the latent), then bicubic up-sampling back. images: (N, H, W, 3) in [-1, 1]."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    scale = np.sqrt(num_values / (c * h * w))
-    small = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    out = []
-    for image in images:
-        channels = []
-        for k in range(c):  # per channel in float ("F" mode) so nothing is quantised to 8 bits
-            pil = Image.fromarray(image[..., k].astype(np.float32), mode="F")
-            channels.append(np.asarray(pil.resize(small, Image.Resampling.BICUBIC)
-                                       .resize((w, h), Image.Resampling.BICUBIC)))
-        out.append(np.stack(channels, -1))
-    return np.clip(np.stack(out), -1.0, 1.0)
-
-
 def evaluate(reconstruct_fn, vae_params, images: np.ndarray, batch_size: int = 8) -> dict[str, float]:
     """PSNR / SSIM (data range 2, images in [-1, 1]) of the VAE's reconstructions of `images` (N, H, W, 3)."""
     from qwenimage_jax.metrics.image_quality import psnr, ssim

@@ -2,8 +2,7 @@
 scattered into `<|image_pad|>` slots, DeepStack, text decoder) and `TextEncoder`, the loaded object with jitted
 `encode` / `logits` / `encode_prompt` / `generate`.
 
-The vision tower (`vision.py`, `Qwen3VLVisionModel`) and the rope index (`processor.get_rope_index`) are imported
-lazily, so text-only use works without them.
+The vision tower is `vision.py`'s `Qwen3VLVisionModel`; the multimodal rope index is `processor.get_rope_index`.
 """
 from __future__ import annotations
 
@@ -20,39 +19,9 @@ import numpy as np
 from qwenimage_jax.models.qwen3_vl.config import (MultimodalIds, TextConfig, multimodal_ids_from_hf,
                                                   text_config_from_hf)
 from qwenimage_jax.models.qwen3_vl.text import TextDecoder, init_kv_cache
+from qwenimage_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, vision_config_from_hf
 
 Dtype = Any
-
-
-def _vision_module():
-    """The vision engineer's module, or None when `vision.py` is not there yet."""
-    import importlib
-    import importlib.util
-    name = "qwenimage_jax.models.qwen3_vl.vision"
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
-
-
-def _vision_config_from_hf(vision, hf_vision: dict):
-    for name in ("vision_config_from_hf", "config_from_hf"):
-        if hasattr(vision, name):
-            return getattr(vision, name)(hf_vision)
-    cls = vision.VisionConfig
-    if hasattr(cls, "from_hf"):
-        return cls.from_hf(hf_vision)
-    import dataclasses
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in hf_vision.items() if k in fields})
-
-
-def _call_with_accepted(fn, available: dict):
-    """Calls fn with the entries of `available` its signature accepts (by name)."""
-    import inspect
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**available)
-    return fn(**{k: v for k, v in available.items() if k in params})
 
 
 def _rgb_over_white(image):
@@ -89,9 +58,7 @@ class Qwen3VL(nn.Module):
     def setup(self):
         self.language_model = TextDecoder(self.text_config, self.dtype, self.param_dtype)
         if self.vision_config is not None:
-            vision = _vision_module()
-            self.visual = vision.Qwen3VLVisionModel(self.vision_config, dtype=self.dtype,
-                                                    param_dtype=self.param_dtype)
+            self.visual = Qwen3VLVisionModel(self.vision_config, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed_inputs(self, input_ids, pixel_values=None, grid_thw=None):
         """input_ids (B, S) [+ pixel_values (N_patches, C*T*P*P), grid_thw static ((t, h, w), ...)] ->
@@ -208,13 +175,11 @@ class TextEncoder:
         from qwenimage_jax.models.qwen3_vl import processor as vl_processor
         ids = self.module.ids
         image_mask = np.asarray(input_ids) == ids.image_token_id
-        available = dict(input_ids=np.asarray(input_ids), attention_mask=np.asarray(attention_mask),
-                         image_grid_thw=np.asarray(image_grid_thw), mm_token_type_ids=image_mask.astype(np.int32),
-                         image_token_id=ids.image_token_id, video_token_id=ids.video_token_id,
-                         vision_start_token_id=ids.vision_start_token_id,
-                         spatial_merge_size=self.config.get("vision_config", {}).get("spatial_merge_size", 2),
-                         config=self.config)
-        position_ids, deltas = _call_with_accepted(vl_processor.get_rope_index, available)
+        position_ids, deltas = vl_processor.get_rope_index(
+            np.asarray(input_ids), np.asarray(attention_mask), np.asarray(image_grid_thw),
+            image_token_id=ids.image_token_id, vision_start_token_id=ids.vision_start_token_id,
+            spatial_merge_size=self.config.get("vision_config", {}).get("spatial_merge_size", 2),
+            mm_token_type_ids=image_mask.astype(np.int32))
         return np.asarray(position_ids, np.int32), np.asarray(deltas, np.int32).reshape(b)
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):
@@ -404,13 +369,13 @@ class TextEncoder:
 
 
 def build_module(hf_config: dict, dtype=jnp.float32, param_dtype=None, with_vision: Optional[bool] = None) -> Qwen3VL:
-    """Qwen3VL module from a transformers config dict; the vision tower is included when vision.py is present."""
+    """Qwen3VL module from a transformers config dict. with_vision: None = a vision tower when the config has a
+    `vision_config`; True = require one; False = text only."""
+    if with_vision and "vision_config" not in hf_config:
+        raise ValueError("with_vision=True but the config has no vision_config; pass with_vision=False or None")
     vision_cfg = None
-    vision = _vision_module() if with_vision in (None, True) else None
-    if with_vision and vision is None:
-        raise ImportError("with_vision=True but qwenimage_jax.models.qwen3_vl.vision is not available")
-    if vision is not None and "vision_config" in hf_config:
-        vision_cfg = _vision_config_from_hf(vision, hf_config["vision_config"])
+    if with_vision is not False and "vision_config" in hf_config:
+        vision_cfg = vision_config_from_hf(hf_config["vision_config"])
     return Qwen3VL(text_config_from_hf(hf_config), multimodal_ids_from_hf(hf_config), vision_cfg, dtype,
                    param_dtype if param_dtype is not None else dtype)
 

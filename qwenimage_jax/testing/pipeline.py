@@ -58,7 +58,7 @@ def build_reference_pipeline(directory: str, with_text_encoder: bool = True, see
     from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
                            QwenImage21Transformer2DModel)
 
-    from tests.fixtures_tokenizer import build_tiny_processor, load_processor_without_torchvision, special_token_ids
+    from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision, special_token_ids
 
     # One VLM image slot must cover 2x2 latent tokens = 32x32 px, as in the released model: patch 16, merge 2.
     proc_dir = build_tiny_processor(os.path.join(directory, "processor_src"), patch_size=VISION_PATCH, merge_size=2,
