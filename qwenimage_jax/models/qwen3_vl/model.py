@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.models.component import Component
 from qwenimage_jax.models.qwen3_vl.config import (MultimodalIds, TextConfig, multimodal_ids_from_hf,
                                                   text_config_from_hf)
 from qwenimage_jax.models.qwen3_vl.text import TextDecoder, init_kv_cache
@@ -131,18 +131,7 @@ class Qwen3VL(nn.Module):
         return out["logits"], out["cache"]
 
 
-def _find_tokenizer_dir(model_path: str, tokenizer_path: Optional[str]) -> Optional[str]:
-    if tokenizer_path is not None:
-        return tokenizer_path
-    parent = os.path.dirname(os.path.abspath(model_path))
-    for candidate in (model_path, os.path.join(parent, "processor"), os.path.join(parent, "tokenizer")):
-        if os.path.isdir(candidate) and any(os.path.exists(os.path.join(candidate, f))
-                                            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-            return candidate
-    return None
-
-
-class TextEncoder:
+class TextEncoder(Component):
     """A loaded Qwen3-VL: `.module`, `.params`, `.config` (raw HF config dict) and jitted entry points.
 
     encode(ids, mask, pixel_values=None, image_grid_thw=None) -> pre-norm last-layer states (B, S, D)
@@ -279,7 +268,7 @@ class TextEncoder:
         if self._tokenizer is None:
             if self.tokenizer_path is None:
                 raise FileNotFoundError("no tokenizer found beside the model; pass tokenizer_path= to "
-                                        "load_text_encoder (a directory with tokenizer.json / tokenizer_config.json)")
+                                        "checkpoints.load('text_encoder', ...) (a directory with tokenizer.json / tokenizer_config.json)")
             from transformers import AutoTokenizer
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         return self._tokenizer
@@ -438,50 +427,3 @@ def abstract_params(module: Qwen3VL, hf_config: Optional[dict] = None):
                            compute_logits=True)["params"]
 
     return jax.eval_shape(init)
-
-
-def _weight_plan(module: Qwen3VL, hf_config: dict):
-    from qwenimage_jax.convert.qwen3_vl_text import text_plan
-    plan = text_plan(module.text_config, flax_prefix=("language_model",))
-    ignore = []
-    if module.text_config.tie_word_embeddings:
-        ignore.append("lm_head.weight")
-    if module.vision_config is not None:
-        from qwenimage_jax.convert.qwen3_vl_vision import vision_plan
-        plan.update({("visual",) + tuple(path): spec
-                     for path, spec in vision_plan(module.vision_config, "model.visual.").items()})
-    else:
-        ignore.append("model.visual.*")
-    return plan, ignore
-
-
-def load_text_encoder(path: str, dtype=jnp.float32, mesh=None, tokenizer_path: Optional[str] = None,
-                      with_vision: Optional[bool] = None) -> TextEncoder:
-    """Loads a transformers Qwen3-VL directory (config.json + model*.safetensors[.index.json]) or our Orbax dir.
-
-    dtype: parameter and compute dtype (norms/softmax stay fp32). mesh: shard params by the logical rules
-    (e.g. make_mesh(fsdp=4, tensor=2)); None keeps them on the default device.
-    """
-    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config, restore_params
-    from qwenimage_jax.convert.params import assemble_params
-    from qwenimage_jax.convert.safetensors_io import SafetensorsReader, load_json_config
-    from qwenimage_jax.parallel.rules import logical_shardings
-
-    orbax = is_orbax_component(path)
-    hf_config = load_component_config(path, "text_encoder") if orbax else load_json_config(path)
-    if "text_config" not in hf_config and hf_config.get("model_type") not in (None, "qwen3_vl", "qwen3_vl_text"):
-        raise ValueError(f"{path!r} holds a {hf_config.get('model_type')!r} model, expected qwen3_vl")
-    module = build_module(hf_config, dtype, with_vision=with_vision)
-    abstract = abstract_params(module, hf_config)
-    shardings = logical_shardings(abstract, mesh) if mesh is not None else None
-    if orbax:
-        params = restore_params(path, nn.meta.unbox(abstract), shardings)
-    else:
-        plan, ignore = _weight_plan(module, hf_config)
-        params = assemble_params(SafetensorsReader(path), plan, abstract, dtype=dtype, shardings=shardings,
-                                 ignore=ignore, source=f"Qwen3-VL checkpoint {path!r}")
-    image_cfg = None
-    tok_dir = _find_tokenizer_dir(path, tokenizer_path)
-    if tok_dir is not None and os.path.exists(os.path.join(tok_dir, "preprocessor_config.json")):
-        image_cfg = load_json_config(tok_dir, "preprocessor_config.json")
-    return TextEncoder(module, params, hf_config, mesh, tok_dir, image_cfg)
