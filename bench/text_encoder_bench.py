@@ -52,7 +52,7 @@ def bench_cpu(batch, prompt_len, new_tokens, repeats):
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.checkpoints import load_text_encoder
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)

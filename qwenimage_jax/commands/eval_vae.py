@@ -49,7 +49,8 @@ def _features_for_fd(args, images_list):
             raise SystemExit("--inception needs qwenimage_jax.metrics.inception (the Inception-v3 port), which "
                              "this checkout lacks; drop --inception to get the VGG16 Frechet distance") from None
         return [inception.load_inception(args.inception).pool3(x) for x in images_list], "rFID"
-    from qwenimage_jax.models.lpips import load_lpips, vgg16_features
+    from qwenimage_jax.checkpoints import load_lpips
+    from qwenimage_jax.models.lpips import vgg16_features
 
     params = load_lpips().params
     feats = [np.concatenate([np.asarray(vgg16_features(params, x[i:i + args.batch_size], "relu5_3").mean((1, 2)))
@@ -60,7 +61,7 @@ def _features_for_fd(args, images_list):
 def run(args):
     from qwenimage_jax.data import images as image_data
     from qwenimage_jax.metrics.image_quality import psnr, ssim
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_vae
     from qwenimage_jax.training.vae import bicubic_baseline
 
     start = time.perf_counter()
@@ -89,7 +90,7 @@ def run(args):
                       "ssim": float(np.mean(ssim(images, originals, 2.0)))}
     if not args.no_lpips:
         from qwenimage_jax.metrics.fid import frechet_distance_from_features
-        from qwenimage_jax.models.lpips import load_lpips
+        from qwenimage_jax.checkpoints import load_lpips
 
         lpips = load_lpips()
         for name, images in (("vae", recons), ("bicubic", baseline)):

@@ -38,7 +38,7 @@ def run(args, out=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.checkpoints import load_text_encoder
     from qwenimage_jax.text import templates
 
     out = out or sys.stdout

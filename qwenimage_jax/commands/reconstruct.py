@@ -104,7 +104,7 @@ def run(args):
     import jax.numpy as jnp
 
     from qwenimage_jax.assets import load_image
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_vae
 
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
@@ -112,7 +112,7 @@ def run(args):
     vae = load_vae(args.vae, dtype=getattr(jnp, args.dtype))
     lpips = None
     if args.lpips:
-        from qwenimage_jax.models.lpips import load_lpips
+        from qwenimage_jax.checkpoints import load_lpips
         lpips = load_lpips()
     multiple = side_multiple(vae)
     out_dir = Path(args.out)

@@ -261,7 +261,7 @@ def build_train_dit(config, mesh, resolution: int = 1024) -> Program:
 def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     """The `train-lora` step at `resolution`²: the frozen base (config.model shape, stored in config.base_dtype,
     sharded by the rules) is an argument, the TrainState holds only the factors and their AdamW moments."""
-    from qwenimage_jax.convert.params import unbox_abstract
+    from qwenimage_jax.checkpoints.params import unbox_abstract
     from qwenimage_jax.models.dit import DiT, DiTConfig, abstract_params, param_shardings
     from qwenimage_jax.training import dit as dit_train
     from qwenimage_jax.training import lora as lora_train

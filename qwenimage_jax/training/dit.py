@@ -27,7 +27,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenimage_jax.data import latent_records
-from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs, check_parallelism, load_transformer
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs, check_parallelism
 from qwenimage_jax.parallel.distributed import maybe_initialize
 from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
@@ -299,7 +300,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     if config.get("export", True) and step >= total_steps and n_proc == 1 and not os.path.exists(export_dir):
         # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
         # --config.teacher=` read. Multi-host runs export from a checkpoint restored on one host instead.
-        from qwenimage_jax.convert.export_dit import export_transformer
+        from qwenimage_jax.checkpoints.export import export_transformer
 
         export_transformer(export_params(state), module.config, export_dir)
         log.info("exported the %s weights to %s", "EMA" if state.ema_params is not None else "raw", export_dir)

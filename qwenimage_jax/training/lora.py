@@ -26,9 +26,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qwenimage_jax.convert import lora as lora_io
+from qwenimage_jax.checkpoints import lora as lora_io
 from qwenimage_jax.data import latent_records
-from qwenimage_jax.models.dit import DiT, abstract_params, load_transformer
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiT, abstract_params
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, make_loss_fn,
