@@ -253,7 +253,7 @@ def stage_dit(workdir: str, arm: str = SHIPPED_ARM, full: bool = True) -> None:
     `full=False` stops after the ablation phase (the arm that is not shipped)."""
     import logging
 
-    from qwenimage_jax.checkpoints.export import export_transformer
+    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.models.dit import dit_config_from
     from qwenimage_jax.training.dit import export_params, train
 

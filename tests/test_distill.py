@@ -10,7 +10,7 @@ import pytest
 
 from qwenimage_jax import cli
 from qwenimage_jax.config_cli import load_config
-from qwenimage_jax.checkpoints.export import export_transformer
+from qwenimage_jax.checkpoints.exporters import export_transformer
 from qwenimage_jax.checkpoints.pipeline_dir import read_sample_sigmas
 from qwenimage_jax.data import latent_records
 from qwenimage_jax.checkpoints import load_transformer

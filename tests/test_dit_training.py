@@ -102,7 +102,7 @@ def test_init_from_loads_an_exported_transformer_inside_the_training_mesh(datase
     start state equals the export (params, EMA) with a fresh optimizer, on one device and on an fsdp x tensor mesh."""
     import flax.linen as nn
 
-    from qwenimage_jax.checkpoints.export import export_transformer
+    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.parallel.rules import LOGICAL_RULES
 
     config = tiny_config(dataset)

@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline, QwenImage21Transformer2DModel
 
 from qwenimage_jax.checkpoints.dit import dit_plan
-from qwenimage_jax.checkpoints.export import SAFETENSORS_NAME, export_transformer
+from qwenimage_jax.checkpoints.exporters import SAFETENSORS_NAME, export_transformer
 from qwenimage_jax.checkpoints.pipeline_dir import read_sample_sigmas, write_pipeline_dir
 from qwenimage_jax.checkpoints import load_transformer
 from qwenimage_jax.models.dit import DiTConfig, init_transformer

@@ -17,7 +17,7 @@ def world(tmp_path_factory):
     """Cached structured latents and a random base transformer exported in diffusers format."""
     import jax
 
-    from qwenimage_jax.checkpoints.export import export_transformer
+    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.models.dit import init_transformer
 
     root = tmp_path_factory.mktemp("lora_train")

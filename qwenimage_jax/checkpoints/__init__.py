@@ -47,7 +47,7 @@ def export(kind: str, params: Any, config: Any, path: str, *, format: str = "ref
     """Writes component `kind` to `path`; returns `path`.
 
     format="reference": the diffusers / transformers directory (vae, transformer, text_encoder; options go to
-        `export.export_<kind>`, e.g. dtype= for the transformer, tokenizer_dir= for the text encoder).
+        `exporters.export_<kind>`, e.g. dtype= for the transformer, tokenizer_dir= for the text encoder).
     format="orbax": our format for any kind (`config` is the reference config dict, or a typed config with
         `to_diffusers()`), read back by `load`.
     """
@@ -59,7 +59,7 @@ def export(kind: str, params: Any, config: Any, path: str, *, format: str = "ref
         return save_component(path, params, raw, kind)
     if format != "reference":
         raise ValueError(f"format={format!r}; use one of {', '.join(FORMATS)}")
-    from qwenimage_jax.checkpoints import export as exporters
+    from qwenimage_jax.checkpoints import exporters
 
     writers = {"vae": exporters.export_vae, "transformer": exporters.export_transformer,
                "text_encoder": exporters.export_text_encoder}

@@ -2,7 +2,7 @@
 
 Per-block tensors are stacked on a leading `layers` axis (the blocks run under `nn.scan`); attention projections
 are reshaped to (embed, heads, head_dim) / (heads, head_dim, embed) so heads can be sharded by name. Every spec
-carries its reference shapes, so `export_tensors` inverts this plan without torch (`checkpoints.export`).
+carries its reference shapes, so `export_tensors` inverts this plan without torch (`checkpoints/exporters.py`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Any, Iterable, Mapping
 
-from qwenimage_jax.checkpoints.export import diffusers_version, export_transformer
+from qwenimage_jax.checkpoints.exporters import diffusers_version, export_transformer
 from qwenimage_jax.sampling.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
 
 # The released scheduler/scheduler_config.json of Qwen-Image-2.1 (REFERENCE.md 2.4): the class name, then the

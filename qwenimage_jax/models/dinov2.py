@@ -241,6 +241,10 @@ class Dinov2(Component):
     config: dict
     cfg: Dinov2Config
 
+    @property
+    def model_config(self) -> Dinov2Config:
+        return self.cfg
+
     def __call__(self, pixel_values) -> dict[str, jax.Array]:
         """pixel_values: (B, H, W, C) ImageNet-normalised, H and W multiples of the patch size."""
         return _apply_full(self.module, self.params, self._check(jnp.asarray(pixel_values)))

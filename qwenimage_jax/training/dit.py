@@ -300,7 +300,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     if config.get("export", True) and step >= total_steps and n_proc == 1 and not os.path.exists(export_dir):
         # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
         # --config.teacher=` read. Multi-host runs export from a checkpoint restored on one host instead.
-        from qwenimage_jax.checkpoints.export import export_transformer
+        from qwenimage_jax.checkpoints.exporters import export_transformer
 
         export_transformer(export_params(state), module.config, export_dir)
         log.info("exported the %s weights to %s", "EMA" if state.ema_params is not None else "raw", export_dir)

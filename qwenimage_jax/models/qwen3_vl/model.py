@@ -161,6 +161,10 @@ class TextEncoder(Component):
         return self.module.text_config
 
     @property
+    def model_config(self) -> TextConfig:
+        return self.module.text_config
+
+    @property
     def dtype(self):
         return self.module.dtype
 
