@@ -55,7 +55,7 @@ def cpu_latency(repeats: int = 7, threads: int = 1):
     import torch
     from diffusers import QwenImage21Transformer2DModel
 
-    from qwenimage_jax.models.dit import load_transformer
+    from qwenimage_jax.checkpoints import load_transformer
 
     torch.set_num_threads(threads)   # XLA gets the same count through XLA_FLAGS (set in main)
     config = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=4, attention_head_dim=64,

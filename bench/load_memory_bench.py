@@ -63,8 +63,8 @@ def measure(path: str, devices: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qwenimage_jax.convert.safetensors_io import SafetensorsReader
-    from qwenimage_jax.models.dit import load_transformer
+    from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader
+    from qwenimage_jax.checkpoints import load_transformer
     from qwenimage_jax.parallel.mesh import make_mesh
 
     reader = SafetensorsReader(path)

@@ -52,7 +52,7 @@ def bench_cpu(batch, prompt_len, new_tokens, repeats):
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.checkpoints import load_text_encoder
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -108,7 +108,8 @@ def bench_gpu(batch, prompt_len, new_tokens, repeats):
     import numpy as np
 
     from qwenimage_jax.models.qwen3_vl.config import text_config_from_hf
-    from qwenimage_jax.models.qwen3_vl.model import Qwen3VL, TextEncoder
+    from qwenimage_jax.models.qwen3_vl.model import Qwen3VL
+    from qwenimage_jax.text.encoder import TextEncoder
 
     hf = _hf_config(GPU_CONFIG).to_dict()
     module = Qwen3VL(text_config_from_hf(hf), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

@@ -51,7 +51,7 @@ def bench_one(name: str, repeats: int) -> dict:
     import torch
     from diffusers import AutoencoderKLQwenImage21
 
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_vae
 
     config, batch, height, width = CONFIGS[name]
     torch.manual_seed(0)

@@ -4,7 +4,7 @@
     qwenimage-jax cache-latents --source world:2000:train --vae VAE_DIR --text-encoder TE_DIR --out /tmp/world_latents
     qwenimage-jax train-dit --config configs/dit_train_tiny.py --workdir /tmp/dit_tiny \
         --config.data.path=/tmp/world_latents
-    # (export the teacher with convert.export_dit.export_transformer, or point at an Orbax/diffusers transformer dir)
+    # (export the teacher with checkpoints.export("transformer", ...), or point at an Orbax/diffusers transformer dir)
     # 2. distil; re-running the same command resumes from WORKDIR/checkpoints
     qwenimage-jax distill --config configs/distill_tiny.py --workdir /tmp/distill_tiny \
         --config.teacher=TEACHER_TRANSFORMER_DIR --config.data.path=/tmp/world_latents \

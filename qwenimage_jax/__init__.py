@@ -2,9 +2,10 @@
 
 Public entry points (imported lazily so `import qwenimage_jax` stays cheap):
 
-    load_vae(path, dtype=jnp.float32)            -> models.vae.VAE            (diffusers dir or our Orbax dir)
-    load_transformer(path, dtype=jnp.float32)    -> models.dit.Transformer    (diffusers dir or our Orbax dir)
-    load_text_encoder(path, dtype=jnp.float32)   -> models.qwen3_vl.TextEncoder (transformers dir)
+    load(kind, path, dtype=jnp.float32, mesh=None) -> the loaded component (checkpoints.load; kinds vae,
+                                                   transformer, text_encoder, dinov2, lpips; reference or Orbax dir)
+    export(kind, params, config, path)           -> checkpoints.export (diffusers/transformers or Orbax format)
+    load_vae / load_transformer / load_text_encoder / load_dinov2 / load_lpips(path, dtype)   the same per kind
     QwenImagePipeline.from_pretrained(path)      -> sampling.pipeline.QwenImagePipeline
 """
 import importlib
@@ -12,15 +13,17 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_vae": "qwenimage_jax.models.vae",
-    "load_transformer": "qwenimage_jax.models.dit",
+    "load": "qwenimage_jax.checkpoints",
+    "export": "qwenimage_jax.checkpoints",
+    "load_vae": "qwenimage_jax.checkpoints",
+    "load_transformer": "qwenimage_jax.checkpoints",
     "init_transformer": "qwenimage_jax.models.dit",
     "init_vae": "qwenimage_jax.models.vae",
-    "load_text_encoder": "qwenimage_jax.models.qwen3_vl",
+    "load_text_encoder": "qwenimage_jax.checkpoints",
     "QwenImagePipeline": "qwenimage_jax.sampling.pipeline",
     "make_mesh": "qwenimage_jax.parallel.mesh",
-    "load_lpips": "qwenimage_jax.models.lpips",
-    "load_dinov2": "qwenimage_jax.models.dinov2",
+    "load_lpips": "qwenimage_jax.checkpoints",
+    "load_dinov2": "qwenimage_jax.checkpoints",
 }
 
 

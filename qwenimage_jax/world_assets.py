@@ -138,7 +138,7 @@ def _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir):
 def stage_expander(workdir: str) -> dict:
     """Re-runs only the expander fine-tune from WORKDIR/text_encoder (e.g. after the world's captions changed while
     the text encoder was kept, `--text-from`)."""
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.checkpoints import load_text_encoder
     from qwenimage_jax.training import text_lm
 
     c = _config("world_text_lm")
@@ -191,16 +191,11 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     import dataclasses
 
     import numpy as np
-    import torch
-    from diffusers import AutoencoderKLQwenImage21
 
-    from qwenimage_jax.convert.export_dit import _write_safetensors
-    from qwenimage_jax.convert.params import export_tensors
-    from qwenimage_jax.convert.vae import vae_plan
+    from qwenimage_jax import checkpoints
     from qwenimage_jax.data.world_source import WorldSource
-    from qwenimage_jax.models.vae import load_vae
 
-    vae = load_vae(orbax_dir)
+    vae = checkpoints.load("vae", orbax_dir)
     size = _config("world_vae").data.resolution
 
     def images(n, seed, split):
@@ -230,27 +225,7 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     judge_recon = judged["overall"]
     cfg = dataclasses.replace(vae.vae_config, latents_mean=tuple(float(v) for v in mean),
                               latents_std=tuple(float(v) for v in std))
-    raw = cfg.to_diffusers()
-    raw.pop("mid_attention", None)
-    torch.manual_seed(0)
-    reference = AutoencoderKLQwenImage21(**{k: v for k, v in raw.items() if not k.startswith("_")})
-    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    tensors = export_tensors(vae.params, vae_plan(cfg), shapes)
-    # Temporal down/up-sampling convs act only on videos (T > 1); our image port has none, so they keep the
-    # reference's seeded init (they never touch a single-frame image). Anything else missing is an error.
-    extra = sorted(set(shapes) - set(tensors))
-    unexpected = [k for k in extra if ".time_conv." not in k]
-    if unexpected:
-        raise KeyError(f"diffusers VAE keys the export does not fill: {unexpected[:8]}")
-    state = reference.state_dict()
-    tensors.update({k: state[k].detach().numpy() for k in extra})
-    os.makedirs(dst, exist_ok=True)
-    _write_safetensors(os.path.join(dst, "diffusion_pytorch_model.safetensors"),
-                       [(k, np.ascontiguousarray(v, np.float32)) for k, v in sorted(tensors.items())])
-    raw["_diffusers_version"] = "0.42.1"
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
-    del torch
+    checkpoints.export("vae", vae.params, cfg, dst)
     return dict(heldout_psnr=round(psnr, 2), heldout_judge_on_reconstructions=round(float(judge_recon), 3),
                 heldout_judge_attributes={k: round(float(v), 3) for k, v in judged.items()},
                 latent_std_mean=round(float(std.mean()), 4))
@@ -279,7 +254,7 @@ def stage_dit(workdir: str, arm: str = SHIPPED_ARM, full: bool = True) -> None:
     `full=False` stops after the ablation phase (the arm that is not shipped)."""
     import logging
 
-    from qwenimage_jax.convert.export_dit import export_transformer
+    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.models.dit import dit_config_from
     from qwenimage_jax.training.dit import export_params, train
 
@@ -401,8 +376,8 @@ def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
 
 def write_pipeline_files(workdir: str, out: str, sample_sigmas, processor_config: bool = True) -> None:
     """model_index.json, scheduler/, world.json (+ processor/preprocessor_config.json) of a pipeline dir."""
+    from qwenimage_jax.checkpoints.pipeline_dir import write_pipeline_index
     from qwenimage_jax.evals.t2i import WORLD_FILE
-    from qwenimage_jax.convert.export_dit import PIPELINE_COMPONENTS, SCHEDULER_CONFIG
 
     if processor_config:
         te_config = json.load(open(os.path.join(workdir, "text_encoder", "config.json")))
@@ -417,14 +392,7 @@ def write_pipeline_files(workdir: str, out: str, sample_sigmas, processor_config
         }
         with open(os.path.join(out, "processor", "preprocessor_config.json"), "w") as f:
             json.dump(image_config, f, indent=2)
-    os.makedirs(os.path.join(out, "scheduler"))
-    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SCHEDULER_CONFIG, f, indent=2)
-    index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1"}
-    index.update({name: list(entry) for name, entry in PIPELINE_COMPONENTS.items()})
-    index["sample_sigmas"] = sample_sigmas
-    with open(os.path.join(out, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    write_pipeline_index(out, sample_sigmas)
     with open(os.path.join(out, WORLD_FILE), "w") as f:
         json.dump({"image_size": _image_size()}, f)
 
@@ -472,7 +440,7 @@ def component_sizes(out: str) -> dict:
 
 
 def _param_counts(out: str) -> dict:
-    from qwenimage_jax.convert.safetensors_io import SafetensorsReader
+    from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader
 
     counts = {}
     for name in ("transformer", "vae", "text_encoder", "expander"):

@@ -22,8 +22,8 @@ def _tiny_vae(path):
 
 
 def test_cache_latents_writes_what_the_encoders_give(tmp_path):
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_text_encoder
+    from qwenimage_jax.checkpoints import load_vae
 
     tok = build_tiny_tokenizer(str(tmp_path / "tok"))
     _, te_path = build_reference(str(tmp_path), "tied_gqa2", special_token_ids(tok))

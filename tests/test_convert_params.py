@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qwenimage_jax.convert import (SafetensorsReader, WeightKeyError, assemble_params, linear_kernel,
+from qwenimage_jax.checkpoints import (SafetensorsReader, WeightKeyError, assemble_params, linear_kernel,
                                    stack_layers, unchanged)
 
 
@@ -22,7 +22,7 @@ def test_reader_reads_sharded_directory_and_bf16(tmp_path):
     b = np.ones((4,), dtype=ml_dtypes.bfloat16)
     save_file({"a": a}, str(tmp_path / "model-00001-of-00002.safetensors"))
     # safetensors.numpy cannot write bf16; write it as raw bytes with the right header via our own writer.
-    from qwenimage_jax.convert.safetensors_io import _DTYPES  # noqa: F401
+    from qwenimage_jax.checkpoints.safetensors_io import _DTYPES  # noqa: F401
     header = {"b": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}
     blob = json.dumps(header).encode()
     with open(tmp_path / "model-00002-of-00002.safetensors", "wb") as f:
@@ -98,7 +98,7 @@ def test_export_tensors_inverts_the_plan():
     store = _store()
     params = assemble_params(store, _plan(), _target())
     shapes = {k: v.shape for k, v in store.items()}
-    exported = __import__("qwenimage_jax.convert.params", fromlist=["export_tensors"]).export_tensors(
+    exported = __import__("qwenimage_jax.checkpoints.params", fromlist=["export_tensors"]).export_tensors(
         params, _plan(), shapes)
     assert sorted(exported) == sorted(store)
     for k in store:

@@ -7,8 +7,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from qwenimage_jax.convert.params import WeightKeyError
-from qwenimage_jax.models.dinov2 import load_dinov2
+from qwenimage_jax.checkpoints.params import WeightKeyError
+from qwenimage_jax.checkpoints import load_dinov2
 from tests.conftest import max_rel_err
 
 TOL = 1e-4
@@ -96,7 +96,7 @@ def test_rejects_sizes_off_the_patch_grid(models):
 
 
 def test_orbax_round_trip(models, tmp_path):
-    from qwenimage_jax.convert.orbax_io import save_component
+    from qwenimage_jax.checkpoints.orbax_io import save_component
 
     _, ours = models
     save_component(str(tmp_path / "dino"), ours.params, ours.config, "dinov2")

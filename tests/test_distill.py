@@ -10,9 +10,11 @@ import pytest
 
 from qwenimage_jax import cli
 from qwenimage_jax.config_cli import load_config
-from qwenimage_jax.convert.export_dit import export_transformer, read_sample_sigmas
+from qwenimage_jax.checkpoints.exporters import export_transformer
+from qwenimage_jax.checkpoints.pipeline_dir import read_sample_sigmas
 from qwenimage_jax.data import latent_records
-from qwenimage_jax.models.dit import DiTConfig, init_transformer, load_transformer
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiTConfig, init_transformer
 from qwenimage_jax.parallel.mesh import make_mesh
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import distill as dt

@@ -14,7 +14,8 @@ from diffusers import QwenImage21Transformer2DModel  # noqa: E402
 from diffusers.models.transformers import transformer_qwenimage21 as ref_lib  # noqa: E402
 
 from qwenimage_jax.models.attention import block_causal_mask  # noqa: E402
-from qwenimage_jax.models.dit import JointLayout, layout_key, load_transformer, token_metadata  # noqa: E402
+from qwenimage_jax.checkpoints import load_transformer  # noqa: E402
+from qwenimage_jax.models.dit import JointLayout, layout_key, token_metadata  # noqa: E402
 from qwenimage_jax.models.rope import rope_cos_sin, rope_position_ids  # noqa: E402
 from tests.conftest import max_rel_err  # noqa: E402
 
@@ -288,7 +289,7 @@ def test_released_config_has_the_reference_parameter_shapes():
 
     import flax.linen as nn
 
-    from qwenimage_jax.convert.dit import dit_plan
+    from qwenimage_jax.checkpoints.dit import dit_plan
     from qwenimage_jax.models.dit import abstract_params, dit_config_from
 
     spec = importlib.util.spec_from_file_location("dit_7b", "configs/dit_7b.py")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import QwenImage21Transformer2DModel
 
-from qwenimage_jax.models.dit import DiTConfig, abstract_params, init_transformer, load_transformer
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiTConfig, abstract_params, init_transformer
 from qwenimage_jax.parallel.mesh import make_mesh
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from tests.conftest import max_rel_err
@@ -112,7 +113,7 @@ def test_batch_not_divisible_by_data_fails_early(checkpoint, inputs):
 
 
 def test_orbax_copy_restores_onto_the_mesh(checkpoint, tmp_path):
-    from qwenimage_jax.convert.orbax_io import save_component
+    from qwenimage_jax.checkpoints.orbax_io import save_component
 
     source = load_transformer(checkpoint)
     save_component(str(tmp_path / "orbax"), source.params, source.config, "transformer")

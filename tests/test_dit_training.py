@@ -65,7 +65,7 @@ def test_loss_falls_on_structured_data(dataset, tmp_path):
     losses = [result["losses"][s] for s in sorted(result["losses"])]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
     # the run ends with a diffusers-format export that our loader reads back bit-exactly
-    from qwenimage_jax.models.dit import load_transformer
+    from qwenimage_jax.checkpoints import load_transformer
 
     loaded = load_transformer(result["export_dir"])
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(jax.device_get(result["state"].params))):
@@ -147,7 +147,7 @@ def test_init_from_loads_an_exported_transformer_inside_the_training_mesh(datase
     start state equals the export (params, EMA) with a fresh optimizer, on one device and on an fsdp x tensor mesh."""
     import flax.linen as nn
 
-    from qwenimage_jax.convert.export_dit import export_transformer
+    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.parallel.rules import LOGICAL_RULES
 
     config = tiny_config(dataset)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline, QwenImage21Transformer2DModel
 
-from qwenimage_jax.convert.export_dit import (SAFETENSORS_NAME, export_plan, export_transformer,
-                                              read_sample_sigmas, write_pipeline_dir)
-from qwenimage_jax.models.dit import DiTConfig, init_transformer, load_transformer
+from qwenimage_jax.checkpoints.dit import dit_plan
+from qwenimage_jax.checkpoints.exporters import SAFETENSORS_NAME, export_transformer
+from qwenimage_jax.checkpoints.pipeline_dir import read_sample_sigmas, write_pipeline_dir
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiTConfig, init_transformer
 from tests.conftest import max_rel_err
 
 CONFIG = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
@@ -68,10 +70,7 @@ def test_diffusers_loads_export_and_matches_our_module(ours, exported):
 
 
 def _exported_keys(model):
-    flat = jax.tree_util.tree_flatten_with_path(model.params)[0]
-    plan = export_plan(model.dit_config)
-    by_path = {tuple(p.key for p in path): leaf for path, leaf in flat}
-    return [fn(np.asarray(by_path[path])).keys() for path, fn in plan.items()]
+    return [spec.keys for spec in dit_plan(model.dit_config).values()]
 
 
 def test_round_trip_through_our_loader_is_bit_exact(ours, exported):

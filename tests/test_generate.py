@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwenimage_jax.models.qwen3_vl import load_text_encoder
+from qwenimage_jax.checkpoints import load_text_encoder
 from qwenimage_jax.text.generate import sample_next
 from qwenimage_jax.testing.tokenizer import build_tiny_tokenizer, special_token_ids
 from tests.qwen3_vl_tiny import TEXT_CONFIGS, build_reference

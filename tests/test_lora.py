@@ -188,7 +188,7 @@ def test_kohya_names_and_alphas_give_the_same_model(setup, tmp_path):
 def test_unknown_and_mismatched_keys_are_one_error(setup, tmp_path):
     from safetensors.numpy import save_file
 
-    from qwenimage_jax.convert.lora import LoraKeyError
+    from qwenimage_jax.checkpoints.lora import LoraKeyError
 
     _, ours, _ = setup
     bad = {"transformer.transformer_blocks.9.attn.to_q.lora_A.weight": np.zeros((2, 32), np.float32),

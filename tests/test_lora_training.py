@@ -17,7 +17,7 @@ def world(tmp_path_factory):
     """Cached structured latents and a random base transformer exported in diffusers format."""
     import jax
 
-    from qwenimage_jax.convert.export_dit import export_transformer
+    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.models.dit import init_transformer
 
     root = tmp_path_factory.mktemp("lora_train")
@@ -113,7 +113,7 @@ def test_exported_adapter_loads_in_diffusers_and_matches_ours(world, full_run):
     import torch
     from diffusers import QwenImage21Transformer2DModel
 
-    from qwenimage_jax.convert import lora as lora_io
+    from qwenimage_jax.checkpoints import lora as lora_io
 
     _, base_dir, base = world
     export = full_run["export_dir"]

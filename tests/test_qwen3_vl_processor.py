@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from qwenimage_jax.assets import photo_paths
-from qwenimage_jax.models.qwen3_vl.processor import (ImageProcessor, ImageProcessorConfig, get_rope_index,
+from qwenimage_jax.text.processor import (ImageProcessor, ImageProcessorConfig, get_rope_index,
                                                      preprocess_images, rgba_over_white, smart_resize)
 
 # (name, preprocessor_config.json): the released Qwen3-VL values, and a small-pixel budget that forces the

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwenimage_jax.convert.params import WeightKeyError
-from qwenimage_jax.models.qwen3_vl import load_text_encoder
+from qwenimage_jax.checkpoints.params import WeightKeyError
+from qwenimage_jax.checkpoints import load_text_encoder
 from qwenimage_jax.models.qwen3_vl.text import mrope_axis_of_frequency
 from qwenimage_jax.parallel.mesh import make_mesh
 from tests.conftest import max_rel_err
@@ -203,7 +203,7 @@ def test_deepstack_additions_and_image_scatter_match_reference_text_model(workdi
 
 
 def test_orbax_conversion_round_trip(workdir, encoders, tmp_path):
-    from qwenimage_jax.convert.orbax_io import save_component
+    from qwenimage_jax.checkpoints.orbax_io import save_component
 
     enc = encoders["untied_gqa3"]
     dst = save_component(str(tmp_path / "orbax"), enc.params, dict(enc.config), "text_encoder")

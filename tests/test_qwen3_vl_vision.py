@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwenimage_jax.convert.params import WeightKeyError, assemble_params
-from qwenimage_jax.convert.qwen3_vl_vision import vision_plan
-from qwenimage_jax.convert.safetensors_io import SafetensorsReader, load_json_config
+from qwenimage_jax.checkpoints.params import WeightKeyError, assemble_params
+from qwenimage_jax.checkpoints.qwen3_vl_vision import vision_plan
+from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader, load_json_config
 from qwenimage_jax.models.qwen3_vl.vision import (Qwen3VLVisionModel, VisionConfig, position_interpolation,
                                                   rotary_cos_sin)
 from qwenimage_jax.parallel.mesh import make_mesh

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qwenimage_jax.convert.params import WeightKeyError
-from qwenimage_jax.convert.safetensors_io import SafetensorsReader, WeightFileError
-from qwenimage_jax.models.dit import load_transformer
-from qwenimage_jax.models.vae import load_vae
+from qwenimage_jax.checkpoints.params import WeightKeyError
+from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader, WeightFileError
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.checkpoints import load_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TINY_WORLD = os.path.join(os.path.dirname(__file__), "..", "qwenimage_jax", "assets", "tiny_world")
@@ -161,7 +161,7 @@ def test_wrong_component():
 
 
 def test_orbax_directory_from_an_older_layout(tmp_path):
-    from qwenimage_jax.convert.orbax_io import MARKER, save_component
+    from qwenimage_jax.checkpoints.orbax_io import MARKER, save_component
 
     loaded = load_transformer(os.path.join(tiny_world_path(), "transformer"))
     params = jax.device_get(loaded.params)

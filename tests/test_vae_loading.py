@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from qwenimage_jax.cli import main as cli_main
-from qwenimage_jax.convert.params import WeightKeyError
-from qwenimage_jax.models.vae import VAEConfig, init_vae, load_vae, param_shardings
+from qwenimage_jax.checkpoints.params import WeightKeyError
+from qwenimage_jax.checkpoints import load_vae
+from qwenimage_jax.models.vae import VAEConfig, init_vae, param_shardings
 from qwenimage_jax.parallel.mesh import make_mesh
 
 # f4 RGBA, residual layout, temporal stage (so the checkpoint carries ignored time_conv weights)
@@ -166,3 +167,30 @@ def test_bf16_load_runs_and_stays_close(src, vae, images):
     ref = np.asarray(vae.encode(images))
     err = np.abs(np.asarray(half.encode(images), np.float32) - ref).max() / np.abs(ref).max()
     assert err < 5e-2
+
+
+def test_pipeline_restores_an_orbax_vae_onto_the_mesh(vae, images, tmp_path):
+    """`QwenImagePipeline.from_pretrained(..., mesh=...)` places an Orbax VAE by the logical rules, exactly as it
+    places a diffusers-format one (it used to compute VAE shardings for the diffusers format only, so an Orbax VAE
+    was restored with no target shardings)."""
+    from qwenimage_jax.checkpoints import export
+    from qwenimage_jax.checkpoints.pipeline_dir import write_pipeline_dir
+    from qwenimage_jax.models.dit import init_transformer
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    orbax_vae = export("vae", vae.params, vae.config, str(tmp_path / "vae_orbax"), format="orbax")
+    dit = init_transformer(dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, context_in_dim=32, mlp_ratio=3, axes_dims_rope=(4, 6, 6)),
+                           jax.random.key(0))
+    pipe_dir = write_pipeline_dir(str(tmp_path / "pipe"), dit.params, dit.dit_config,
+                                  components={"vae": orbax_vae})
+    mesh = make_mesh(data=4, tensor=2)
+    pipe = QwenImagePipeline.from_pretrained(pipe_dir, mesh=mesh, load_text_encoder=False)
+    want = param_shardings(vae.vae_config, mesh)
+    got = jax.tree.map(lambda a: a.sharding, pipe.vae.params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        assert a == b, f"{jax.tree_util.keystr(path)}: {a} != {b}"
+    # conv_out is split over `tensor`: the kernels really are spread over the mesh, not on one device
+    assert len(pipe.vae.params["decoder"]["conv_in"]["kernel"].sharding.device_set) == 8
+    np.testing.assert_allclose(pipe.vae.encode(images), vae.encode(images), rtol=0, atol=1e-5)

@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover
 import jax
 import jax.numpy as jnp
 
-from qwenimage_jax.models.vae import load_vae
+from qwenimage_jax.checkpoints import load_vae
 from qwenimage_jax.models.vae_blocks import RMSNorm, avg_down_3d, dup_up_3d
 from tests.conftest import max_rel_err
 

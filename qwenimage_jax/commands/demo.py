@@ -178,7 +178,7 @@ def run_photos(args):
 
     from qwenimage_jax.assets import load_photo, photo_names
     from qwenimage_jax.evals.vae import format_mean, format_row, image_metrics, reconstruct
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_vae
 
     if args.size % 16 or args.size <= 0:
         raise SystemExit(f"qwenimage-jax demo: --size {args.size} is not a positive multiple of 16; "

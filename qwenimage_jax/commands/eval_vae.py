@@ -26,7 +26,7 @@ def add_arguments(parser):
 def run(args):
     from qwenimage_jax.data import images as image_data
     from qwenimage_jax.evals import vae as vae_eval
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_vae
 
     start = time.perf_counter()
     vae = load_vae(args.vae)

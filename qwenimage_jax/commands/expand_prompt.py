@@ -26,7 +26,7 @@ def add_arguments(parser):
 def run(args, out=None):
     import jax.numpy as jnp
 
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.checkpoints import load_text_encoder
     from qwenimage_jax.text.expand import stream_expansion
 
     out = out or sys.stdout

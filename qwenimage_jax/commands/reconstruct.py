@@ -33,7 +33,7 @@ def run(args):
     from qwenimage_jax.assets import load_image
     from qwenimage_jax.evals.vae import format_mean, format_row, image_metrics, prepare_image, reconstruct, \
         side_multiple, to_model_input
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_vae
 
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
@@ -41,7 +41,7 @@ def run(args):
     vae = load_vae(args.vae, dtype=getattr(jnp, args.dtype))
     lpips = None
     if args.lpips:
-        from qwenimage_jax.models.lpips import load_lpips
+        from qwenimage_jax.checkpoints import load_lpips
         lpips = load_lpips()
     multiple = side_multiple(vae)
     out_dir = Path(args.out)

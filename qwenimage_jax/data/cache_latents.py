@@ -81,8 +81,8 @@ def cache_latents(source: str, vae_path: str, text_encoder_path: str, out_dir: s
     from tqdm import tqdm
 
     from qwenimage_jax.data import latent_records
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
-    from qwenimage_jax.models.vae import load_vae
+    from qwenimage_jax.checkpoints import load_text_encoder
+    from qwenimage_jax.checkpoints import load_vae
 
     vae = load_vae(vae_path)
     text_encoder = load_text_encoder(text_encoder_path, tokenizer_path=tokenizer_path)

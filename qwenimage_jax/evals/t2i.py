@@ -88,7 +88,7 @@ def judge_images(images: np.ndarray, records) -> dict[str, float]:
 
 def load_expander(model_dir: str):
     """MODEL_DIR/expander: the world model's prompt expander (a Qwen3-VL text model with its tokenizer)."""
-    from qwenimage_jax.models.qwen3_vl import load_text_encoder
+    from qwenimage_jax.checkpoints import load_text_encoder
 
     path = os.path.join(model_dir, "expander")
     if not os.path.isdir(path):

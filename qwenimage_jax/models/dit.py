@@ -2,9 +2,8 @@
 
 Public API
 ----------
-    load_transformer(path, dtype=jnp.float32, *, param_dtype=None, mesh=None, shardings=None, **runtime) -> Transformer
-        `path`: a diffusers transformer directory (config.json + [sharded] safetensors) or our Orbax directory.
-        Tensors stream one at a time onto `shardings` (or the rule-derived shardings of `mesh`).
+    checkpoints.load("transformer", path, dtype=..., mesh=None, shardings=None, **runtime) -> Transformer
+        (the loader lives in `checkpoints/`; this module only defines the model and the loaded object)
     init_transformer(config, key, mesh=None) -> Transformer          # random init, jitted straight into shardings
     Transformer.__call__(hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
                          encoder_hidden_states_mask=None, kv_cache_mode=None, kv_cache=None, return_dict=True)
@@ -61,7 +60,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -69,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.models.component import Component
 from qwenimage_jax.models.attention import BACKENDS, attention, block_causal_mask
 from qwenimage_jax.models.kv_cache import PrefixKV
 from qwenimage_jax.models.rope import apply_rope, rope_cos_sin, rope_position_ids
@@ -670,7 +669,7 @@ def param_shardings(config: DiTConfig, mesh):
     return logical_shardings(abstract_params(config), mesh)
 
 
-class Transformer:
+class Transformer(Component):
     """A loaded DiT: `.module` (Linen `DiT`), `.params` (unboxed tree), `.config` (diffusers dict), callable like
     the reference forward (jitted per layout and mode)."""
 
@@ -717,58 +716,8 @@ class Transformer:
 
 
 def _to_jax(x):
-    if x is None:
-        return None
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return jnp.asarray(x)
-
-
-TRANSFORMER_CLASSES = ("QwenImage21Transformer2DModel", "QwenImageTransformer2DModel")
-
-
-def _check_transformer_config(config: dict, path: str) -> None:
-    """Refuses another component's config.json (a VAE, a text encoder) before any weight is read."""
-    name = config.get("_class_name")
-    other = name is not None and name not in TRANSFORMER_CLASSES
-    if other or "z_dim" in config or "model_type" in config:
-        found = name or config.get("model_type") or "a VAE"
-        raise ValueError(f"{os.path.join(path, 'config.json')}: _class_name/model_type is {found!r}, not a Qwen-Image-2 "
-                         f"transformer ({' or '.join(TRANSFORMER_CLASSES)}); point at the model's transformer/ "
-                         "directory")
-
-
-def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, shardings=None,
-                     **runtime) -> Transformer:
-    """Loads a diffusers `transformer/` directory (sharded safetensors supported) or our Orbax directory.
-
-    dtype: compute dtype (and parameter dtype unless `param_dtype` is given). mesh: place parameters by the
-    logical rules (and run calls under it); shardings: an explicit tree of shardings instead.
-    runtime: DiTConfig runtime fields (attention="cudnn", remat="full", ...).
-    """
-    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config, restore_params
-    from qwenimage_jax.convert.safetensors_io import SafetensorsReader, load_json_config
-
-    param_dtype = dtype if param_dtype is None else param_dtype
-    orbax = is_orbax_component(path)
-    config = load_component_config(path, "transformer") if orbax else load_json_config(path)
-    _check_transformer_config(config, path)
-    cfg = DiTConfig.from_diffusers(config, dtype=dtype, param_dtype=param_dtype, **runtime)
-    abstract = abstract_params(cfg)
-    if shardings is None and mesh is not None:
-        shardings = param_shardings(cfg, mesh)
-    if orbax:
-        from qwenimage_jax.convert.params import unbox_abstract
-
-        unboxed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), unbox_abstract(abstract))
-        params = restore_params(path, unboxed, shardings)
-    else:
-        from qwenimage_jax.convert.dit import dit_plan
-        from qwenimage_jax.convert.params import assemble_params
-
-        params = assemble_params(SafetensorsReader(path), dit_plan(cfg), abstract, dtype=param_dtype,
-                                 shardings=shardings, source=f"transformer checkpoint {path!r}")
-    return Transformer(DiT(cfg), params, config, mesh=mesh)
+    """numpy / jax arrays (or nested lists) -> jax arrays; a torch tensor is the caller's to convert first."""
+    return None if x is None else jnp.asarray(x)
 
 
 def init_transformer(config, key, mesh=None) -> Transformer:

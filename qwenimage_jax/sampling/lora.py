@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenimage_jax.convert import lora as lora_io
+from qwenimage_jax.checkpoints import lora as lora_io
 
 
 @dataclasses.dataclass

@@ -113,7 +113,7 @@ def _normalize_mask(mask, batch: int, length: int):
 class QwenImagePipeline(LoraMixin):
     """Loaded Qwen-Image-2 components + the jitted sampler. Build with `from_pretrained` or from components.
 
-    transformer: `models.dit.Transformer`; vae: `models.vae.VAE`; text_encoder: `models.qwen3_vl.TextEncoder` or
+    transformer: `models.dit.Transformer`; vae: `models.vae.VAE`; text_encoder: `text.encoder.TextEncoder` or
     None (then pass `prompt_embeds`); scheduler_config: diffusers scheduler config dict; sample_sigmas: default
     grid from model_index.json (Turbo) or None; mesh: optional `jax.sharding.Mesh` with a data/fsdp axis.
     """
@@ -154,11 +154,8 @@ class QwenImagePipeline(LoraMixin):
             default); model_index.json's `sample_sigmas` belong to the default transformer and are then not used.
         transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn".
         """
-        from qwenimage_jax.convert.safetensors_io import load_json_config
-        from qwenimage_jax.models.dit import load_transformer
-        from qwenimage_jax.models.vae import load_vae
-        from qwenimage_jax.models.vae import param_shardings as vae_param_shardings
-        from qwenimage_jax.models.vae import VAEConfig
+        from qwenimage_jax import checkpoints
+        from qwenimage_jax.checkpoints.safetensors_io import load_json_config
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -177,25 +174,18 @@ class QwenImagePipeline(LoraMixin):
             scheduler_config = load_json_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         if not os.path.isdir(os.path.join(path, transformer_subfolder)):
             raise FileNotFoundError(f"{path!r} has no {transformer_subfolder}/ directory")
-        transformer = load_transformer(os.path.join(path, transformer_subfolder), dtype, mesh=mesh,
-                                       **transformer_runtime)
-        vae_dtype = dtype if vae_dtype is None else vae_dtype
-        vae_shardings = None
-        if mesh is not None:
-            vae_cfg = VAEConfig.from_diffusers(load_json_config(os.path.join(path, "vae"))) \
-                if not _is_orbax(os.path.join(path, "vae")) else None
-            if vae_cfg is not None:
-                vae_shardings = vae_param_shardings(vae_cfg, mesh)
-        vae = load_vae(os.path.join(path, "vae"), vae_dtype, vae_shardings)
+        transformer = checkpoints.load("transformer", os.path.join(path, transformer_subfolder), dtype=dtype,
+                                       mesh=mesh, **transformer_runtime)
+        # The loader derives the VAE's shardings from `mesh` for either format (diffusers or Orbax).
+        vae = checkpoints.load("vae", os.path.join(path, "vae"), dtype=dtype if vae_dtype is None else vae_dtype,
+                               mesh=mesh)
         text_encoder = None
         te_entry = index.get("text_encoder", ["", ""])
         te_dir = os.path.join(path, "text_encoder")
         if load_text_encoder and os.path.isdir(te_dir) and not (isinstance(te_entry, list) and te_entry[0] is None):
-            from qwenimage_jax.models.qwen3_vl import load_text_encoder as load_te
-
             tok_dir = next((os.path.join(path, d) for d in ("processor", "tokenizer")
                             if os.path.isdir(os.path.join(path, d))), None)
-            text_encoder = load_te(te_dir, dtype, mesh=mesh, tokenizer_path=tok_dir)
+            text_encoder = checkpoints.load("text_encoder", te_dir, dtype=dtype, mesh=mesh, tokenizer_path=tok_dir)
         sample_sigmas = index.get("sample_sigmas") if transformer_subfolder == "transformer" else None
         return cls(transformer, vae, text_encoder, scheduler_config, sample_sigmas, mesh)
 
@@ -514,9 +504,3 @@ class QwenImagePipeline(LoraMixin):
         if not return_dict:
             return (result,)
         return QwenImagePipelineOutput(images=result)
-
-
-def _is_orbax(path: str) -> bool:
-    from qwenimage_jax.convert.orbax_io import is_orbax_component
-
-    return os.path.isdir(path) and is_orbax_component(path)

@@ -21,12 +21,8 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-# `scheduler/scheduler_config.json` of Qwen/Qwen-Image-2.1 (and 1.0).
-QWEN_IMAGE_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-    base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
-    invert_sigmas=False, stochastic_sampling=False, use_karras_sigmas=False, use_exponential_sigmas=False,
-    use_beta_sigmas=False)
+# the values of Qwen/Qwen-Image-2.1's scheduler_config.json, defined with the pipeline-directory writer
+from qwenimage_jax.checkpoints.pipeline_dir import QWEN_IMAGE_SCHEDULER_CONFIG
 
 
 @dataclasses.dataclass(frozen=True)

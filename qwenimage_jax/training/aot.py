@@ -261,7 +261,7 @@ def build_train_dit(config, mesh, resolution: int = 1024) -> Program:
 def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     """The `train-lora` step at `resolution`²: the frozen base (config.model shape, stored in config.base_dtype,
     sharded by the rules) is an argument, the TrainState holds only the factors and their AdamW moments."""
-    from qwenimage_jax.convert.params import unbox_abstract
+    from qwenimage_jax.checkpoints.params import unbox_abstract
     from qwenimage_jax.models.dit import DiT, DiTConfig, abstract_params, param_shardings
     from qwenimage_jax.training import dit as dit_train
     from qwenimage_jax.training import lora as lora_train
@@ -417,7 +417,8 @@ def build_sample(config, mesh, resolution: int = 1024, steps: int = 40, cfg_scal
 
 def build_encode_prompt(config, mesh, batch: int | None = None, prompt_tokens: int | None = None) -> Program:
     """Qwen3-VL prompt encoding (`TextEncoder._forward`, last-layer pre-norm states, no logits)."""
-    from qwenimage_jax.models.qwen3_vl.model import TextEncoder, abstract_params, build_module
+    from qwenimage_jax.models.qwen3_vl.model import abstract_params, build_module
+    from qwenimage_jax.text.encoder import TextEncoder
     from qwenimage_jax.parallel.rules import logical_shardings
     from qwenimage_jax.training.state import abstract_state
 

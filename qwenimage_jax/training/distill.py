@@ -42,8 +42,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenimage_jax.data import latent_records
+from qwenimage_jax.checkpoints import load_transformer
 from qwenimage_jax.models.dit import (DiT, DiTConfig, _dummy_inputs, check_parallelism, init_transformer,
-                                      load_transformer, param_shardings)
+                                      param_shardings)
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import dmd
@@ -73,8 +74,8 @@ def teacher_fields(config) -> dict:
     (config.model is then ignored), else `config.model` (random teacher: smoke tests only)."""
     if config.get("teacher"):
         path = config.teacher
-        from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config
-        from qwenimage_jax.convert.safetensors_io import load_json_config
+        from qwenimage_jax.checkpoints.orbax_io import is_orbax_component, load_component_config
+        from qwenimage_jax.checkpoints.safetensors_io import load_json_config
 
         return load_component_config(path, "transformer") if is_orbax_component(path) else load_json_config(path)
     return dict(config.model)
@@ -399,7 +400,7 @@ def distill(config, workdir: str) -> dict[str, Any]:
 def export_student(config, state: DistillState, dst: str) -> str:
     """Writes the student (EMA when kept) as a QwenImage21Pipeline directory with the student's `sample_sigmas`;
     other components are copied from `config.export.components` ({"vae": DIR, ...}) when given."""
-    from qwenimage_jax.convert.export_dit import write_pipeline_dir
+    from qwenimage_jax.checkpoints.pipeline_dir import write_pipeline_dir
 
     cfg, _ = model_configs(config)
     params = state.student.ema_params if state.student.ema_params is not None else state.student.params

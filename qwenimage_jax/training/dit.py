@@ -26,7 +26,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenimage_jax.data import latent_records
-from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs, check_parallelism, load_transformer
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs, check_parallelism
 from qwenimage_jax.parallel.distributed import maybe_initialize
 from qwenimage_jax.parallel.mesh import mesh_from_config
 from qwenimage_jax.parallel.rules import rules_for
@@ -270,7 +271,7 @@ def train(config, workdir: str) -> dict[str, Any]:
             return None
         # A diffusers-format transformer dir (EMA weights) that load_transformer, the pipeline and `distill
         # --config.teacher=` read. Multi-host runs export from a checkpoint restored on one host instead.
-        from qwenimage_jax.convert.export_dit import export_transformer
+        from qwenimage_jax.checkpoints.exporters import export_transformer
 
         export_transformer(export_params(final_state), module.config, export_dir)
         log.info("exported the %s weights to %s", "EMA" if final_state.ema_params is not None else "raw", export_dir)

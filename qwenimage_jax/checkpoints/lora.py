@@ -22,8 +22,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from qwenimage_jax.convert.dit import dit_plan
-from qwenimage_jax.convert.safetensors_io import SafetensorsReader, WeightFileError, read_json_file, read_metadata
+from qwenimage_jax.checkpoints.dit import dit_plan
+from qwenimage_jax.checkpoints.safetensors_io import (SafetensorsReader, WeightFileError, read_json_file, read_metadata,
+                                                      write_safetensors)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -297,7 +298,6 @@ def save_lora(directory: str, factors: Mapping, config, *, rank: int, alpha: flo
               weight_name: str = DIFFUSERS_WEIGHT_NAME) -> str:
     """Writes `directory/pytorch_lora_weights.safetensors` as diffusers' `save_lora_weights` does (keys and the
     `lora_adapter_metadata` LoraConfig), so `QwenImage21Pipeline.load_lora_weights(directory)` reads it."""
-    from qwenimage_jax.convert.export_dit import _write_safetensors
 
     state = to_torch_state(factors, config)
     if not state:
@@ -309,7 +309,7 @@ def save_lora(directory: str, factors: Mapping, config, *, rank: int, alpha: flo
     os.makedirs(directory, exist_ok=True)
     file = os.path.join(directory, weight_name)
     tmp = file + ".tmp"
-    _write_safetensors(tmp, sorted(state.items()), {METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
+    write_safetensors(tmp, sorted(state.items()), {METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
     os.replace(tmp, file)
     return file
 

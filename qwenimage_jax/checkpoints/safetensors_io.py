@@ -11,7 +11,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -213,3 +213,67 @@ class SafetensorsReader:
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:
             yield key, self[key]
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
+             np.dtype(np.float64): "F64"}
+
+
+def write_safetensors(file: str, tensors: list[tuple[str, np.ndarray]], metadata: dict | None = None) -> None:
+    """One safetensors file (header + raw little-endian tensors), written here so bf16 needs no torch."""
+    header, offset = {}, 0
+    for key, array in tensors:
+        if array.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {key!r} has dtype {array.dtype}; export as float32, float16 or bfloat16")
+        header[key] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
+                       "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, array in tensors:
+            f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def write_weights(dst: str, tensors: Iterable[tuple[str, np.ndarray]], stem: str = "diffusion_pytorch_model",
+                  max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
+    """Writes `(key, array)` pairs as `dst/STEM.safetensors`, or numbered shards + `STEM.safetensors.index.json`
+    past `max_shard_bytes` (the layout diffusers and transformers read); returns the files written. At most one
+    shard is in host memory at a time. Refuses a destination that already holds safetensors weights."""
+    os.makedirs(dst, exist_ok=True)
+    if any(f.endswith(".safetensors") for f in os.listdir(dst)):
+        raise FileExistsError(f"{dst} already holds safetensors weights; choose an empty destination")
+    shard: list[tuple[str, np.ndarray]] = []
+    shard_bytes, total = 0, 0
+    tmp_files: list[str] = []
+    shard_keys: list[list[str]] = []
+
+    def flush():
+        tmp_files.append(os.path.join(dst, f"_shard_{len(tmp_files):05d}.tmp"))
+        write_safetensors(tmp_files[-1], shard)
+        shard_keys.append([k for k, _ in shard])
+
+    for key, array in tensors:
+        if shard_bytes and shard_bytes + array.nbytes > max_shard_bytes:
+            flush()
+            shard, shard_bytes = [], 0
+        shard.append((key, np.ascontiguousarray(array)))
+        shard_bytes += array.nbytes
+        total += array.nbytes
+    if shard or not tmp_files:
+        flush()
+    if len(tmp_files) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(tmp_files):05d}.safetensors" for i in range(len(tmp_files))]
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for keys, name in zip(shard_keys, names) for k in keys}}
+        with open(os.path.join(dst, f"{stem}.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+    for tmp, name in zip(tmp_files, names):
+        os.replace(tmp, os.path.join(dst, name))
+    return [os.path.join(dst, name) for name in names]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qwenimage_jax.convert.params import WeightSpec, conv2d_kernel, unchanged
+from qwenimage_jax.checkpoints.params import WeightSpec, conv2d_kernel, unchanged
 
 if TYPE_CHECKING:
     from qwenimage_jax.models.vae import VAEConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwenimage_jax.convert.params import WeightSpec, linear_kernel, stack_layers, unchanged
+from qwenimage_jax.checkpoints.params import WeightSpec, linear_kernel, stack_layers, unchanged
 from qwenimage_jax.models.qwen3_vl.vision import VisionConfig
 
 

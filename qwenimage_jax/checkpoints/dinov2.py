@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from qwenimage_jax.convert.params import WeightSpec, conv2d_kernel, linear_kernel, stack_layers, unchanged
+from qwenimage_jax.checkpoints.params import WeightSpec, conv2d_kernel, linear_kernel, stack_layers, unchanged
 
 if TYPE_CHECKING:
     from qwenimage_jax.models.dinov2 import Dinov2Config

@@ -1,23 +1,26 @@
 """Torch-key -> Flax-path plan for the Qwen-Image-2 DiT (`QwenImage21Transformer2DModel` -> `models.dit.DiT`).
 
 Per-block tensors are stacked on a leading `layers` axis (the blocks run under `nn.scan`); attention projections
-are reshaped to (embed, heads, head_dim) / (heads, head_dim, embed) so heads can be sharded by name.
+are reshaped to (embed, heads, head_dim) / (heads, head_dim, embed) so heads can be sharded by name. Every spec
+carries its reference shapes, so `export_tensors` inverts this plan without torch (`checkpoints/exporters.py`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from qwenimage_jax.convert.params import WeightSpec, linear_kernel, stack_layers, unchanged
+from qwenimage_jax.checkpoints.params import WeightSpec, linear_kernel, stack_layers, unchanged
 
 
 def _heads_in(key: str, heads: int, head_dim: int) -> WeightSpec:
     """torch (heads*head_dim, embed) -> (embed, heads, head_dim)."""
-    return WeightSpec((key,), lambda a: np.transpose(a[0]).reshape(-1, heads, head_dim))
+    return WeightSpec((key,), lambda a: np.transpose(a[0]).reshape(-1, heads, head_dim),
+                      lambda s: ((s[1] * s[2], s[0]),))
 
 
 def _heads_out(key: str, heads: int, head_dim: int) -> WeightSpec:
     """torch (embed, heads*head_dim) -> (heads, head_dim, embed)."""
-    return WeightSpec((key,), lambda a: np.transpose(a[0]).reshape(heads, head_dim, -1))
+    return WeightSpec((key,), lambda a: np.transpose(a[0]).reshape(heads, head_dim, -1),
+                      lambda s: ((s[2], s[0] * s[1]),))
 
 
 def dit_plan(config) -> dict[tuple[str, ...], WeightSpec]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax
 import jax
@@ -22,25 +22,37 @@ class WeightKeyError(ValueError):
     """Checkpoint and model disagree on key names or shapes."""
 
 
+Shape = tuple[int, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """Torch keys feeding one Flax leaf and the transform applied to the list of arrays."""
+    """Torch keys feeding one Flax leaf and the transform applied to the list of arrays.
+
+    reference_shapes: the torch shapes of `keys` given the Flax leaf's shape, so `export_tensors` can invert the
+        plan without the reference model; None where the leaf alone does not tell them (pass `torch_shapes`).
+    layers: for a stacked leaf, its per-layer specs; export inverts one layer at a time, so the index probes stay
+        the size of one layer rather than the whole stack.
+    """
     keys: tuple[str, ...]
     transform: Callable[[list[np.ndarray]], np.ndarray]
+    reference_shapes: Callable[[Shape], tuple[Shape, ...]] | None = None
+    layers: tuple["WeightSpec", ...] | None = None
 
 
 def unchanged(key: str) -> WeightSpec:
-    return WeightSpec((key,), lambda a: a[0])
+    return WeightSpec((key,), lambda a: a[0], lambda shape: (tuple(shape),))
 
 
 def linear_kernel(key: str) -> WeightSpec:
     """torch Linear `(out, in)` -> flax Dense kernel `(in, out)`."""
-    return WeightSpec((key,), lambda a: np.transpose(a[0]))
+    return WeightSpec((key,), lambda a: np.transpose(a[0]), lambda shape: (tuple(shape)[::-1],))
 
 
 def conv2d_kernel(key: str) -> WeightSpec:
     """torch Conv2d `(O, I, kh, kw)` -> flax Conv `(kh, kw, I, O)`."""
-    return WeightSpec((key,), lambda a: np.transpose(a[0], (2, 3, 1, 0)))
+    return WeightSpec((key,), lambda a: np.transpose(a[0], (2, 3, 1, 0)),
+                      lambda s: ((s[3], s[2], s[0], s[1]),))
 
 
 def stack_layers(specs: Sequence[WeightSpec]) -> WeightSpec:
@@ -64,7 +76,12 @@ def stack_layers(specs: Sequence[WeightSpec]) -> WeightSpec:
             del layer
         return out
 
-    return WeightSpec(keys, transform)
+    def reference_shapes(shape: Shape) -> tuple[Shape, ...]:
+        if any(s.reference_shapes is None for s in specs):
+            raise WeightKeyError(f"{keys[0]}: a layer of this stacked leaf has no reference shapes")
+        return tuple(t for s in specs for t in s.reference_shapes(tuple(shape)[1:]))
+
+    return WeightSpec(keys, transform, reference_shapes, tuple(specs))
 
 
 def _flatten(tree: Mapping) -> dict[tuple[str, ...], Any]:
@@ -205,36 +222,68 @@ def _first_non_finite(array: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int
 
 
 def export_tensors(params: Mapping, plan: Mapping[tuple[str, ...], WeightSpec],
-                   torch_shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
-    """The inverse of `assemble_params`: Flax params -> `{torch_key: array}` in the reference layout.
+                   torch_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """The inverse of `assemble_params`: Flax params -> `{torch_key: array}` in the reference layout (all at once;
+    `iter_export_tensors` yields them leaf by leaf)."""
+    return dict(iter_export_tensors(params, plan, torch_shapes))
+
+
+def iter_export_tensors(params: Mapping, plan: Mapping[tuple[str, ...], WeightSpec],
+                        torch_shapes: Mapping[str, Sequence[int]] | None = None,
+                        dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields `(torch_key, array)` for every key of the plan, one Flax leaf at a time (a large model is never
+    twice in host memory).
 
     Works for every plan whose transforms only move elements (transpose, reshape, stack): each transform is
     applied to arrays of element indices, which tells where every element of the Flax leaf came from.
-    `torch_shapes` gives the reference shape of each key (e.g. from the reference model's state dict, or the
-    keys of a checkpoint written earlier).
+    The reference shape of each key comes from `torch_shapes` (e.g. the reference model's state dict) when given,
+    else from the spec's `reference_shapes`. dtype: cast each float tensor to it (None keeps the leaf's dtype).
     """
     flat = _flatten(unbox_abstract(params))
-    out: dict[str, np.ndarray] = {}
     for path, spec in plan.items():
         if path not in flat:
             raise WeightKeyError(f"params have no leaf {'/'.join(path)} required by the plan")
+        value = np.asarray(jax.device_get(flat[path]))
+        if dtype is not None and _is_float(value.dtype) and value.dtype != np.dtype(dtype):
+            value = value.astype(np.dtype(dtype))
+        if spec.layers is not None:
+            if value.shape[0] != len(spec.layers):
+                raise WeightKeyError(f"{'/'.join(path)}: leading layers axis is {value.shape[0]}, the plan "
+                                     f"stacks {len(spec.layers)} layers")
+            for layer, layer_spec in zip(value, spec.layers):
+                yield from _invert(path, layer_spec, layer, torch_shapes).items()
+        else:
+            yield from _invert(path, spec, value, torch_shapes).items()
+        del value
+
+
+def _invert(path, spec: WeightSpec, value: np.ndarray, torch_shapes) -> dict[str, np.ndarray]:
+    """One leaf (or one layer of a stacked leaf) -> its torch tensors, by probing the transform with indices."""
+    if torch_shapes is not None:
         missing = [k for k in spec.keys if k not in torch_shapes]
         if missing:
             raise WeightKeyError(f"no reference shape for {missing}")
         shapes = [tuple(int(d) for d in torch_shapes[k]) for k in spec.keys]
-        sizes = [int(np.prod(s)) for s in shapes]
-        offsets = np.cumsum([0] + sizes)
-        probes = [np.arange(o, o + n, dtype=np.int64).reshape(s) for o, n, s in zip(offsets, sizes, shapes)]
-        index = np.rint(np.asarray(spec.transform(probes), dtype=np.float64)).astype(np.int64)
-        value = np.asarray(jax.device_get(flat[path]))
-        if index.shape != value.shape:
-            raise WeightKeyError(f"{'/'.join(path)}: the plan maps {spec.keys[0]} to shape {index.shape}, "
-                                 f"but the params hold {value.shape}")
-        total = int(offsets[-1])
-        if index.size != total or not np.array_equal(np.sort(index.ravel()), np.arange(total)):
-            raise WeightKeyError(f"{'/'.join(path)}: its transform is not a pure rearrangement; export it by hand")
-        buffer = np.empty(total, value.dtype)
-        buffer[index.ravel()] = value.ravel()
-        for key, shape, start, size in zip(spec.keys, shapes, offsets, sizes):
-            out[key] = buffer[start:start + size].reshape(shape)
-    return out
+    elif spec.reference_shapes is not None:
+        shapes = [tuple(int(d) for d in s) for s in spec.reference_shapes(tuple(value.shape))]
+    else:
+        raise WeightKeyError(f"{'/'.join(path)}: the plan cannot tell the reference shapes of {spec.keys[0]} "
+                             "from the leaf; pass torch_shapes (e.g. from the reference model's state dict)")
+    sizes = [int(np.prod(s)) for s in shapes]
+    offsets = np.cumsum([0] + sizes)
+    total = int(offsets[-1])
+    index_dtype = np.int32 if total < 2 ** 31 else np.int64  # half the probe memory for every realistic layer
+    probes = [np.arange(o, o + n, dtype=index_dtype).reshape(s) for o, n, s in zip(offsets, sizes, shapes)]
+    index = np.asarray(spec.transform(probes))
+    if not np.issubdtype(index.dtype, np.integer):
+        index = np.rint(index.astype(np.float64)).astype(np.int64)
+    if index.shape != value.shape:
+        raise WeightKeyError(f"{'/'.join(path)}: the plan maps {spec.keys[0]} to shape {index.shape}, "
+                             f"but the params hold {value.shape}")
+    flat_index = index.ravel()
+    if index.size != total or not np.array_equal(np.sort(flat_index), np.arange(total)):
+        raise WeightKeyError(f"{'/'.join(path)}: its transform is not a pure rearrangement; export it by hand")
+    buffer = np.empty(total, value.dtype)
+    buffer[flat_index] = value.ravel()
+    return {key: buffer[start:start + size].reshape(shape)
+            for key, shape, start, size in zip(spec.keys, shapes, offsets, sizes)}

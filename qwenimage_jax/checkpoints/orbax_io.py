@@ -21,7 +21,7 @@ def is_orbax_component(path: str) -> bool:
     cfg = os.path.join(path, "config.json")
     if not (os.path.isdir(os.path.join(path, "params")) and os.path.exists(cfg)):
         return False
-    from qwenimage_jax.convert.safetensors_io import read_json_file
+    from qwenimage_jax.checkpoints.safetensors_io import read_json_file
 
     return MARKER in read_json_file(cfg, "config.json")
 
@@ -50,7 +50,7 @@ FORMAT = 1
 
 def load_component_config(path: str, component: str) -> dict:
     """The reference config of a converted directory, checked to be a `component` in our current format."""
-    from qwenimage_jax.convert.safetensors_io import read_json_file
+    from qwenimage_jax.checkpoints.safetensors_io import read_json_file
 
     file = os.path.join(path, "config.json")
     config = read_json_file(file, "config.json")
