@@ -82,3 +82,13 @@ def test_bad_inputs_have_clear_errors():
         sch.flow_match_sigmas(None, 4096, sch.QWEN_IMAGE_SCHEDULER_CONFIG, sigmas=[1.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="stochastic_sampling"):
         sch.SchedulerConfig.from_dict(dict(stochastic_sampling=True))
+
+
+def test_one_step_grid_is_finite_where_the_reference_is_nan():
+    """One step: the reference's terminal stretch divides 0 by 0 (NaN sigmas, black images); ours keeps the
+    single step from pure noise to the image."""
+    ref, _ = _reference(sch.QWEN_IMAGE_SCHEDULER_CONFIG, 1, 4096)
+    assert np.isnan(ref.sigmas.numpy()[0])
+    sigmas, timesteps = sch.flow_match_sigmas(1, 4096, sch.QWEN_IMAGE_SCHEDULER_CONFIG)
+    np.testing.assert_array_equal(sigmas, np.array([1.0, 0.0], np.float32))
+    np.testing.assert_array_equal(timesteps, np.array([1000.0], np.float32))

@@ -124,7 +124,9 @@ def flow_match_sigmas(num_steps: int | None, image_seq_len: int, config: Mapping
         grid = _time_shift(config, mu, grid)
     else:
         grid = config.shift * grid / (1 + (config.shift - 1) * grid)
-    if config.shift_terminal:
+    # the terminal stretch maps the last sigma to shift_terminal; with ONE sigma that is 0/0 (diffusers returns
+    # NaN sigmas for num_inference_steps=1 and samples black images), so a one-step grid is left as it is
+    if config.shift_terminal and len(grid) > 1:
         one_minus = 1 - grid
         scale = one_minus[-1] / (1 - config.shift_terminal)
         grid = 1 - (one_minus / scale)
