@@ -53,6 +53,11 @@ def tiny_config(data_path: str, **overrides):
     config.progress = False
     config.checkpoint.every = 10
     config.optimizer.learning_rate = dict(name="warmup_constant", peak_value=1e-3, warmup_steps=5)
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+    """Sets dotted keys ("optimizer.learning_rate.peak_value") of a ConfigDict in place; returns it."""
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")

@@ -36,13 +36,7 @@ def _config(world, **overrides):
     data, base_dir, _ = world
     config = load_config(os.path.join(CONFIGS, "lora_tiny.py"), [])
     config.base, config.data.path, config.progress = base_dir, data, False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return fx.apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from qwenimage_jax.models.dit import (DiT, DiTConfig, _dummy_inputs, check_paral
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import dmd
-from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout, start_run
+from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout, latent_dataset, start_run
 from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.loop import Task, run
 from qwenimage_jax.training.state import TrainState, apply_gradients, make_optimizer, param_count, state_shardings
@@ -369,10 +369,7 @@ def distill(config, workdir: str) -> dict[str, Any]:
     with nn.logical_axis_rules(LOGICAL_RULES):
         teacher_params = load_teacher(config, mesh, teacher_shardings)
 
-    dataset = latent_records.bucketed_batches(
-        config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
-        seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
-        process_index=proc, process_count=n_proc)
+    dataset = latent_dataset(config, global_batch, n_proc, proc)
     data_iter = latent_records.iterate(dataset)
     null_text = null_text_for(config)
 

@@ -214,6 +214,15 @@ def _global_batch(batch: dict, sharding) -> dict:
 # The loop
 
 
+def latent_dataset(config, global_batch: int, n_proc: int, proc: int):
+    """This host's share of the cached-latent batches (`config.data`), bucketed by layout: the data path every
+    DiT-family trainer (DiT, LoRA, distillation) reads."""
+    return latent_records.bucketed_batches(
+        config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
+        seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
+        process_index=proc, process_count=n_proc)
+
+
 def start_run(config, workdir: str, devices=None) -> tuple[Any, int, int, int]:
     """The common start of a DiT-family run (training, distillation): multi-host init, the mesh (over `devices`,
     default all), the workdir, and the global batch checked against the process count.
@@ -240,10 +249,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         state, shardings, module, tx, lr_schedule = init_state(config, mesh, key)
     log.info("DiT with %.2fM parameters on mesh %s", param_count(state.params) / 1e6, dict(mesh.shape))
 
-    dataset = latent_records.bucketed_batches(
-        config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
-        seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
-        process_index=proc, process_count=n_proc)
+    dataset = latent_dataset(config, global_batch, n_proc, proc)
     null_text = _null_text(config.data.path, int(config.data.max_text_tokens))
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     batch_checksums = []

@@ -30,8 +30,8 @@ from qwenimage_jax.data import latent_records
 from qwenimage_jax.checkpoints import load_transformer
 from qwenimage_jax.models.dit import DiT, abstract_params
 from qwenimage_jax.parallel.rules import logical_shardings, rules_for
-from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, make_loss_fn,
-                                        start_run)
+from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, latent_dataset,
+                                        make_loss_fn, start_run)
 from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.state import TrainState, abstract_state, apply_gradients, make_optimizer, sharded_init
 
@@ -194,10 +194,7 @@ def train(config, workdir: str, base=None) -> dict[str, Any]:
     log.info("LoRA rank %d on %d linears: %d trainable parameters (%.3f%% of the base's %d)",
              int(config.lora.rank), len(layout), n_train, 100 * n_train / n_base, n_base)
     base_shardings = jax.tree.map(lambda x: x.sharding, base_params)
-    dataset = latent_records.bucketed_batches(
-        config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
-        seed=int(config.data.seed), bucket_weights=dict(config.data.bucket_weights or {}) or None,
-        process_index=proc, process_count=n_proc)
+    dataset = latent_dataset(config, global_batch, n_proc, proc)
     null_text = _null_text(config.data.path, int(config.data.max_text_tokens))
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     export_dir = os.path.join(workdir, "export", "lora")
