@@ -59,6 +59,7 @@ G = {
  "on_nonfinite": "DiT trainer: a step whose loss or gradient norm is NaN/Inf is never applied; `stop` raises naming the step, the batch and the last good checkpoint, `skip` logs, counts and goes on (docs/reliability.md).",
  "progress": "Show a tqdm progress bar on process 0.",
  "peak_flops_per_device": "Peak FLOP/s of one device for the logged MFU (e.g. 989e12 H100/H200 bf16, 459e12 TPU v5p); 0 disables MFU.",
+ "sharding_rules": "Which logical-axis rules table places weights and activations (parallel/rules.py RULE_PRESETS): fsdp (default: weights over fsdp/tensor), replicated (pure data parallel), tensor (heads/mlp only, no per-step weight all-gather).",
  "base": "LoRA trainer: the frozen base model's transformer/ directory (diffusers or Orbax).",
  "base_dtype": "LoRA trainer: storage dtype of the frozen base (bfloat16 halves its memory; the factors stay fp32).",
  "lora.rank": "LoRA rank r of every adapted linear.",
@@ -201,6 +202,13 @@ lines = ["# Configuration reference", "",
  "This page was generated from the config files (default `get_config()` of each) by `python docs/gen_configuration.py`; the meaning of each",
  "key comes from the trainers that read it (`training/vae.py`, `training/dit.py`, `training/distill.py`,",
  "`training/text_lm.py`, `commands/sample.py`). Keys are listed per file with their default values.", "",
+ "## Shared trainer keys (the one loop)", "",
+ "`train-dit`, `train-lora` and `distill` run in `training/loop.py`, which reads these keys the same way in each:",
+ "`steps` (stop there; resume continues to it), `log_every`, `progress`, `on_nonfinite` (`stop` | `skip`: a NaN/Inf",
+ "step never reaches the state), `checkpoint.every` / `checkpoint.keep` / `checkpoint.async_save` (Orbax, with the",
+ "data iterator, so a resume sees the same batches), `export` (a bool, or a dict with `enabled`), `mesh.*` and",
+ "`sharding_rules`. `train-vae` still reads its own names (`total_steps`, `checkpoint_every`, `keep_checkpoints`,",
+ "`async_checkpoint`); moving it onto the loop is open work.", "",
  "## Files", "", "| config | what it is |", "|---|---|"]
 for n, v in r.items():
     first = v["doc"].split("\n\n")[0].replace("\n", " ")
