@@ -70,6 +70,7 @@ import numpy as np
 from qwenimage_jax.models.component import Component
 from qwenimage_jax.models.attention import BACKENDS, attention, block_causal_mask
 from qwenimage_jax.models.kv_cache import PrefixKV
+from qwenimage_jax.models.layers import rms_normalize
 from qwenimage_jax.models.rope import apply_rope, rope_cos_sin, rope_position_ids
 
 IMG_TOKENS_PER_SLOT = 4  # one VLM image slot = a 2x2 group of latent tokens
@@ -375,8 +376,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         init = nn.initializers.zeros if self.zero_centred else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, self.names), (self.dim,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        xf = rms_normalize(x.astype(jnp.float32), self.eps)
         scale = scale.astype(jnp.float32) + (1.0 if self.zero_centred else 0.0)
         return (xf * scale).astype(x.dtype)
 

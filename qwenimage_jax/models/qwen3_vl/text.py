@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenimage_jax.models.kv_cache import KVCache
+from qwenimage_jax.models.layers import rms_normalize, rotate_half
 from qwenimage_jax.models.qwen3_vl.config import TextConfig
 
 Dtype = Any
@@ -51,9 +52,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x (batch, tokens, heads, head_dim); cos/sin (batch, tokens, head_dim): x*cos + rotate_half(x)*sin."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    out = x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
     return out.astype(dtype)
 
 
@@ -69,7 +68,7 @@ class RMSNorm(nn.Module):
                             (self.dim,), self.param_dtype)
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalize(x32, self.eps)
         return weight.astype(dtype) * normed.astype(dtype)
 
 

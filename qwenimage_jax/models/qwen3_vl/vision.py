@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenimage_jax.models.attention import attention
+from qwenimage_jax.models.layers import rotate_half
 from qwenimage_jax.models.qwen3_vl.text import Projection
 
 Dtype = Any
@@ -174,9 +175,7 @@ def _layer_norm(dim_name: str, eps: float, param_dtype, name: str) -> nn.LayerNo
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x (N, heads, head_dim), cos/sin (N, head_dim): fp32 x*cos + rotate_half(x)*sin, back to x's dtype."""
     x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+    return (x32 * cos[:, None] + rotate_half(x32) * sin[:, None]).astype(x.dtype)
 
 
 class VisionBlock(nn.Module):
