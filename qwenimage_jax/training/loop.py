@@ -33,8 +33,8 @@ class Task:
     """What a trainer plugs into `run`.
 
     state: the initial state, or a function returning it (called only when there is no checkpoint).
-    step_for(layout) -> a compiled `(state, batch, key) -> (state, metrics)`; metrics hold "loss" and, when the
-    step guards itself with `guards.keep_finite`, "finite". layout_of(local batch) -> a hashable layout key (one
+    step_for(layout) -> a compiled `(state, batch, key) -> (state, metrics)`; metrics hold "loss", "grad_norm" and
+    "finite" (the step guards itself with `guards.keep_finite`). layout_of(local batch) -> a hashable layout key (one
     compiled step per key). to_global(local batch) -> the global (sharded) batch. export(state) -> a path or None.
     postfix(scalars) -> what the progress bar shows.
     """
@@ -100,8 +100,9 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
             t0 = time.perf_counter()
             state, metrics = steps_cache[layout](state, batch, jax.random.fold_in(task.key, step))
             step += 1
-            if "finite" not in metrics:  # a step without its own guard: check the loss on the host
-                metrics = dict(metrics, finite=jax.numpy.isfinite(metrics["loss"]))
+            if "finite" not in metrics:
+                raise KeyError(f"{task.name}: the step's metrics lack 'finite'; guard it with "
+                               "training.guards.keep_finite (a NaN/Inf step must not reach the state)")
             finite = monitor.check(step, step - 1, metrics)   # one batch per step: batch index = step - 1
             if finite and (step % int(config.log_every) == 0 or step == total):
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
