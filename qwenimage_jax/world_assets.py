@@ -5,6 +5,9 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
   text      configs/world_text_lm.py: BPE tokenizer, text encoder (next-token pretraining on captions), prompt
             expander (fine-tuned on short -> rich pairs)                          -> WORKDIR/{tokenizer,text_encoder,expander}
   expander  only the expander fine-tune again, from WORKDIR/text_encoder (after --text-from)  -> WORKDIR/expander
+  text_check  the cheap test of the text states before the long DiT run: a fresh DiT trained `check.steps` on
+            `check.num_scenes` cached scenes (WORKDIR's VAE, else the shipped one), then the swapped-prompt loss gap
+            per attribute (evals.conditioning)                                  -> WORKDIR/text_check.json
   vae       configs/world_vae.py through the VAE trainer, once per arm of the alignment ablation ("align":
             the recipe; "noalign": the same with no alignment gradient)          -> WORKDIR/vae{,_noalign}_diffusers
   cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents{,_noalign}
@@ -38,7 +41,7 @@ import time
 
 import numpy as np
 
-STAGES = ("text", "expander", "vae", "cache", "dit", "ablation", "distill", "assemble", "figures")
+STAGES = ("text", "expander", "text_check", "vae", "cache", "dit", "ablation", "distill", "assemble", "figures")
 # ablation arm -> (suffix of its WORKDIR paths, config overrides of its VAE run)
 ARMS = {"align": ("", []), "noalign": ("_noalign", ["--config.losses.align.probe_only=True"])}
 SHIPPED_ARM = "align"
@@ -75,7 +78,8 @@ def stage_text(workdir: str, config_arg=None) -> dict:
 
     c = _config("world_text_lm", config_arg)
     t0 = time.time()
-    pre_pairs = text_lm.world_text_pairs(c.pretrain.num_captions, seed=c.seed)
+    pre_items = text_lm.world_text_scenes(c.pretrain.num_captions, seed=c.seed)
+    pre_pairs = [(caption, short) for caption, short, _, _ in pre_items]
     exp_pairs = text_lm.world_text_pairs(c.expand.num_pairs, seed=c.seed + 1)
     held_pairs = text_lm.world_text_pairs(c.eval_captions, seed=c.seed + 2, split="heldout")
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -90,23 +94,48 @@ def stage_text(workdir: str, config_arg=None) -> dict:
 
     pre = arrays(text_lm.encoder_sequences(tokenizer, [r for r, _ in pre_pairs]))
     pre_eval = arrays(text_lm.encoder_sequences(tokenizer, [r for r, _ in held_pairs]))
-    print(f"[text] vocab {len(tokenizer)}, pretrain {pre[0].shape}", flush=True)
+    field_weight = float(c.pretrain.get("field_weight", 0.0))
+    targets = None
+    if field_weight > 0:  # the states must keep every stated attribute (see text_lm.field_targets)
+        targets = text_lm.field_targets(tokenizer, [(cap, scene, spans) for cap, _, scene, spans in pre_items],
+                                        pre[0].shape[1])
+    print(f"[text] vocab {len(tokenizer)}, pretrain {pre[0].shape}, field targets: {targets is not None}", flush=True)
     params = text_lm.init_params(module, c.seed)
     loss0 = text_lm.eval_loss(module, params, pre_eval)
     t1 = time.time()
     params, hist_pre = text_lm.train_lm(module, params, pre, seed=c.seed, steps=c.pretrain.steps,
                                         batch_size=c.pretrain.batch_size, learning_rate=c.pretrain.learning_rate,
-                                        warmup_steps=c.pretrain.warmup_steps)
+                                        warmup_steps=c.pretrain.warmup_steps, field_targets=targets,
+                                        field_weight=field_weight)
     t_pre = time.time() - t1
     loss_pre = text_lm.eval_loss(module, params, pre_eval)
     text_lm.save_text_model(params, config, os.path.join(workdir, "text_encoder"), tok_dir, seed=c.seed)
+    probe = text_probe_report(workdir, small=(config_arg in ("smoke", "test")))
     exp_stats, hist_exp = _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir)
     stats = dict(vocab=len(tokenizer), heldout_caption_loss_init=round(loss0, 4),
-                 heldout_caption_loss_pretrained=round(loss_pre, 4), pretrain_seconds=round(t_pre, 1), **exp_stats)
+                 heldout_caption_loss_pretrained=round(loss_pre, 4), pretrain_seconds=round(t_pre, 1),
+                 swap_change_min=round(min(probe["swap"].values()), 3),
+                 probe_accuracy_min=round(min(probe["probe"].values()), 3), **exp_stats)
     text_lm.save_history(os.path.join(workdir, "text_history.json"), pretrain=hist_pre, expand=hist_exp, stats=stats)
     print(f"[text] {stats}", flush=True)
     _record(workdir, "text", time.time() - t0, **stats)
     return stats
+
+
+def text_probe_report(workdir: str, small: bool = False) -> dict:
+    """evals.text_probe on WORKDIR/text_encoder (one-word swaps, linear probes, embedding cosines) ->
+    WORKDIR/text_probe.json."""
+    from qwenimage_jax.checkpoints import load_text_encoder
+    from qwenimage_jax.evals import text_probe
+
+    encoder = load_text_encoder(os.path.join(workdir, "text_encoder"), with_vision=False,
+                                tokenizer_path=os.path.join(workdir, "tokenizer"))
+    sizes = dict(num_swaps=8, num_train=64, num_test=16) if small else {}
+    report = text_probe.report(encoder, **sizes)
+    with open(os.path.join(workdir, "text_probe.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"[text] probe {report}", flush=True)
+    return report
 
 
 def _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir):
@@ -152,6 +181,54 @@ def stage_expander(workdir: str) -> dict:
     print(f"[expander] {stats}", flush=True)
     _record(workdir, "expander", time.time() - t0, **stats)
     return stats
+
+
+def stage_text_check(workdir: str, steps: int = 150, num_scenes: int = 2000) -> dict:
+    """A fresh DiT (configs/world_dit.py) trained `steps` steps on `num_scenes` scenes encoded with WORKDIR's text
+    encoder: how much of each attribute it already takes from the prompt (loss gaps, evals.conditioning). The
+    background must show a gap >= 0.5 before the long teacher run is worth its time."""
+    from qwenimage_jax import checkpoints
+    from qwenimage_jax.checkpoints.exporters import export_transformer
+    from qwenimage_jax.evals import conditioning
+    from qwenimage_jax.models.dit import dit_config_from
+    from qwenimage_jax.training.dit import export_params, train
+
+    t0 = time.time()
+    vae_dir = os.path.join(workdir, "vae_diffusers")
+    if not os.path.exists(os.path.join(vae_dir, "config.json")):
+        vae_dir = os.path.join(DEFAULT_OUT, "vae")
+    check = os.path.join(workdir, "text_check")
+    latents = os.path.join(check, "latents")
+    if not os.path.exists(os.path.join(latents, "meta.json")):
+        _cli(["cache-latents", "--source", f"world:{num_scenes}:train:{_image_size()}", "--vae", vae_dir,
+              "--text-encoder", os.path.join(workdir, "text_encoder"), "--tokenizer", os.path.join(workdir, "tokenizer"),
+              "--out", latents])
+    vae = checkpoints.load("vae", vae_dir)
+    config = _config("world_dit")
+    config.data.path = latents
+    config.steps = steps
+    config.model.in_channels = config.model.out_channels = int(vae.vae_config.z_dim)
+    config.optimizer.learning_rate.decay_steps = steps
+    config.checkpoint.every = steps
+    result = train(config, os.path.join(check, "dit"))
+    # the raw weights: after 150 steps an EMA of decay 0.995 still holds half of the initialisation
+    export_transformer(export_params(result["state"], use_ema=False), dit_config_from(config),
+                       os.path.join(check, "transformer"))
+    transformer = checkpoints.load("transformer", os.path.join(check, "transformer"))
+    encoder = checkpoints.load("text_encoder", os.path.join(workdir, "text_encoder"), with_vision=False,
+                               tokenizer_path=os.path.join(workdir, "tokenizer"))
+    gaps = conditioning.prompt_gaps(transformer, vae, encoder, num=64, split="train", seed=5, size=_image_size())
+    gaps = {k: round(v, 4) for k, v in gaps.items()}
+    # at sigma 0.98 the noisy latent shows almost nothing: what the DiT knows there comes from the prompt
+    high = conditioning.prompt_gaps(transformer, vae, encoder, num=64, split="train", seed=5, size=_image_size(),
+                                    sigmas=(0.98,))
+    gaps.update({f"{k}@0.98": round(v, 4) for k, v in high.items()})
+    with open(os.path.join(workdir, "text_check.json"), "w") as f:
+        json.dump(dict(steps=steps, num_scenes=num_scenes, vae=vae_dir, gaps=gaps), f, indent=1)
+    print(f"[text_check] loss gaps after {steps} steps: {gaps}", flush=True)
+    _record(workdir, "text_check", time.time() - t0, steps=steps, **{f"gap_{k}": v for k, v in gaps.items()
+                                                                     if k.startswith(("background", "loss"))})
+    return gaps
 
 
 def copy_text_stage(model_dir: str, workdir: str) -> None:
@@ -606,6 +683,8 @@ def main(argv=None) -> int:
             stage_text(args.workdir, args.config_arg)
     if "expander" in stages and (args.stage or args.text_from):  # a full run's text stage made it already
         stage_expander(args.workdir)
+    if "text_check" in stages:
+        stage_text_check(args.workdir, *((2, 16) if CONFIG_ARG == "smoke" else ()))
     for name in arms:
         if "vae" in stages:
             stage_vae(args.workdir, name)

@@ -258,17 +258,27 @@ def shape_noun(shape: str, count: Optional[int]) -> str:
 
 def group_phrase(group: ObjectGroup, rng: np.random.Generator) -> str:
     """"two small red circles on the left"; unspecified fields are left out."""
-    words = []
+    return group_phrase_fields(group, rng)[0]
+
+
+def group_phrase_fields(group: ObjectGroup, rng: np.random.Generator) -> tuple[str, dict[str, tuple[int, int]]]:
+    """`group_phrase` and the character span (start, end) of each stated field's words in it (count, size, colour,
+    shape, position): where a text encoder reads each attribute (`rich_caption_spans`)."""
+    words: list[tuple[str, str]] = []  # (field, text)
     if group.count is not None:
-        words.append(_pick(rng, ("a", "one")) if group.count == 1 else NUMBER_WORDS[group.count])
+        words.append(("count", _pick(rng, ("a", "one")) if group.count == 1 else NUMBER_WORDS[group.count]))
     if group.size is not None:
-        words.append(_pick(rng, SIZE_WORDS[group.size]))
-    words += [group.colour, shape_noun(group.shape, group.count)]
-    if group.count == 1 and words[0] == "a" and words[1][0] in "aeiou":
-        words[0] = "an"
+        words.append(("size", _pick(rng, SIZE_WORDS[group.size])))
+    words += [("colour", group.colour), ("shape", shape_noun(group.shape, group.count))]
+    if group.count == 1 and words[0][1] == "a" and words[1][1][0] in "aeiou":
+        words[0] = ("count", "an")
     if group.position is not None:
-        words.append(_pick(rng, POSITION_PHRASES[group.position]))
-    return " ".join(words)
+        words.append(("position", _pick(rng, POSITION_PHRASES[group.position])))
+    spans, cursor = {}, 0
+    for field, text in words:
+        spans[field] = (cursor, cursor + len(text))
+        cursor += len(text) + 1
+    return " ".join(text for _, text in words), spans
 
 
 def join_phrases(phrases: list[str]) -> str:
@@ -279,7 +289,15 @@ def join_phrases(phrases: list[str]) -> str:
 
 def rich_caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption stating every attribute of a fully specified scene, phrased from several templates."""
-    groups = join_phrases([group_phrase(g, rng) for g in scene.groups])
+    return rich_caption_spans(scene, rng)[0]
+
+
+def rich_caption_spans(scene: Scene, rng: np.random.Generator) -> tuple[str, dict]:
+    """`rich_caption` (same text, same draws from `rng`) and where its attributes are written: {"groups": one
+    {field: (start, end)} per group in scene order, with "phrase" the whole group phrase; "background": (start,
+    end) of the background colour word}, as character offsets into the caption."""
+    phrases = [group_phrase_fields(g, rng) for g in scene.groups]
+    groups = join_phrases([text for text, _ in phrases])
     texture = _pick(rng, TEXTURE_WORDS[scene.texture])
     background = f"{texture} {scene.background}".strip()
     if scene.word is None:
@@ -301,7 +319,26 @@ def rich_caption(scene: Scene, rng: np.random.Generator) -> str:
         template = "{groups} on a {background} background"
     text = template.format(groups=groups, background=background, word_phrase=word_phrase, word_sentence=word_sentence)
     text = text.strip()
-    return text[0].upper() + text[1:]
+    text = text[0].upper() + text[1:]
+    # offsets: the group list appears once (case aside: the caption may start with it); the background colour
+    # names are not object colours, so its first occurrence before "back" is the background's
+    start = text.lower().index(groups.lower())
+    group_spans = []
+    for (phrase, fields), offset in zip(phrases, _phrase_offsets([p for p, _ in phrases])):
+        spans = {k: (start + offset + a, start + offset + b) for k, (a, b) in fields.items()}
+        spans["phrase"] = (start + offset, start + offset + len(phrase))
+        group_spans.append(spans)
+    bg = text.index(f"{scene.background} back")
+    return text, {"groups": group_spans, "background": (bg, bg + len(scene.background))}
+
+
+def _phrase_offsets(phrases: list[str]) -> list[int]:
+    """Start of each phrase in `join_phrases(phrases)`."""
+    offsets, cursor = [], 0
+    for i, phrase in enumerate(phrases):
+        offsets.append(cursor)
+        cursor += len(phrase) + (2 if i < len(phrases) - 2 else 5)  # ", " between, " and " before the last
+    return offsets
 
 
 # ---------------------------------------------------------------------------------------------------- sampling

@@ -57,13 +57,19 @@ def world_text_pairs(num: int, seed: int = 0, split: str = "train") -> list[tupl
     Text only: the scene content is sampled and captioned without rendering the image (rendering costs ~50 ms a
     scene on a loaded CPU; the caption depends on the content alone), so these pairs are not the WorldSource records.
     """
+    return [(caption, short) for caption, short, _, _ in world_text_scenes(num, seed, split)]
+
+
+def world_text_scenes(num: int, seed: int = 0, split: str = "train") -> list[tuple[str, str, object, dict]]:
+    """`world_text_pairs` with each caption's Scene and attribute spans: (rich caption, short prompt, scene, spans)."""
     from qwenimage_jax.data import prompts, world
 
     rng = np.random.default_rng([seed, 7919, {"train": 0, "heldout": 1, "all": 2}[split]])
     out = []
     for _ in range(num):
         scene = world._sample_content(rng, split, 0.0)
-        out.append((world.rich_caption(scene, rng), prompts.degrade_record(scene, rng)[0]))
+        caption, spans = world.rich_caption_spans(scene, rng)
+        out.append((caption, prompts.degrade_record(scene, rng)[0], scene, spans))
     return out
 
 
@@ -113,6 +119,55 @@ def encoder_sequences(tokenizer, captions: Sequence[str]) -> list[tuple[list[int
     return out
 
 
+# Scene-field targets of the text encoder's states (the auxiliary objective; `field_targets`): a head per field
+# reads every token of a group phrase once the field's words have been read, and the background from its word
+# on; the prompt's last token also predicts the whole scene (background + both group slots in caption order,
+# class 0 = no such group).
+LOCAL_HEADS = ("background", "colour", "shape", "count", "size", "position")
+SUMMARY_HEADS = ("summary_background",) + tuple(f"slot{g}_{f}" for g in range(2) for f in LOCAL_HEADS[1:])
+
+
+def head_classes() -> tuple[int, ...]:
+    """Number of classes of each head of LOCAL_HEADS + SUMMARY_HEADS."""
+    from qwenimage_jax.evals.text_probe import num_classes
+
+    local = tuple(num_classes(f) for f in LOCAL_HEADS)
+    return local + (local[0],) + tuple(num_classes(f) + 1 for _ in range(2) for f in LOCAL_HEADS[1:])
+
+
+def field_targets(tokenizer, items: Sequence[tuple[str, object, dict]], length: int) -> np.ndarray:
+    """Per-token class targets (N, length, heads) int32, -1 where a head has nothing to read, of each (caption,
+    scene, spans) as `encoder_sequences` tokenizes it, left-padded to `length` like `pad_left`."""
+    from qwenimage_jax.evals.text_probe import field_value
+    from qwenimage_jax.text import templates
+
+    offset = templates.T2I_TEMPLATE.index("{}")
+    heads = LOCAL_HEADS + SUMMARY_HEADS
+    out = np.full((len(items), length, len(heads)), -1, np.int32)
+    for i, (caption, scene, spans) in enumerate(items):
+        enc = tokenizer(templates.build_prompt(caption), return_offsets_mapping=True)
+        starts = np.asarray([a for a, _ in enc["offset_mapping"]])
+        n = len(starts) + 1  # encoder_sequences closes the prompt with <|im_end|>
+        labels = out[i, length - n:]
+
+        def token_at(char_end: int) -> int:  # the token holding the caption's character char_end - 1
+            return int(np.nonzero(starts <= offset + char_end - 1)[0].max())
+
+        for g, group_spans in enumerate(spans["groups"]):
+            last = token_at(group_spans["phrase"][1])
+            for field in LOCAL_HEADS[1:]:
+                if field in group_spans:
+                    labels[token_at(group_spans[field][1]):last + 1, heads.index(field)] = field_value(scene, field, g)
+        labels[token_at(spans["background"][1]):n - 1, heads.index("background")] = field_value(scene, "background")
+        end = n - 2  # the prompt's last token: the last text state the DiT reads
+        labels[end, heads.index("summary_background")] = field_value(scene, "background")
+        for g in range(2):
+            for field in LOCAL_HEADS[1:]:
+                value = field_value(scene, field, g) + 1 if g < len(scene.groups) else 0
+                labels[end, heads.index(f"slot{g}_{field}")] = value
+    return out
+
+
 def expansion_sequences(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """(ids, loss mask) of (short prompt -> rich caption) chats; loss on the answer and its <|im_end|> only."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -145,12 +200,15 @@ def hf_config(tokenizer, model: dict) -> dict:
     tid = tokenizer.convert_tokens_to_ids
     vocab = int(np.ceil(len(tokenizer) / 64) * 64)
     hidden = int(model["hidden_size"])
+    # tied input/output embeddings collapse words that nothing in the captions predicts (the world's independent,
+    # uniform attributes) onto one output vector, and so one input vector; the world encoder unties them
+    tie = bool(model.get("tie_word_embeddings", True))
     text = dict(model_type="qwen3_vl_text", vocab_size=vocab, hidden_size=hidden,
                 intermediate_size=int(model["intermediate_size"]), num_hidden_layers=int(model["num_hidden_layers"]),
                 num_attention_heads=int(model["num_attention_heads"]),
                 num_key_value_heads=int(model["num_key_value_heads"]), head_dim=int(model["head_dim"]),
                 hidden_act="silu", max_position_embeddings=int(model.get("max_position_embeddings", 1024)),
-                rms_norm_eps=1e-6, attention_bias=False, attention_dropout=0.0, tie_word_embeddings=True,
+                rms_norm_eps=1e-6, attention_bias=False, attention_dropout=0.0, tie_word_embeddings=tie,
                 rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
                                  "mrope_section": list(model["mrope_section"])},
                 bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
@@ -160,7 +218,7 @@ def hf_config(tokenizer, model: dict) -> dict:
     return dict(model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"], text_config=text,
                 vision_config=vision, image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
                 vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-                tie_word_embeddings=True)
+                tie_word_embeddings=tie)
 
 
 def text_module(config: dict):
@@ -184,10 +242,37 @@ def init_params(module, seed: int):
     return init(jax.random.PRNGKey(seed))
 
 
+def init_field_heads(hidden_size: int, classes: Sequence[int], seed: int) -> list[dict]:
+    """One linear head (kernel (D, C), bias (C,)) per scene field: the auxiliary readers of `train_lm`."""
+    keys = jax.random.split(jax.random.PRNGKey(seed + 101), len(classes))
+    return [{"kernel": jax.random.normal(k, (hidden_size, c), jnp.float32) / np.sqrt(hidden_size),
+             "bias": jnp.zeros((c,), jnp.float32)} for k, c in zip(keys, classes)]
+
+
+def field_loss(heads: list[dict], states: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean cross-entropy of each head's prediction from the RMS-normalised states (the DiT normalises the text
+    states before reading them, so only their direction counts) where targets >= 0. states (B, L, D), targets
+    (B, L, heads)."""
+    normed = states * jax.lax.rsqrt(jnp.mean(states.astype(jnp.float32) ** 2, -1, keepdims=True) + 1e-6)
+    total = count = 0.0
+    for h, head in enumerate(heads):
+        logp = jax.nn.log_softmax(normed @ head["kernel"] + head["bias"], axis=-1)
+        target = targets[..., h]
+        valid = (target >= 0).astype(jnp.float32)
+        nll = -jnp.take_along_axis(logp, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
+        total, count = total + (nll * valid).sum(), count + valid.sum()
+    return total / jnp.maximum(count, 1.0)
+
+
 def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate: float, warmup_steps: int = 50,
              weight_decay: float = 0.01, seed: int = 0, log: Optional[Callable[[str], None]] = print,
-             log_every: int = 100):
+             log_every: int = 100, field_targets: Optional[np.ndarray] = None, field_weight: float = 1.0):
     """AdamW (warmup + cosine) next-token training on `data` = (ids, attention, loss_mask) (N, L) arrays.
+
+    field_targets (N, L, heads) (`field_targets`): adds `field_weight` x the cross-entropy of linear heads reading
+    the scene's fields from the output states, so the states must keep every attribute the caption states (next-token
+    prediction alone does not: the world's attributes are independent and uniform, so nothing predicts them). The
+    heads are trained alongside and discarded.
 
     Returns (params, history list of (step, mean loss over the last log_every steps)).
     """
@@ -200,34 +285,46 @@ def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate
                                                   learning_rate * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98,
                                                                    weight_decay=weight_decay))
-    opt_state = jax.jit(tx.init)(params)
+    with_fields = field_targets is not None
+    if with_fields:
+        hidden = module.text_config.hidden_size
+        trained = {"model": params, "heads": init_field_heads(hidden, head_classes(), seed)}
+        targets_all = np.asarray(field_targets, np.int32)
+    else:
+        trained, targets_all = {"model": params}, np.zeros((n, 1, 0), np.int32)
+    opt_state = jax.jit(tx.init)(trained)
 
-    def loss_fn(p, ids, attn, mask):
-        logits = module.apply({"params": p}, ids, attn, positions, compute_logits=True)["logits"]
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    def loss_fn(p, ids, attn, mask, targets):
+        out = module.apply({"params": p["model"]}, ids, attn, positions, compute_logits=True)
+        logp = jax.nn.log_softmax(out["logits"][:, :-1], axis=-1)
         nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         weight = mask[:, 1:]
-        return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+        lm = (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+        fields = field_loss(p["heads"], out["pre_norm"], targets) if with_fields else jnp.zeros(())
+        return lm + field_weight * fields, (lm, fields)
 
     @jax.jit
-    def step(p, state, ids, attn, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(p, ids, attn, mask)
+    def step(p, state, ids, attn, mask, targets):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, ids, attn, mask, targets)
         updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
+        return optax.apply_updates(p, updates), state, jnp.stack([loss, *parts])
 
     rng = np.random.default_rng(seed)
     history, window, t0 = [], [], time.time()
     for i in range(1, steps + 1):
         idx = rng.integers(0, n, batch_size)
-        params, opt_state, loss = step(params, opt_state, ids_all[idx], attn_all[idx], mask_all[idx])
-        window.append(loss)
+        trained, opt_state, losses = step(trained, opt_state, ids_all[idx], attn_all[idx], mask_all[idx],
+                                          targets_all[idx])
+        window.append(losses)
         if i % log_every == 0 or i == steps:
-            mean = float(np.mean(jax.device_get(window)))
-            history.append((i, mean))
+            mean = np.mean(jax.device_get(window), axis=0)
+            history.append((i, float(mean[0])) if not with_fields else (i, float(mean[0]), float(mean[1]),
+                                                                          float(mean[2])))
             window = []
             if log:
-                log(f"step {i}/{steps} loss {mean:.4f} ({time.time() - t0:.0f}s)")
-    return params, history
+                extra = f" (next-token {mean[1]:.4f}, fields {mean[2]:.4f})" if with_fields else ""
+                log(f"step {i}/{steps} loss {mean[0]:.4f}{extra} ({time.time() - t0:.0f}s)")
+    return trained["model"], history
 
 
 def eval_loss(module, params, data, batch_size: int = 64) -> float:

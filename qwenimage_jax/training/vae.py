@@ -217,6 +217,29 @@ def evaluate(reconstruct_fn, vae_params, images: np.ndarray, batch_size: int = 8
     return {"psnr": float(np.mean(psnr(recons, images, 2.0))), "ssim": float(np.mean(ssim(recons, images, 2.0)))}
 
 
+def world_judge_set(spec) -> tuple[np.ndarray, list] | None:
+    """Whole world scenes in [-1, 1] and their records for `eval.judge` = dict(length, seed, split, size)."""
+    if not spec:
+        return None
+    from qwenimage_jax.data import world
+    from qwenimage_jax.data.world_source import WorldSource
+
+    source = WorldSource(int(spec["length"]), seed=int(spec["seed"]), split=spec.get("split", "heldout"),
+                         size=int(spec["size"]))
+    items = [source[i] for i in range(len(source))]
+    images = np.stack([r["image"] for r in items]).astype(np.float32) / 127.5 - 1.0
+    return images, [world.Scene.from_json(r["record_json"]) for r in items]
+
+
+def judge_reconstructions(reconstruct_fn, params, images, records, batch_size: int = 8) -> dict[str, float]:
+    """The world judge's accuracy per attribute on the reconstructions (eval/judge_*)."""
+    from qwenimage_jax.data import judge
+
+    recons = np.concatenate([np.asarray(reconstruct_fn(params["vae"], images[i:i + batch_size]))
+                             for i in range(0, len(images), batch_size)])
+    return {f"judge_{k}": v for k, v in judge.evaluate(np.clip(recons, -1, 1), records).items()}
+
+
 # ------------------------------------------------------------------------------------------------------ train
 @dataclasses.dataclass
 class Setup:
@@ -332,6 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
                                     * vae_cfg.z_dim)
         from qwenimage_jax.metrics.image_quality import psnr
         writer.write_scalars(0, {"eval/bicubic_baseline_psnr": float(np.mean(psnr(baseline, eval_images, 2.0)))})
+    judged = world_judge_set(config.eval.get("judge")) if eval_every else None
 
     total_steps = int(config.total_steps)
     history, stopped_early = [], False
@@ -362,6 +386,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
                 if state.ema_params is not None:
                     ema_scores = evaluate(reconstruct, state.ema_params["vae"], eval_images)
                     scores.update({f"ema_{k}": v for k, v in ema_scores.items()})
+                if judged is not None:  # what the world's judge still sees in the reconstructions of whole scenes
+                    scores.update(judge_reconstructions(
+                        reconstruct, state.params if state.ema_params is None else state.ema_params, *judged))
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
             if on_step is not None:
                 on_step(step, metrics)
