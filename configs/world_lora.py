@@ -36,7 +36,7 @@ def get_config(arg=None):
                                           end_value=1e-4),
                        b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0)
     # as the teacher was trained (configs/world_dit.py)
-    c.flow = dict(distribution="logit_normal", mean=0.5, std=1.0, shift="tokens")
+    c.flow = dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens")
     c.cfg_dropout = 0.1
     c.data = dict(path="", max_text_tokens=64, seed=0, bucket_weights={})
     c.checkpoint = dict(every=100, keep=1, async_save=False)

@@ -9,6 +9,15 @@
 
     python -m qwenimage_jax.world_assets --stage text --workdir /tmp/world     # writes tokenizer/, text_encoder/,
                                                                                  # expander/ under the workdir
+
+Expected (WORKDIR/text_probe.json, `evals.text_probe.report`; 2 CPU cores, ~2 min pretraining + ~2 min expander):
+one changed attribute word moves the state at the changed token by 0.45 (position, size) to 0.92 (colour) of its
+norm; a linear probe reads every attribute of held-out captions at 1.0; attribute words' embeddings have mean
+pairwise cosines 0.12-0.38. Next-token pretraining alone, with tied embeddings, gave 0.03 (size) / 0.045 (count) /
+0.067 (background), probe accuracy 0.12-0.49 for all but position, cosines up to 0.99: the world's attributes are
+independent and uniform, so predicting the next token never needs them. Then `--stage text_check` (WORKDIR/
+text_check.json): a fresh DiT, 150 steps on these states, predicts sigma = 0.98 latents 0.82 worse from a caption
+with the background word swapped (the next-token-only states: +0.002).
 """
 import ml_collections
 

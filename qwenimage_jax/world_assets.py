@@ -10,6 +10,8 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
             per attribute (evals.conditioning)                                  -> WORKDIR/text_check.json
   vae       configs/world_vae.py through the VAE trainer, once per arm of the alignment ablation ("align":
             the recipe; "noalign": the same with no alignment gradient)          -> WORKDIR/vae{,_noalign}_diffusers
+  vae_decoder  configs/world_vae_decoder.py: the decoder fine-tuned for sharp outlines, the encoder (and so the
+            latents) frozen                                                     -> WORKDIR/vae{,_noalign}_diffusers
   cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents{,_noalign}
   dit       configs/world_dit.py through the DiT trainer (the 40-step teacher)     -> WORKDIR/transformer{,_noalign}
   ablation  the judge on both arms: VAE reconstructions and 40-step CFG teacher samples -> WORKDIR/ablation.json
@@ -41,7 +43,8 @@ import time
 
 import numpy as np
 
-STAGES = ("text", "expander", "text_check", "vae", "cache", "dit", "ablation", "distill", "assemble", "figures")
+STAGES = ("text", "expander", "text_check", "vae", "vae_decoder", "cache", "dit", "ablation", "distill", "assemble",
+          "figures")
 # ablation arm -> (suffix of its WORKDIR paths, config overrides of its VAE run)
 ARMS = {"align": ("", []), "noalign": ("_noalign", ["--config.losses.align.probe_only=True"])}
 SHIPPED_ARM = "align"
@@ -183,7 +186,7 @@ def stage_expander(workdir: str) -> dict:
     return stats
 
 
-def stage_text_check(workdir: str, steps: int = 150, num_scenes: int = 2000) -> dict:
+def stage_text_check(workdir: str, steps: int = 150, num_scenes: int = 2000, num_eval: int = 64) -> dict:
     """A fresh DiT (configs/world_dit.py) trained `steps` steps on `num_scenes` scenes encoded with WORKDIR's text
     encoder: how much of each attribute it already takes from the prompt (loss gaps, evals.conditioning). The
     background must show a gap >= 0.5 before the long teacher run is worth its time."""
@@ -217,11 +220,12 @@ def stage_text_check(workdir: str, steps: int = 150, num_scenes: int = 2000) -> 
     transformer = checkpoints.load("transformer", os.path.join(check, "transformer"))
     encoder = checkpoints.load("text_encoder", os.path.join(workdir, "text_encoder"), with_vision=False,
                                tokenizer_path=os.path.join(workdir, "tokenizer"))
-    gaps = conditioning.prompt_gaps(transformer, vae, encoder, num=64, split="train", seed=5, size=_image_size())
+    gaps = conditioning.prompt_gaps(transformer, vae, encoder, num=num_eval, split="train", seed=5,
+                                    size=_image_size())
     gaps = {k: round(v, 4) for k, v in gaps.items()}
     # at sigma 0.98 the noisy latent shows almost nothing: what the DiT knows there comes from the prompt
-    high = conditioning.prompt_gaps(transformer, vae, encoder, num=64, split="train", seed=5, size=_image_size(),
-                                    sigmas=(0.98,))
+    high = conditioning.prompt_gaps(transformer, vae, encoder, num=num_eval, split="train", seed=5,
+                                    size=_image_size(), sigmas=(0.98,))
     gaps.update({f"{k}@0.98": round(v, 4) for k, v in high.items()})
     with open(os.path.join(workdir, "text_check.json"), "w") as f:
         json.dump(dict(steps=steps, num_scenes=num_scenes, vae=vae_dir, gaps=gaps), f, indent=1)
@@ -229,6 +233,55 @@ def stage_text_check(workdir: str, steps: int = 150, num_scenes: int = 2000) -> 
     _record(workdir, "text_check", time.time() - t0, steps=steps, **{f"gap_{k}": v for k, v in gaps.items()
                                                                      if k.startswith(("background", "loss"))})
     return gaps
+
+
+BUILD_DIR = os.path.join(REPO, "world_build")
+# What a later run on another machine needs to go on from where a build stopped (`--snapshot` / `--resume-from`):
+# the trained components, the stable DiT phase's exported weights, the records, and each run's metrics.jsonl
+SNAPSHOT_ITEMS = ("tokenizer", "text_encoder", "expander", "vae_diffusers", "vae_noalign_diffusers",
+                  "transformer_ablation", "transformer_ablation_noalign", "transformer_base", "times.json",
+                  "text_probe.json", "text_check.json", "ablation.json", "text_history.json", "stable_run.json")
+SNAPSHOT_RUNS = ("vae", "vae_noalign", "vae_decoder", "vae_noalign_decoder", "dit", "dit_noalign")
+
+
+def snapshot(workdir: str, dst: str) -> str:
+    """Copies SNAPSHOT_ITEMS of WORKDIR (those present) and the metrics.jsonl of its runs to `dst`."""
+    import re
+
+    os.makedirs(dst, exist_ok=True)
+    for name in SNAPSHOT_ITEMS:
+        src, out = os.path.join(workdir, name), os.path.join(dst, name)
+        if not os.path.exists(src):
+            continue
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        shutil.copytree(src, out) if os.path.isdir(src) else shutil.copy(src, out)
+    for name in sorted(os.listdir(workdir)):
+        if name in SNAPSHOT_RUNS or re.fullmatch(r"dit(_noalign)?_(from|cooldown)_?\w*", name):
+            metrics = os.path.join(workdir, name, "metrics.jsonl")
+            if os.path.exists(metrics):
+                os.makedirs(os.path.join(dst, name), exist_ok=True)
+                shutil.copy(metrics, os.path.join(dst, name, "metrics.jsonl"))
+    print(f"[snapshot] {workdir} -> {dst}", flush=True)
+    return dst
+
+
+def resume_from(src: str, workdir: str) -> None:
+    """The inverse of `snapshot`: whatever WORKDIR lacks is copied from the snapshot `src`."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--resume-from {src!r}: no such directory (a `--snapshot` of an earlier build)")
+    os.makedirs(workdir, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        path, out = os.path.join(src, name), os.path.join(workdir, name)
+        if name == "times.json" and os.path.exists(out):
+            continue
+        if os.path.isdir(path):
+            if name in SNAPSHOT_ITEMS and os.path.exists(out):
+                continue
+            shutil.copytree(path, out, dirs_exist_ok=True)
+        elif not os.path.exists(out):
+            shutil.copy(path, out)
+    print(f"[resume] {src} -> {workdir}", flush=True)
 
 
 def copy_text_stage(model_dir: str, workdir: str) -> None:
@@ -253,12 +306,38 @@ def _cli(args: list[str]) -> None:
 
 def stage_vae(workdir: str, arm: str = SHIPPED_ARM) -> None:
     suffix, overrides = ARMS[arm]
+    if os.path.exists(os.path.join(workdir, f"vae{suffix}_diffusers", "config.json")):
+        print(f"[vae{suffix}] {workdir}/vae{suffix}_diffusers exists; skipping", flush=True)
+        return
     t0 = time.time()
     run = os.path.join(workdir, "vae" + suffix)
     config = os.path.join(REPO, "configs", "world_vae.py") + (f":{CONFIG_ARG}" if CONFIG_ARG else "")
     _cli(["train-vae", "--config", config, "--workdir", run] + overrides)
     stats = export_vae_diffusers(os.path.join(run, "vae_export"), os.path.join(workdir, f"vae{suffix}_diffusers"))
     _record(workdir, "vae" + suffix, time.time() - t0, **stats)
+
+
+def stage_vae_decoder(workdir: str, arm: str = SHIPPED_ARM) -> None:
+    """The arm's VAE decoder fine-tuned with the encoder frozen (configs/world_vae_decoder.py); its export replaces
+    WORKDIR/vae{suffix}_diffusers (same encoder, so the same latents and latent statistics)."""
+    suffix = ARMS[arm][0]
+    run = os.path.join(workdir, f"vae{suffix}_decoder")
+    if os.path.exists(os.path.join(run, "vae_export", "params")) and f"vae_decoder{suffix}" in _times(workdir):
+        print(f"[vae_decoder{suffix}] {run}/vae_export exists; skipping", flush=True)
+        return
+    t0 = time.time()
+    config = os.path.join(REPO, "configs", "world_vae_decoder.py") + (f":{CONFIG_ARG}" if CONFIG_ARG else "")
+    first = os.path.join(workdir, "vae" + suffix, "vae_export")
+    if not os.path.exists(os.path.join(first, "params")):  # a machine with only the snapshot: the same weights
+        first = os.path.join(workdir, f"vae{suffix}_diffusers")
+    _cli(["train-vae", "--config", config, "--workdir", run, f"--config.init_from={first}"])
+    stats = export_vae_diffusers(os.path.join(run, "vae_export"), os.path.join(workdir, f"vae{suffix}_diffusers"))
+    _record(workdir, "vae_decoder" + suffix, time.time() - t0, **stats)
+
+
+def _times(workdir: str) -> dict:
+    path = os.path.join(workdir, "times.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dict:
@@ -311,6 +390,9 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
 def stage_cache(workdir: str, arm: str = SHIPPED_ARM) -> None:
     suffix = ARMS[arm][0]
     c = _config("world_dit")
+    if os.path.exists(os.path.join(workdir, "latents" + suffix, "meta.json")):
+        print(f"[cache{suffix}] {workdir}/latents{suffix} exists; skipping", flush=True)
+        return
     t0 = time.time()
     _cli(["cache-latents", "--source", f"world:{c.num_scenes}:train:{c.image_size}", "--vae",
           os.path.join(workdir, f"vae{suffix}_diffusers"), "--text-encoder", os.path.join(workdir, "text_encoder"),
@@ -318,68 +400,161 @@ def stage_cache(workdir: str, arm: str = SHIPPED_ARM) -> None:
     _record(workdir, "cache" + suffix, time.time() - t0, num_scenes=c.num_scenes)
 
 
-def stage_dit(workdir: str, arm: str = SHIPPED_ARM, full: bool = True) -> None:
-    """The arm's DiT on its cached latents, in phases that each skip themselves when their export exists (and
-    resume from their checkpoints otherwise):
+TRAINED_FILE = "trained_steps.json"  # beside each exported DiT: {"steps": the step its run reached}
 
-      dit_ablation  configs/world_dit.py for its first `ablation_steps` steps (the same schedule as the full run)
-                    -> WORKDIR/transformer_ablation{suffix}: the ablation compares the arms at this budget
-      dit           the same run continued to `steps`                          -> WORKDIR/transformer_base{suffix}
-      dit_high_noise  config.high_noise_finetune: the trainer from those weights with the noise levels pulled
-                    towards 1                                                   -> WORKDIR/transformer{suffix}
+
+def _trained_steps(export_dir: str) -> int:
+    path = os.path.join(export_dir, TRAINED_FILE)
+    return int(json.load(open(path))["steps"]) if os.path.exists(path) else -1
+
+
+def stage_dit(workdir: str, arm: str = SHIPPED_ARM, full: bool = True, budget_s: float = 0.0,
+              cool_now: bool = False) -> None:
+    """The arm's DiT on its cached latents, in phases that each skip themselves when their export has reached its
+    target step (and resume from their checkpoints otherwise):
+
+      dit_ablation  configs/world_dit.py for its first `ablation_steps` steps -> WORKDIR/transformer_ablation{suffix}:
+                    the alignment ablation compares the arms at this budget
+      dit           the same run continued towards `steps` at the stable learning rate; with `budget_s` > 0 it
+                    stops at a checkpoint after that long and its weights at the step reached go on (re-running
+                    the stage later continues the run)                          -> WORKDIR/transformer_base{suffix}
+      dit_cooldown  config.cooldown: from those weights, the learning rate annealed to ~0, once the stable phase
+                    has reached `steps` (or now, with `cool_now`)             -> WORKDIR/transformer{suffix}
 
     `full=False` stops after the ablation phase (the arm that is not shipped)."""
     import logging
 
-    from qwenimage_jax.checkpoints.exporters import export_transformer
     from qwenimage_jax.models.dit import dit_config_from
     from qwenimage_jax.training.dit import export_params, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     suffix = ARMS[arm][0]
-    config = _config("world_dit")
-    config.data.path = os.path.join(workdir, "latents" + suffix)
-    first = _config("world_dit")
-    first.data.path = config.data.path
-    first.steps = int(config.ablation_steps)
+    latents = os.path.join(workdir, "latents" + suffix)
+
+    def config_for(steps: int):
+        cfg = _config("world_dit")
+        cfg.data.path = latents
+        cfg.steps = int(steps)
+        return cfg
+
     run = "dit" + suffix  # phases 1 and 2 are one run: phase 2 resumes phase 1's checkpoint
-    phases = [("dit_ablation" + suffix, run, first, os.path.join(workdir, "transformer_ablation" + suffix))]
+    phases = [("dit_ablation" + suffix, run, config_for(_config("world_dit").ablation_steps),
+               os.path.join(workdir, "transformer_ablation" + suffix))]
+    offsets = {run: 0}
     if full:
-        base, final = os.path.join(workdir, "transformer_base" + suffix), os.path.join(workdir, "transformer" + suffix)
-        tune = config.get("high_noise_finetune")
-        if tune is not None and int(tune.steps) > 0:
-            tuned = _config("world_dit")
-            tuned.data.path = config.data.path
-            tuned.init_from = base
-            tuned.steps = int(tune.steps)
-            tuned.flow.mean = float(tune.flow_mean)
-            tuned.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=float(tune.learning_rate),
-                                                 warmup_steps=20, decay_steps=int(tune.steps), end_value=1e-5)
-            tuned.checkpoint.every = int(tune.steps)
-            phases += [("dit" + suffix, run, config, base), ("dit_high_noise" + suffix, "dit_high_noise" + suffix,
-                                                              tuned, final)]
-        else:
-            phases.append(("dit" + suffix, run, config, final))
+        base = os.path.join(workdir, "transformer_base" + suffix)
+        target = int(_config("world_dit").steps)
+        stable_run, offset, init_from = _stable_run(workdir, suffix, base)
+        stable = config_for(target - offset)
+        stable.time_budget_s = float(budget_s)
+        if init_from:  # a fresh optimizer on the exported weights: a short warmup again
+            stable.init_from = init_from
+            stable.optimizer.learning_rate.warmup_steps = 50
+        offsets[stable_run] = offset
+        phases.append(("dit" + suffix, stable_run, stable, base))
     for name, run_dir, cfg, out in phases:
-        if os.path.exists(os.path.join(out, "config.json")):
-            print(f"[{name}] {out} exists; skipping", flush=True)
+        offset = offsets.get(run_dir, 0)
+        if _trained_steps(out) >= int(cfg.steps) + offset:
+            print(f"[{name}] {out} has reached step {int(cfg.steps) + offset}; skipping", flush=True)
             continue
-        overrides = f" --config.steps={cfg.steps}"
-        if cfg.init_from:
-            overrides += (f" --config.init_from={cfg.init_from} --config.flow.mean={cfg.flow.mean} (+ its "
-                          "learning-rate schedule)")
+        budget = f" --config.time_budget_s={cfg.time_budget_s:g}" if cfg.time_budget_s else ""
         print(f"[run] train-dit --config configs/world_dit.py --workdir {workdir}/{run_dir} "
-              f"--config.data.path={cfg.data.path}{overrides}  (in process, then EMA export)", flush=True)
+              f"--config.data.path={cfg.data.path} --config.steps={cfg.steps}{budget}  (in process, then EMA "
+              "export)", flush=True)
         t0 = time.time()
         result = train(cfg, os.path.join(workdir, run_dir))
-        if result["final_step"] < int(cfg.steps):
-            raise SystemExit(f"[{name}] stopped at step {result['final_step']} of {cfg.steps}; re-run the stage "
-                             "to resume it")
-        export_transformer(export_params(result["state"]), dit_config_from(cfg), out)
-        losses = result["losses"]
-        last = [losses[k] for k in sorted(losses)[-5:]]
-        _record(workdir, name, time.time() - t0, final_step=result["final_step"],
-                final_loss=round(float(sum(last) / max(len(last), 1)), 4))
+        reached = int(result["final_step"])
+        if reached < int(cfg.steps) and not cfg.time_budget_s:
+            raise SystemExit(f"[{name}] stopped at step {reached} of {cfg.steps}; re-run the stage to resume it")
+        _export_dit(export_params(result["state"]), dit_config_from(cfg), out, offset + reached)
+        _record(workdir, name, time.time() - t0, final_step=offset + reached, target_step=int(cfg.steps) + offset,
+                run=run_dir, final_loss=_last_loss(result))
+    if not full:
+        return
+    base_step, target = _trained_steps(phases[-1][3]), int(phases[-1][2].steps)
+    if base_step < target and not cool_now:
+        print(f"[dit] the stable phase is at step {base_step} of {target}: re-run the stage to continue it "
+              "(--dit-budget-min bounds each run), or add --cool-now to cool down and ship these weights", flush=True)
+        return
+    _cooldown(workdir, suffix, latents)
+
+
+def _stable_run(workdir: str, suffix: str, base: str) -> tuple[str, int, str]:
+    """(run dir, steps already trained, init_from) of the run that takes the stable phase on: WORKDIR/dit{suffix}
+    from scratch while its checkpoints are there; on a machine that has only the exported weights of an earlier
+    run (`--resume-from` a build snapshot), a new run from those weights, its steps counted on from theirs."""
+    record = os.path.join(workdir, f"stable_run{suffix}.json")
+    if os.path.exists(record):
+        info = json.load(open(record))
+        if os.path.isdir(os.path.join(workdir, info["run"], "checkpoints")) or _trained_steps(base) <= info["offset"]:
+            return info["run"], int(info["offset"]), info["init_from"]
+    first = "dit" + suffix
+    if os.path.isdir(os.path.join(workdir, first, "checkpoints")) or _trained_steps(base) < 0:
+        return first, 0, ""
+    offset = _trained_steps(base)
+    init_from = os.path.join(workdir, f"transformer_base{suffix}_{offset}")
+    if not os.path.isdir(init_from):
+        shutil.copytree(base, init_from)
+    info = dict(run=f"dit{suffix}_from_{offset}", offset=offset, init_from=init_from)
+    with open(record, "w") as f:
+        json.dump(info, f)
+    return info["run"], offset, init_from
+
+
+def _export_dit(params, dit_config, out: str, steps: int) -> None:
+    from qwenimage_jax.checkpoints.exporters import export_transformer
+
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    export_transformer(params, dit_config, out)
+    with open(os.path.join(out, TRAINED_FILE), "w") as f:
+        json.dump({"steps": int(steps)}, f)
+
+
+def _last_loss(result) -> float:
+    losses = result["losses"]
+    last = [losses[k] for k in sorted(losses)[-5:]]
+    return round(float(sum(last) / max(len(last), 1)), 4)
+
+
+def _cooldown(workdir: str, suffix: str, latents: str) -> None:
+    """config.cooldown from WORKDIR/transformer_base{suffix} -> WORKDIR/transformer{suffix}; redone whenever the
+    stable phase has moved on since (its run directory is named after the base step)."""
+    from qwenimage_jax.models.dit import dit_config_from
+    from qwenimage_jax.training.dit import export_params, train
+
+    base = os.path.join(workdir, "transformer_base" + suffix)
+    final = os.path.join(workdir, "transformer" + suffix)
+    base_step = _trained_steps(base)
+    tune = _config("world_dit").cooldown
+    if int(tune.steps) <= 0:  # no cooldown: the stable weights ship
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        shutil.copytree(base, final)
+        return
+    done = os.path.join(final, TRAINED_FILE)
+    if os.path.exists(done) and json.load(open(done)).get("base_step") == base_step:
+        print(f"[dit_cooldown] {final} is the cooldown of step {base_step}; skipping", flush=True)
+        return
+    cfg = _config("world_dit")
+    cfg.data.path = latents
+    cfg.init_from = base
+    cfg.steps = int(tune.steps)
+    cfg.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=float(tune.learning_rate), warmup_steps=20,
+                                       decay_steps=int(tune.steps), end_value=float(tune.end_value))
+    cfg.checkpoint.every = int(tune.steps)
+    run_dir = os.path.join(workdir, f"dit_cooldown{suffix}_from_{base_step}")
+    print(f"[run] train-dit --config configs/world_dit.py --workdir {run_dir} --config.init_from={base} "
+          f"--config.steps={cfg.steps} (cooldown learning rate)  (in process, then EMA export)", flush=True)
+    t0 = time.time()
+    result = train(cfg, run_dir)
+    if result["final_step"] < cfg.steps:
+        raise SystemExit(f"[dit_cooldown] stopped at step {result['final_step']}; re-run the stage to resume it")
+    _export_dit(export_params(result["state"]), dit_config_from(cfg), final, base_step + cfg.steps)
+    with open(done, "w") as f:
+        json.dump({"steps": base_step + cfg.steps, "base_step": base_step}, f)
+    _record(workdir, "dit_cooldown" + suffix, time.time() - t0, base_step=base_step, final_step=int(cfg.steps),
+            final_loss=_last_loss(result))
 
 
 def stage_distill(workdir: str, arm: str = SHIPPED_ARM) -> None:
@@ -432,21 +607,29 @@ def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
 
     t0 = time.time()
     times = json.load(open(os.path.join(workdir, "times.json")))
-    result = {}
+    path = os.path.join(workdir, "ablation.json")
+    result = json.load(open(path)) if os.path.exists(path) else {}
     for arm, (suffix, _) in ARMS.items():
-        if not os.path.exists(os.path.join(workdir, "transformer_ablation" + suffix, "config.json")):
+        dit_dir = os.path.join(workdir, "transformer_ablation" + suffix)
+        if result.get(arm, {}).get("dit_steps") == _trained_steps(dit_dir) >= 0 and arm in result:
+            print(f"[ablation] arm {arm}: judged already (ablation.json)", flush=True)
+            continue
+        if not os.path.exists(os.path.join(dit_dir, "config.json")):
             print(f"[ablation] arm {arm}: no teacher yet (run --stage dit --arm {arm}); skipped", flush=True)
             continue
         pipe = QwenImagePipeline.from_pretrained(arm_pipeline(workdir, arm))
-        entry = {"vae": times.get("vae" + suffix, {}), "dit": times.get("dit_ablation" + suffix, {})}
+        entry = {"vae": times.get("vae" + suffix, {}), "dit": times.get("dit_ablation" + suffix, {}),
+                 "dit_steps": _trained_steps(dit_dir), "prompt_seed": eval_t2i.VALIDATION_SEED}
         for split in ("train", "heldout"):
-            judged = eval_t2i.evaluate(pipe, workdir, split, num_prompts, 40, _image_size(), cfg=4.0)
+            # validation prompts: the arm to ship is chosen on prompts the reported figures never use
+            judged = eval_t2i.evaluate(pipe, workdir, split, num_prompts, 40, _image_size(), cfg=4.0,
+                                       prompt_seed=eval_t2i.VALIDATION_SEED)
             judged.pop("images")
             entry[f"teacher_40_{split}"] = judged
             print(f"[ablation] {arm} {split}\n" + eval_t2i.format_table(judged), flush=True)
         result[arm] = entry
-    with open(os.path.join(workdir, "ablation.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
     _record(workdir, "ablation", time.time() - t0, num_prompts=num_prompts)
     return result
 
@@ -469,7 +652,7 @@ def write_pipeline_files(workdir: str, out: str, sample_sigmas, processor_config
         }
         with open(os.path.join(out, "processor", "preprocessor_config.json"), "w") as f:
             json.dump(image_config, f, indent=2)
-    write_pipeline_index(out, sample_sigmas)
+    write_pipeline_index(out, sample_sigmas, text_pad_tokens=int(_config("world_dit").data.max_text_tokens))
     with open(os.path.join(out, WORLD_FILE), "w") as f:
         json.dump({"image_size": _image_size()}, f)
 
@@ -602,6 +785,38 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
     return os.path.join(out, "README.md")
 
 
+def write_loss_curve(workdir: str, out: str, arm: str = SHIPPED_ARM) -> str | None:
+    """OUT/teacher/loss_curve.json: the teacher's training loss per logged step, the stable run then the cooldown
+    that made the shipped weights (its steps counted on from the base step)."""
+    suffix = ARMS[arm][0]
+    final = os.path.join(workdir, "transformer" + suffix, TRAINED_FILE)
+    if not os.path.exists(final):
+        return None
+    base_step = int(json.load(open(final)).get("base_step", json.load(open(final))["steps"]))
+
+    def losses(run_dir, offset=0, upto=None):
+        path = os.path.join(run_dir, "metrics.jsonl")
+        rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        points = {int(r["step"]) + offset: float(r["loss"]) for r in rows if "loss" in r}
+        return sorted((k, v) for k, v in points.items() if upto is None or k <= upto)
+
+    import re
+
+    stable = dict(losses(os.path.join(workdir, "dit" + suffix), upto=base_step))
+    continued = sorted((int(m.group(1)), name) for name in os.listdir(workdir)
+                       if (m := re.fullmatch(f"dit{suffix}_from_(\\d+)", name)))
+    for offset, name in continued:  # later runs continue the earlier ones (stable_run)
+        stable.update(losses(os.path.join(workdir, name), offset=offset, upto=base_step))
+    curve = {"stable": sorted(stable.items()),
+             "cooldown": losses(os.path.join(workdir, f"dit_cooldown{suffix}_from_{base_step}"), offset=base_step),
+             "base_step": base_step}
+    teacher_dir = os.path.join(out, "teacher") if os.path.isdir(os.path.join(out, "teacher")) else out
+    path = os.path.join(teacher_dir, "loss_curve.json")
+    with open(path, "w") as f:
+        json.dump(curve, f)
+    return path
+
+
 def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
     """The reports' figures on the shipped directory: judge accuracy of the teacher at 40 and 4 steps (CFG 4) and,
     when distilled, of the 4-step student (no CFG), on train and held-out compositions, with ground truth; the
@@ -636,6 +851,16 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
                                                 if "sliced_w2_to_teacher_40" in result else "")
             tables.append(f"[{title}]\n" + eval_t2i.format_table(result))
             print(tables[-1], flush=True)
+    # the swapped-prompt test: how much worse the teacher predicts from a caption with one attribute changed
+    from qwenimage_jax.evals import conditioning
+
+    gaps = conditioning.prompt_gaps(teacher.transformer, teacher.vae, teacher.text_encoder, num=num_prompts,
+                                    split="heldout", seed=eval_t2i.EVAL_SEED + 7, size=_image_size())
+    figures["teacher_prompt_gaps"] = {k: round(v, 4) for k, v in gaps.items()}
+    tables.append("[teacher: swapped-prompt loss gap on held-out scenes, sigma in "
+                  f"{list(conditioning.SIGMAS)}]\n" + "\n".join(f"{k:<14}{v:>10.4f}" for k, v in gaps.items()))
+    print(tables[-1], flush=True)
+    write_loss_curve(workdir, out)
     for path in (os.path.join(workdir, "figures.json"), os.path.join(out, "figures.json")):
         with open(path, "w") as f:
             json.dump(figures, f, indent=1)
@@ -666,6 +891,16 @@ def main(argv=None) -> int:
     parser.add_argument("--ship", default=SHIPPED_ARM, choices=tuple(ARMS) + ("none",),
                         help="the arm whose DiT is trained past the ablation budget and shipped by assemble "
                              f"(default {SHIPPED_ARM}; none: stop every arm at the ablation budget)")
+    parser.add_argument("--dit-budget-min", type=float, default=0.0,
+                        help="stop the shipped arm's stable DiT phase at a checkpoint after this many minutes, then "
+                             "cool down and go on (0: train to configs/world_dit.py's steps); re-running continues it")
+    parser.add_argument("--cool-now", action="store_true",
+                        help="cool down and ship the stable DiT phase where it stands (default: only once it has "
+                             "reached configs/world_dit.py's steps)")
+    parser.add_argument("--snapshot", default=None, metavar="DIR",
+                        help=f"after the stages, copy what a later run needs to go on into DIR (e.g. {BUILD_DIR})")
+    parser.add_argument("--resume-from", default=None, metavar="DIR",
+                        help="before the stages, fill WORKDIR from a --snapshot of an earlier build")
     parser.add_argument("--text-from", default=None,
                         help="copy the text stage's outputs from this earlier build (a shipped model dir)")
     args = parser.parse_args(argv)
@@ -673,6 +908,8 @@ def main(argv=None) -> int:
     CONFIG_ARG = args.config_arg
     num_prompts = 2 if CONFIG_ARG == "smoke" else 64
     os.makedirs(args.workdir, exist_ok=True)
+    if args.resume_from:
+        resume_from(args.resume_from, args.workdir)
     stages = args.stage or list(STAGES)
     arm = args.arm or ("all" if not args.stage else SHIPPED_ARM)
     arms = list(ARMS) if arm == "all" else [arm]
@@ -684,14 +921,17 @@ def main(argv=None) -> int:
     if "expander" in stages and (args.stage or args.text_from):  # a full run's text stage made it already
         stage_expander(args.workdir)
     if "text_check" in stages:
-        stage_text_check(args.workdir, *((2, 16) if CONFIG_ARG == "smoke" else ()))
+        stage_text_check(args.workdir, *((2, 16, 4) if CONFIG_ARG == "smoke" else ()))
     for name in arms:
         if "vae" in stages:
             stage_vae(args.workdir, name)
+        if "vae_decoder" in stages:
+            stage_vae_decoder(args.workdir, name)
         if "cache" in stages:
             stage_cache(args.workdir, name)
         if "dit" in stages:
-            stage_dit(args.workdir, name, full=(name == args.ship))
+            stage_dit(args.workdir, name, full=(name == args.ship), budget_s=60.0 * args.dit_budget_min,
+                      cool_now=args.cool_now)
     if "ablation" in stages:
         stage_ablation(args.workdir, num_prompts)
     shipped = SHIPPED_ARM if args.ship == "none" else args.ship
@@ -702,6 +942,8 @@ def main(argv=None) -> int:
         write_readme(args.workdir, args.out)
     if "figures" in stages:
         stage_figures(args.workdir, args.out, num_prompts)
+    if args.snapshot:
+        snapshot(args.workdir, args.snapshot)
     return 0
 
 

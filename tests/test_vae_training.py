@@ -178,3 +178,24 @@ def test_exported_ema_weights_load_in_eval_vae(uninterrupted, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "psnr" in out and "bicubic" in out
+
+
+def test_decoder_only_finetune_from_an_export_keeps_the_latent_space(uninterrupted, tmp_path):
+    """init_from the exported VAE + trainable="decoder": the run starts from those weights (fresh optimizer) and
+    moves only the decoder side; encoder and quant_conv stay bitwise the export's, so latents a DiT was trained on
+    do not change."""
+    from qwenimage_jax import checkpoints
+
+    export = os.path.join(uninterrupted[0], "vae_export")
+    config = _config("--config.total_steps=3", f"--config.init_from={export}", "--config.trainable=decoder",
+                     "--config.ema_decay=0.0", "--config.eval_every=0", "--config.image_every=0")
+    result = vae_trainer.train(config, str(tmp_path / "tune"), show_progress=False)
+    before = checkpoints.load("vae", export).params
+    after = jax.device_get(result["state"].params["vae"])
+    for name in vae_trainer.ENCODER_PARAMS:
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(before[name]), after[name])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                         jax.device_get(before["decoder"]), after["decoder"]))
+    assert max(moved) > 0
+    with pytest.raises(ValueError, match="trainable"):
+        vae_trainer.make_train_step(None, None, None, _config("--config.trainable=encoder"), None, None)

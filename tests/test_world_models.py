@@ -100,6 +100,29 @@ def test_transformer_loads_in_diffusers_with_same_output(pipe):
     assert max_rel_err(np.asarray(ours.sample), expected.numpy()) <= 1e-4
 
 
+def test_prompts_are_padded_as_the_world_dit_was_trained(pipe):
+    """model_index.json's text_pad_tokens (64: cache-latents + the DiT trainer pad the text states to it) makes
+    `pipe(prompt)` (and so `qwenimage-jax sample`) see the training layout: the same image as from states padded by
+    hand, and not the image of the unpadded states (the image's RoPE frame starts after the text)."""
+    from qwenimage_jax.evals import t2i as eval_t2i
+
+    assert json.load(open(os.path.join(MODEL, "model_index.json")))["text_pad_tokens"] == 64
+    assert pipe.text_pad_tokens == 64
+    prompt = "two red circles on the left on a teal background"
+    kwargs = dict(height=128, width=128, num_inference_steps=2, seed=3, output_type="np", progress=False)
+    padded = pipe(prompt, **kwargs).images
+    embeds, mask = eval_t2i.padded_prompt_embeds(pipe, [prompt])
+    assert embeds.shape[1] == 64
+    by_hand = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, **kwargs).images
+    np.testing.assert_allclose(padded, by_hand, atol=1e-6)
+    pipe.text_pad_tokens = None
+    try:
+        unpadded = pipe(prompt, **kwargs).images
+    finally:
+        pipe.text_pad_tokens = 64
+    assert np.abs(unpadded - padded).max() > 1e-3
+
+
 def test_tokenizer_round_trips_captions_with_qwen_specials():
     from transformers import AutoTokenizer
 
@@ -265,7 +288,7 @@ def test_shipped_lora_gives_diffusers_numbers():
     gen = torch.Generator().manual_seed(0)
     embeds, neg = torch.randn(1, 12, 64, generator=gen), torch.randn(1, 12, 64, generator=gen)
     mask = torch.ones(1, 12, dtype=torch.long)
-    noise = reference_noise(1, 128, 128, channels=16, seed=1)
+    noise = reference_noise(1, 128, 128, channels=ours.latent_channels, seed=1)
     kwargs = dict(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
                   negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, num_inference_steps=3, height=128, width=128,
                   output_type="latent")

@@ -15,8 +15,8 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     workdir, out = tmp_path / "work", tmp_path / "model"
     assert world_assets.main(["--workdir", str(workdir), "--out", str(out), "--config-arg", "smoke"]) == 0
     times = json.load(open(workdir / "times.json"))
-    for stage in ("text", "vae", "vae_noalign", "cache", "cache_noalign", "dit_ablation", "dit", "dit_high_noise",
-                  "dit_ablation_noalign", "ablation", "distill", "figures"):
+    for stage in ("text", "text_check", "vae", "vae_noalign", "cache", "cache_noalign", "dit_ablation", "dit",
+                  "dit_cooldown", "dit_ablation_noalign", "ablation", "distill", "figures"):
         assert stage in times and times[stage]["seconds"] >= 0, stage
     # both VAE arms were judged on held-out reconstructions, both teachers on generated images
     for arm in ("vae", "vae_noalign"):
@@ -41,3 +41,29 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     pipe = QwenImagePipeline.from_pretrained(str(out))
     image = pipe("one red circle on the left", height=64, width=64, seed=0, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_a_snapshot_lets_another_machine_continue_the_teacher(tmp_path, monkeypatch):
+    """The smoke recipe to its stable DiT phase with --snapshot, then on a fresh workdir (another machine: only
+    the snapshot) `--resume-from` + more stable steps: the phase continues from the exported weights, its steps
+    counted on (2 -> 4), then cools down; the loss curve joins both runs."""
+    first, snap, second = tmp_path / "first", tmp_path / "snap", tmp_path / "second"
+    args = ["--config-arg", "smoke", "--stage", "text", "--stage", "vae", "--stage", "cache", "--stage", "dit"]
+    assert world_assets.main(["--workdir", str(first), "--snapshot", str(snap)] + args) == 0
+    assert json.load(open(snap / "transformer_base" / world_assets.TRAINED_FILE))["steps"] == 2
+    assert not (snap / "latents").exists() and (snap / "dit" / "metrics.jsonl").exists()
+    config = world_assets._config
+
+    def more_steps(name, arg=None):
+        c = config(name, arg)
+        if name == "world_dit":
+            c.steps = 4
+        return c
+
+    monkeypatch.setattr(world_assets, "_config", more_steps)
+    assert world_assets.main(["--workdir", str(second), "--resume-from", str(snap)] + args) == 0
+    assert json.load(open(second / "stable_run.json"))["offset"] == 2
+    assert json.load(open(second / "transformer_base" / world_assets.TRAINED_FILE))["steps"] == 4
+    assert json.load(open(second / "transformer" / world_assets.TRAINED_FILE)) == {"steps": 5, "base_step": 4}
+    curve = json.load(open(world_assets.write_loss_curve(str(second), str(second))))
+    assert [s for s, _ in curve["stable"]] == [1, 2, 3, 4] and [s for s, _ in curve["cooldown"]] == [5]

@@ -7,39 +7,41 @@ import os
 import numpy as np
 import pytest
 
-from qwenimage_jax.commands import demo
+from qwenimage_jax import world_assets
 from qwenimage_jax.data import world
 from qwenimage_jax.evals import text_probe
 
-MODEL = str(demo.TINY_WORLD_DIR)
+# The recipe's current text encoder: the build snapshot (world_build/, the stages done so far) until the rebuilt
+# world is assembled into qwenimage_jax/assets/tiny_world
+BUILD = world_assets.BUILD_DIR
 
 
 @pytest.fixture(scope="module")
-def shipped_encoder():
+def world_encoder():
     from qwenimage_jax.checkpoints import load_text_encoder
 
-    return load_text_encoder(os.path.join(MODEL, "text_encoder"), with_vision=False,
-                             tokenizer_path=os.path.join(MODEL, "processor"))
+    return load_text_encoder(os.path.join(BUILD, "text_encoder"), with_vision=False,
+                             tokenizer_path=os.path.join(BUILD, "tokenizer"))
 
 
-def test_shipped_encoder_moves_its_states_for_every_attribute_word(shipped_encoder):
+def test_world_encoder_moves_its_states_for_every_attribute_word(world_encoder):
     """One changed attribute word moves the state at the changed token by >= 0.3 of its norm (the next-token-only
     encoder this replaced: 0.03 for size, 0.045 for count, 0.067 for background)."""
-    swaps = text_probe.swap_sensitivity(shipped_encoder, num=32)
+    swaps = text_probe.swap_sensitivity(world_encoder, num=32)
     assert set(swaps) == set(text_probe.ATTRIBUTES)
     assert min(swaps.values()) >= 0.3, swaps
 
 
-def test_linear_probe_recovers_every_attribute_of_heldout_captions(shipped_encoder):
+def test_linear_probe_recovers_every_attribute_of_heldout_captions(world_encoder):
     """A ridge probe fitted on train captions reads each group's colour, shape, count, size and position at the
     group phrase's last token, and the background at the prompt's last token, on held-out compositions (the
     replaced encoder: colour 0.16, shape 0.20, background 0.31)."""
-    accuracy = text_probe.linear_probe(shipped_encoder, num_train=512, num_test=128)
+    accuracy = text_probe.linear_probe(world_encoder, num_train=512, num_test=128)
     assert min(accuracy.values()) >= 0.95, accuracy
 
 
-def test_attribute_word_embeddings_are_distinct(shipped_encoder):
-    cosines = text_probe.embedding_cosines(shipped_encoder)
+def test_attribute_word_embeddings_are_distinct(world_encoder):
+    cosines = text_probe.embedding_cosines(world_encoder)
     assert max(cosines.values()) < 0.6, cosines  # replaced encoder: background 0.991, size 0.990
 
 

@@ -1,6 +1,6 @@
 """Pipeline directories: the one writer of `model_index.json` (+ `scheduler/`), and a pipeline dir from our DiT.
 
-    write_pipeline_index(dst, sample_sigmas=None, scheduler_config=None) -> dst
+    write_pipeline_index(dst, sample_sigmas=None, scheduler_config=None, text_pad_tokens=None) -> dst
         model_index.json listing the components present in dst (absent ones as [null, null]) with
         `sample_sigmas` (like the Turbo release), and scheduler/scheduler_config.json unless dst has a scheduler/.
     write_pipeline_dir(dst, params, dit_config, sample_sigmas=None, components=None, scheduler_config=None)
@@ -35,12 +35,14 @@ PIPELINE_COMPONENTS = {
 
 
 def write_pipeline_index(dst: str, sample_sigmas: Iterable[float] | None = None,
-                         scheduler_config: Mapping | None = None) -> str:
+                         scheduler_config: Mapping | None = None, text_pad_tokens: int | None = None) -> str:
     """model_index.json (+ scheduler/ when dst has none) for the components present in `dst`; returns `dst`.
 
     sample_sigmas: the pipeline's default sigma grid without the terminal 0 (diffusers applies the scheduler's mu
         shift and terminal stretch to it, exactly as to its linspace default); None = the base model's behaviour.
     scheduler_config: written to scheduler/ when dst has none (default: the released config).
+    text_pad_tokens: (our key) the DiT was trained on text states right-padded to a multiple of this many tokens;
+        the pipeline pads prompts the same way (the image's RoPE frame starts after the text). None: no padding.
     """
     if not os.path.isdir(os.path.join(dst, "scheduler")):
         os.makedirs(os.path.join(dst, "scheduler"))
@@ -50,6 +52,8 @@ def write_pipeline_index(dst: str, sample_sigmas: Iterable[float] | None = None,
     for name, entry in PIPELINE_COMPONENTS.items():
         index[name] = list(entry) if os.path.isdir(os.path.join(dst, name)) else [None, None]
     index["sample_sigmas"] = None if sample_sigmas is None else [float(s) for s in sample_sigmas]
+    if text_pad_tokens is not None:
+        index["text_pad_tokens"] = int(text_pad_tokens)
     with open(os.path.join(dst, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return dst

@@ -110,22 +110,39 @@ def _normalize_mask(mask, batch: int, length: int):
     return jnp.asarray(mask.astype(np.int32))
 
 
+def pad_text_states(embeds, mask, image_pad_mask, multiple: int):
+    """Right-pads (B, L, D) text states, their mask and image_pad_mask to a multiple of `multiple` tokens."""
+    embeds = np.asarray(embeds)
+    batch, length = embeds.shape[:2]
+    extra = -length % int(multiple)
+    mask = np.ones((batch, length), np.int32) if mask is None else np.asarray(mask, np.int32)
+    if extra == 0:
+        return embeds, mask, image_pad_mask
+    return (np.pad(embeds, ((0, 0), (0, extra), (0, 0))), np.pad(mask, ((0, 0), (0, extra))),
+            np.pad(np.asarray(image_pad_mask, bool), ((0, 0), (0, extra))))
+
+
 class QwenImagePipeline(LoraMixin):
     """Loaded Qwen-Image-2 components + the jitted sampler. Build with `from_pretrained` or from components.
 
     transformer: `models.dit.Transformer`; vae: `models.vae.VAE`; text_encoder: `text.encoder.TextEncoder` or
     None (then pass `prompt_embeds`); scheduler_config: diffusers scheduler config dict; sample_sigmas: default
-    grid from model_index.json (Turbo) or None; mesh: optional `jax.sharding.Mesh` with a data/fsdp axis.
+    grid from model_index.json (Turbo) or None; mesh: optional `jax.sharding.Mesh` with a data/fsdp axis;
+    text_pad_tokens: model_index.json's `text_pad_tokens` (a model trained on text states right-padded to a
+    multiple of this many tokens, e.g. the small world's: prompts are padded the same way) or None.
     """
 
     def __init__(self, transformer, vae, text_encoder=None, scheduler_config: dict | None = None,
-                 sample_sigmas: Sequence[float] | None = None, mesh=None):
+                 sample_sigmas: Sequence[float] | None = None, mesh=None, text_pad_tokens: int | None = None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = sched.SchedulerConfig.from_dict(
             scheduler_config if scheduler_config is not None else sched.QWEN_IMAGE_SCHEDULER_CONFIG)
         self.sample_sigmas = None if sample_sigmas is None else [float(s) for s in sample_sigmas]
+        if text_pad_tokens is not None and int(text_pad_tokens) <= 0:
+            raise ValueError(f"text_pad_tokens={text_pad_tokens!r} must be a positive number of tokens or None")
+        self.text_pad_tokens = None if text_pad_tokens is None else int(text_pad_tokens)
         self.mesh = mesh
         self.dtype = transformer.dit_config.dtype
         self.latent_channels = transformer.dit_config.in_channels
@@ -187,7 +204,8 @@ class QwenImagePipeline(LoraMixin):
                             if os.path.isdir(os.path.join(path, d))), None)
             text_encoder = checkpoints.load("text_encoder", te_dir, dtype=dtype, mesh=mesh, tokenizer_path=tok_dir)
         sample_sigmas = index.get("sample_sigmas") if transformer_subfolder == "transformer" else None
-        return cls(transformer, vae, text_encoder, scheduler_config, sample_sigmas, mesh)
+        return cls(transformer, vae, text_encoder, scheduler_config, sample_sigmas, mesh,
+                   text_pad_tokens=index.get("text_pad_tokens"))
 
     # ------------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, prompt_embeds=None,
@@ -200,6 +218,9 @@ class QwenImagePipeline(LoraMixin):
                                  "load one with from_pretrained(..., load_text_encoder=True)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds, prompt_embeds_mask, image_pad_mask = self.text_encoder.encode_prompt(prompts, image)
+            if self.text_pad_tokens:  # the layout the DiT was trained on (masked zero states after the prompt)
+                prompt_embeds, prompt_embeds_mask, image_pad_mask = pad_text_states(
+                    prompt_embeds, prompt_embeds_mask, image_pad_mask, self.text_pad_tokens)
         else:
             prompt_embeds = _as_array(prompt_embeds, self.dtype)
             if image_pad_mask is None:

@@ -89,6 +89,9 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
     all_metrics: dict[int, dict] = {}
     mesh_ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     rules_ctx = nn.logical_axis_rules(rules) if rules is not None else contextlib.nullcontext()
+    # time_budget_s: stop at a checkpoint once this call has trained that long (a run that must fit a slot of
+    # machine time; the next call resumes it exactly), as a SIGTERM would
+    budget, started = float(config.get("time_budget_s", 0) or 0), time.monotonic()
     # the guard stays installed through the final save: a second SIGTERM must not kill it half-written
     with PreemptionGuard() as guard, mesh_ctx, rules_ctx:
         while step < total:
@@ -114,7 +117,8 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(**(task.postfix(scalars) if task.postfix else {"loss": f"{scalars['loss']:.4f}"}))
             progress.update(1)
-            if ckpt.save_or_stop(step, state, task.data_iter, guard.requested):
+            out_of_time = budget > 0 and time.monotonic() - started > budget
+            if ckpt.save_or_stop(step, state, task.data_iter, guard.requested or out_of_time):
                 break
         ckpt.finish(step, state, task.data_iter)
     writer.close()

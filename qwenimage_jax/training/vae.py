@@ -138,6 +138,9 @@ def make_lpips(weight: float) -> FrozenNet | None:
 
 
 # --------------------------------------------------------------------------------------------------- the step
+ENCODER_PARAMS = ("encoder", "quant_conv")  # what `trainable="decoder"` freezes: the map from pixels to latents
+
+
 def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
     """(state, batch (B, H, W, 3), frozen params) -> (state, metrics); pure, to be jitted."""
     loss_cfg = config.losses
@@ -188,10 +191,17 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
         metrics["loss"] = total
         return total, metrics
 
+    decoder_only = str(config.get("trainable", "all")) == "decoder"
+    if str(config.get("trainable", "all")) not in ("all", "decoder"):
+        raise ValueError(f"trainable={config.trainable!r}; use 'all' or 'decoder' (encoder and quant_conv frozen)")
+
     def train_step(state, batch, frozen):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         sched = schedule_values(schedules, state.step)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, frozen, key, sched)
+        if decoder_only:  # the latent space stays put: a DiT trained on the encoder's latents still fits
+            grads = {**grads, "vae": {k: (jax.tree.map(jnp.zeros_like, v) if k in ENCODER_PARAMS else v)
+                                      for k, v in grads["vae"].items()}}
         metrics.update(sched)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
@@ -313,8 +323,23 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
         call.jitted = fn  # the jitted program itself (`aot` lowers it for a TPU topology)
         return call
 
-    return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module,
-                 init_state=lambda: train_state.sharded_init(init_params, tx, mesh, key, use_ema)[0],
+    def init_state():
+        state = train_state.sharded_init(init_params, tx, mesh, key, use_ema)[0]
+        if not config.get("init_from"):
+            return state
+        # start from a trained VAE (an Orbax export, e.g. WORKDIR/vae_export), fresh optimizer; e.g. to fine-tune
+        # its decoder with `trainable="decoder"`
+        from qwenimage_jax import checkpoints
+
+        loaded = checkpoints.load("vae", config.init_from, shardings=state_shardings.params["vae"])
+        if loaded.vae_config.z_dim != vae_cfg.z_dim:
+            raise ValueError(f"init_from {config.init_from!r} has z_dim={loaded.vae_config.z_dim}, the config "
+                             f"{vae_cfg.z_dim}")
+        params = {**state.params, "vae": loaded.params}
+        return state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
+                             ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+
+    return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module, init_state=init_state,
                  abstract_state=abstract_train_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
                  frozen=frozen, step_fn=under_mesh(jitted_step), reconstruct=under_mesh(jitted_reconstruct))
 
@@ -457,4 +482,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.async_checkpoint = True
     c.donate_state = True
     c.export_ema = True
+    c.init_from = ""          # an Orbax VAE export to start from (fresh optimizer)
+    c.trainable = "all"       # or "decoder": encoder and quant_conv frozen (the latent space stays put)
     return c
