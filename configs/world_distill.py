@@ -10,11 +10,10 @@ its cached world latents; both paths are filled in by the recipe's `distill` sta
 
 The real score is the teacher with true CFG 4 inside it (the guidance the 40-step teacher samples with), so the
 student samples with CFG off; DMD2's two time-scale rule (2 fake-score updates per student update) plus DMD1's
-paired regression to the teacher's CFG-4 ODE solution from the same noise (20 Euler steps: the 40-step solution
-would double the cost of every update on 2 CPU cores; session 3 used 10 steps). Session 3 (128 px world, 64 image
-tokens): 30 updates in 50 s; held-out judge student-4 0.374 vs teacher-40 0.362 and teacher-4 0.360, sliced-W2 to
-the teacher's 40-step images 0.055 (teacher-4: 0.062). Reported in the shipped README (the recipe's `figures`
-stage).
+paired regression to the teacher's CFG-4 ODE solution from the same noise (`regression.teacher_steps` = 10 Euler
+steps: each costs a teacher forward with CFG per update, so 40 would quadruple the update on 2 CPU cores). 30 updates
+of batch 8; the figures of the shipped student (judge, sliced-W2 to the teacher's 40-step images, wall time) are in
+the shipped README, written by the recipe's `figures` stage from figures.json and build_times.json.
 """
 import importlib.util
 import os

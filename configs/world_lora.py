@@ -11,8 +11,8 @@ scenes (so the adapter keeps what the teacher already does), encoded by the ship
     qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --transformer teacher/transformer --steps 40 \
         --split novel --num-prompts 64 --lora /tmp/world_lora/run/export/lora
 
-Evaluation prompts are fresh seeds (eval seed 1000) of the novel split, never trained on. Measured figures are in
-docs/lora.md (session 4).
+Evaluation prompts are fresh seeds (eval seed 1000) of the novel split, never trained on. Measured figures:
+OUT/lora_figures.json (written by the recipe) and docs/lora.md.
 """
 import ml_collections
 

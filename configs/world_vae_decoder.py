@@ -1,10 +1,14 @@
-"""The small world's VAE, second phase: its decoder fine-tuned for sharp outlines, the encoder frozen.
+"""The small world's VAE, second phase: its decoder fine-tuned for sharper outlines, the encoder frozen.
 
 The first phase (configs/world_vae.py) keeps each object's colour, place and count but draws soft blobs: an L1/L2
 optimum under the decoder's uncertainty. This phase starts from that VAE's export, freezes the encoder and
 quant_conv (`trainable="decoder"`: the latent space, and so any DiT trained on its latents, stays valid) and adds
 `edge_l1`, an L1 on pixel differences that pays for sharp edges. (From scratch the same term collapsed the VAE to
 one flat colour per image by step 400: a scene without edges is its local minimum; a trained decoder is past it.)
+
+Measured over its first 150 steps (judge on the validation scenes of `eval.judge`): size 0.61 -> 0.83, count
+0.80 -> 0.84, PSNR 28.1 -> 29.6 dB, shape 0.20 -> 0.20: the outlines need more than the decoder (see
+configs/world_vae.py).
 
     qwenimage-jax train-vae --config configs/world_vae_decoder.py --workdir /tmp/world/vae_decoder \
         --config.init_from=/tmp/world/vae/vae_export

@@ -94,6 +94,8 @@ G = {
  "export": "DiT trainer: write the final (EMA) weights as a diffusers transformer dir, `WORKDIR/export/transformer` (single host).",
  "ablation_steps": "World DiT recipe: the step at which each VAE arm's DiT is exported and judged for the alignment ablation.",
  "losses.align.input_resolution": "VGG16 aligner: resize the images to this square side first (0 = as they come).",
+ "losses.ffl": "Weight of the focal frequency loss (spectra of reconstruction and target, the worst frequencies weighted most); 0 = off.",
+ "losses.patch_l2": "Weight of a linear read-out of each latent predicting its own r x r pixel patch (MSE); 0 = off.",
  "losses.edge_l1": "Weight of L1 between the reconstruction's and the target's pixel differences (edges); 0 = off.",
  "prompt_tokens": "Qwen3-VL aot config: prompt length (tokens) of the compiled prompt encoding.",
  "text_config.head_dim": "Qwen3-VL text decoder (transformers field names): attention head width.",

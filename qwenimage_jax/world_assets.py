@@ -262,8 +262,50 @@ def snapshot(workdir: str, dst: str) -> str:
             if os.path.exists(metrics):
                 os.makedirs(os.path.join(dst, name), exist_ok=True)
                 shutil.copy(metrics, os.path.join(dst, name, "metrics.jsonl"))
+    _write_snapshot_readme(dst)
     print(f"[snapshot] {workdir} -> {dst}", flush=True)
     return dst
+
+
+def _git_commit() -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes), or "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _write_snapshot_readme(dst: str) -> None:
+    """DST/README.md: what the snapshot holds and how to go on, with its recorded stages (times.json) and probes."""
+    times = _times(dst)
+    lines = ["# A build of the small world in progress (`python -m qwenimage_jax.world_assets --snapshot`)", "",
+             "The trained stages of the recipe so far, so that a run on another machine goes on from here instead "
+             "of retraining them:", "",
+             f"    python -m qwenimage_jax.world_assets --workdir /tmp/world --resume-from {os.path.basename(dst)} "
+             "--stage cache --stage dit --dit-budget-min 60 --snapshot " + os.path.basename(dst), "",
+             "The stable DiT phase continues from `transformer_base/` (its step count in `trained_steps.json`); "
+             "cached latents are recomputed from the VAE and the text encoder (`cache`, ~3 min). Once the stages "
+             "reach their targets, `--stage ablation --stage distill --stage assemble --stage figures` ships the "
+             "world into qwenimage_jax/assets/tiny_world.", "", f"Written at commit {_git_commit()}.", "",
+             "## Stages recorded (times.json: wall seconds on 2 CPU cores and each stage's figures)", ""]
+    for stage, info in times.items():
+        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
+        lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
+    probe = os.path.join(dst, "text_probe.json")
+    if os.path.exists(probe):
+        lines += ["", "## Text encoder probes (text_probe.json, `evals.text_probe.report`)", ""]
+        for name, values in json.load(open(probe)).items():
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    base = os.path.join(dst, "transformer_base", TRAINED_FILE)
+    if os.path.exists(base):
+        lines += ["", f"Stable DiT phase: step {json.load(open(base))['steps']} of "
+                      f"{int(_config('world_dit').steps)} (configs/world_dit.py)."]
+    with open(os.path.join(dst, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def resume_from(src: str, workdir: str) -> None:

@@ -1,4 +1,6 @@
 """DiT trainer: sharded step == single-device step, kill-and-resume reproduces losses, loss falls, layouts."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +165,18 @@ def test_init_from_loads_an_exported_transformer_inside_the_training_mesh(datase
             np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
         for ema, ref in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(source.params)):
             np.testing.assert_array_equal(np.asarray(ema), np.asarray(ref))
+
+
+def test_time_budget_stops_at_a_checkpoint_and_the_next_call_resumes(dataset, tmp_path):
+    """time_budget_s: once a call has trained that long it saves and stops like a SIGTERM (a run that must fit a
+    slot of machine time); the next call resumes at that step and reaches the target with the same losses."""
+    config = tiny_config(dataset, steps=6)
+    config.time_budget_s = 1e-9  # past after the first step
+    first = dit_trainer.train(config, str(tmp_path / "budget"))
+    assert first["final_step"] == 1 and not os.path.exists(first["export_dir"])
+    config.time_budget_s = 0.0
+    rest = dit_trainer.train(config, str(tmp_path / "budget"))
+    straight = dit_trainer.train(tiny_config(dataset, steps=6), str(tmp_path / "straight"))
+    assert rest["final_step"] == 6 and set(rest["losses"]) <= set(straight["losses"])
+    for step, loss in rest["losses"].items():
+        assert loss == pytest.approx(straight["losses"][step], rel=1e-5)

@@ -62,3 +62,24 @@ def test_edge_l1_counts_blurred_and_missing_edges_but_not_flat_areas():
     # a flat image as target has no edges: the sum of spurious edges is divided by 1, never by 0
     flat = jnp.zeros((1, 8, 8, 3))
     assert float(losses.edge_l1_loss(flat, flat)) == 0.0
+
+
+def test_focal_frequency_loss_matches_a_numpy_spectrum_and_weights_the_worst_frequencies():
+    import jax
+    import numpy as np
+
+    from qwenimage_jax.training import losses
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    recon = target + 0.1 * rng.normal(size=target.shape).astype(np.float32)
+    diff = np.fft.fft2(np.moveaxis(recon, -1, 1), norm="ortho") - np.fft.fft2(np.moveaxis(target, -1, 1), norm="ortho")
+    dist = np.abs(diff) ** 2
+    weight = np.sqrt(dist) / np.sqrt(dist).max(axis=(1, 2, 3), keepdims=True)
+    expected = np.mean(weight * dist)
+    got = float(losses.focal_frequency_loss(recon, target))
+    assert abs(got - expected) <= 1e-5 * expected
+    assert float(losses.focal_frequency_loss(target, target)) == 0.0
+    # the weights are constants: the gradient is 2 w (x_hat - x) through the (unitary) FFT, non-zero and finite
+    grad = jax.grad(lambda r: losses.focal_frequency_loss(r, target))(recon)
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0

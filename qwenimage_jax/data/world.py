@@ -9,7 +9,7 @@ Layout guarantees the judge relies on: groups have distinct colours, the word's 
 group and from the background, objects never touch (gap >= 2 px), and every object centre lies inside its
 position's region with a margin, so the group's pixel centroid classifies back to the stated position.
 
-Difficulty (changed in session 3, issue 14): scenes had 1-3 groups on plain, striped, checkered or noisy
+Difficulty: scenes once had 1-3 groups on plain, striped, checkered or noisy
 backgrounds; they now have 1-2 groups on plain backgrounds (`NUM_GROUP_PROBS`, `SCENE_TEXTURES`), objects are 0.16 / 0.25
 of the side (were 0.12 / 0.22) and words are off unless asked for. Measured
 reason: a 16x VAE trained on 2 CPU cores spent its capacity on incompressible textures (the "noise" texture is
@@ -132,7 +132,7 @@ class Scene:
 
 def object_diameter(size: str, image_size: int) -> float:
     """Diameter in pixels of a `size` object in an `image_size`-pixel image (floors keep 64 px judgeable)."""
-    # 0.16 / 0.25 of the side (session 3; was 0.12 / 0.22): at 128 px objects are 20 / 32 px, i.e. they span
+    # 0.16 / 0.25 of the side (once 0.12 / 0.22): at 128 px objects are 20 / 32 px, i.e. they span
     # 1.3-2 cells of the f16 latent grid instead of sitting inside one; 64 px keeps its 10 / 16 px floors.
     if size == "small":
         return max(0.16 * image_size, 10.0)
@@ -448,7 +448,7 @@ def generate_scene(rng: np.random.Generator, size: int = 256, split: str = "trai
 
     split: "train" (no held-out pair), "heldout" (at least one held-out pair), "all", or "novel" (train pairs on
     a purple background, see NOVEL_BACKGROUND).
-    word_prob: chance of a word; default 0 (the world models have no words; session 3). Words need sizes >= 128.
+    word_prob: chance of a word; default 0 (the world models have no words). Words need sizes >= 128.
     """
     if size < 32:
         raise ValueError(f"image size {size} is too small for the world; use 64, 128 or 256")

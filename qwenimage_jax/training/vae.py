@@ -153,6 +153,11 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
     w_salient = float(loss_cfg.get("salient_l1", 0.0))
     salient_threshold = float(loss_cfg.get("salient_threshold", 0.35))
     w_edge = float(loss_cfg.get("edge_l1", 0.0))
+    w_patch = float(loss_cfg.get("patch_l2", 0.0))
+    w_ffl = float(loss_cfg.get("ffl", 0.0))
+    vae_cfg = vae_module.config if vae_module is not None else None
+    patch_head = (losses.AlignmentProjection(vae_cfg.spatial_compression ** 2 * vae_cfg.in_channels)
+                  if w_patch > 0 else None)
     sample = bool(loss_cfg.get("sample_posterior", False))
     probe_only = bool(loss_cfg.align.get("probe_only", False))
     ema_decay = float(config.get("ema_decay", 0.0))
@@ -173,6 +178,13 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
         if w_edge > 0:
             metrics["edge_l1"] = losses.edge_l1_loss(recon, batch)
             total += w_edge * metrics["edge_l1"]
+        if w_ffl > 0:
+            metrics["ffl"] = losses.focal_frequency_loss(recon, batch)
+            total += w_ffl * metrics["ffl"]
+        if w_patch > 0:  # each latent must linearly determine its own r x r pixel patch (see losses.patch_l2_loss)
+            predicted = patch_head.apply({"params": params["patch"]}, mean)
+            metrics["patch_l2"] = losses.patch_l2_loss(predicted, batch)
+            total += w_patch * metrics["patch_l2"]
         if lpips_net is not None:
             metrics["lpips"] = jnp.mean(lpips_net.apply(frozen["lpips"], (recon, batch)))
             total += w_lpips * metrics["lpips"]
@@ -293,6 +305,9 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
         params = {"vae": vae_module.init(k_vae, jnp.zeros((1, r, r, vae_cfg.in_channels)))["params"]}
         if aligner is not None:
             params["proj"] = proj_module.init(k_proj, jnp.zeros((1, 1, 1, vae_cfg.z_dim)))["params"]
+        if float(config.losses.get("patch_l2", 0.0)) > 0:
+            head = losses.AlignmentProjection(r * r * vae_cfg.in_channels)
+            params["patch"] = head.init(jax.random.fold_in(k_proj, 1), jnp.zeros((1, 1, 1, vae_cfg.z_dim)))["params"]
         return params
 
     use_ema = float(config.get("ema_decay", 0.0)) > 0
@@ -465,7 +480,7 @@ def default_config() -> ml_collections.ConfigDict:
                        b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0, clip_per_group=True)
     c.ema_decay = 0.999
     c.losses = dict(l1=1.0, l2=0.0, lpips=1.0, kl=0.0, sample_posterior=False, salient_l1=0.0, salient_threshold=0.35,
-                    edge_l1=0.0)
+                    edge_l1=0.0, patch_l2=0.0, ffl=0.0)
     c.losses.align = dict(aligner="vgg16", layer="relu4_3", probe_only=False, input_resolution=0,
                           weight=dict(name="hold_then_cosine", init_value=1.0, end_value=0.1, hold_steps=20_000,
                                       transition_steps=60_000),
