@@ -211,13 +211,20 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         sched = schedule_values(schedules, state.step)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, frozen, key, sched)
-        if decoder_only:  # the latent space stays put: a DiT trained on the encoder's latents still fits
+        if decoder_only:  # no gradient into the encoder (its updates are undone below: weight decay would move it)
             grads = {**grads, "vae": {k: (jax.tree.map(jnp.zeros_like, v) if k in ENCODER_PARAMS else v)
                                       for k, v in grads["vae"].items()}}
         metrics.update(sched)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        return train_state.apply_gradients(state, grads, tx, ema_decay), metrics
+        new = train_state.apply_gradients(state, grads, tx, ema_decay)
+        if decoder_only:  # the latent space stays put, bitwise: a DiT trained on the encoder's latents still fits
+            def keep_encoder(updated, old):
+                return None if updated is None else {**updated, "vae": {
+                    k: (old["vae"][k] if k in ENCODER_PARAMS else v) for k, v in updated["vae"].items()}}
+            new = new.replace(params=keep_encoder(new.params, state.params),
+                              ema_params=keep_encoder(new.ema_params, state.ema_params))
+        return new, metrics
 
     return train_step
 
