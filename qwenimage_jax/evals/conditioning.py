@@ -36,14 +36,10 @@ def scene_batch(num: int, split: str, seed: int, size: int):
 
 def prompt_states(text_encoder, captions: list[str], length: int = TEXT_TOKENS):
     """Text states right-padded to `length` tokens with their mask, as cache-latents + the DiT trainer lay them out."""
+    from qwenimage_jax.evals.t2i import pad_states
+
     embeds, mask, _ = text_encoder.encode_prompt(list(captions), pad_to_multiple=length)
-    embeds = np.asarray(embeds, np.float32)
-    mask = np.ones(embeds.shape[:2], np.int32) if mask is None else np.asarray(mask, np.int32)
-    n = min(length, embeds.shape[1])
-    out = np.zeros((len(captions), length, embeds.shape[2]), np.float32)
-    out_mask = np.zeros((len(captions), length), np.int32)
-    out[:, :n], out_mask[:, :n] = embeds[:, :n], mask[:, :n]
-    return out, out_mask
+    return pad_states(embeds, mask, length)
 
 
 def flow_losses(transformer, latents, text, text_mask, seed: int = 0, sigmas=SIGMAS, batch_size: int = 32):

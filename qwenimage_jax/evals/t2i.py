@@ -53,11 +53,16 @@ def padded_prompt_embeds(pipe, prompts: list[str], length: int = TEXT_TOKENS):
     """Prompt states right-padded (or cut) to `length` tokens with a mask, as the DiT trainer padded them: one
     compiled sampler for every batch, and the conditioning layout the world DiT was trained on."""
     embeds, mask, _ = pipe.encode_prompt(list(prompts))
+    return pad_states(embeds, mask, length)
+
+
+def pad_states(embeds, mask, length: int):
+    """(B, L, D) text states and their mask (None: all valid) -> float32 (B, length, D), int32 (B, length)."""
     embeds = np.asarray(embeds, np.float32)
     mask = np.ones(embeds.shape[:2], np.int32) if mask is None else np.asarray(mask, np.int32)
     n = min(length, embeds.shape[1])
-    out = np.zeros((len(prompts), length, embeds.shape[2]), np.float32)
-    out_mask = np.zeros((len(prompts), length), np.int32)
+    out = np.zeros((embeds.shape[0], length, embeds.shape[2]), np.float32)
+    out_mask = np.zeros((embeds.shape[0], length), np.int32)
     out[:, :n], out_mask[:, :n] = embeds[:, :n], mask[:, :n]
     return out, out_mask
 
