@@ -59,19 +59,25 @@ class Tokenized:
     background_token: int            # last token of the background colour word
 
 
-def tokenize(tokenizer, caption: str, spans: dict) -> Tokenized:
-    """The caption in the Qwen-Image-2 encoder template, with the token index of each span's last character."""
+def locate_tokens(tokenizer, caption: str):
+    """(ids of the caption in the Qwen-Image-2 encoder template, token_at(char_end) -> index of the token holding
+    the caption's character char_end - 1)."""
     from qwenimage_jax.text import templates
 
-    text = templates.build_prompt(caption)
     offset = templates.T2I_TEMPLATE.index("{}")
-    enc = tokenizer(text, return_offsets_mapping=True)
+    enc = tokenizer(templates.build_prompt(caption), return_offsets_mapping=True)
     starts = np.asarray([s for s, _ in enc["offset_mapping"]])
 
-    def token_at(char_end: int) -> int:  # the token holding character char_end - 1
+    def token_at(char_end: int) -> int:
         return int(np.nonzero(starts <= offset + char_end - 1)[0].max())
 
-    return Tokenized(ids=list(enc["input_ids"]),
+    return list(enc["input_ids"]), token_at
+
+
+def tokenize(tokenizer, caption: str, spans: dict) -> Tokenized:
+    """The caption in the Qwen-Image-2 encoder template, with the token index of each span's last character."""
+    ids, token_at = locate_tokens(tokenizer, caption)
+    return Tokenized(ids=ids,
                      group_end=[token_at(g["phrase"][1]) for g in spans["groups"]],
                      field_tokens=[{k: token_at(e) for k, (_, e) in g.items() if k != "phrase"}
                                    for g in spans["groups"]],

@@ -34,7 +34,7 @@ from qwenimage_jax.parallel.rules import rules_for
 from qwenimage_jax.training import flow_matching as fm
 from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.state import (TrainState, abstract_state, apply_gradients, make_optimizer,
-                                          param_count, sharded_init, state_shardings)
+                                          param_count, restart_from, sharded_init, state_shardings)
 
 log = logging.getLogger("qwenimage_jax.training.dit")
 
@@ -188,9 +188,7 @@ def init_state(config, mesh, key):
     state, shardings = sharded_init(init_params, tx, mesh, key, use_ema=use_ema, rules=rules_for(config))
     if config.get("init_from"):
         loaded = load_transformer(config.init_from, dtype=jnp.float32, shardings=shardings.params)
-        params = loaded.params
-        state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                              ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+        state = restart_from(state, loaded.params, tx, shardings)
     return state, shardings, module, tx, lr_schedule
 
 

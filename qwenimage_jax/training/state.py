@@ -82,6 +82,13 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
+def restart_from(state: TrainState, params: Any, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """`state` with trained `params` (e.g. `init_from` weights), a fresh optimizer state in its shardings, and the
+    EMA (when kept) starting at those params."""
+    return state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+                         ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, params))
+
+
 def sharded_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh,
                  key: jax.Array, use_ema: bool = True, rules=LOGICAL_RULES) -> tuple[TrainState, Any]:
     """Initialise a TrainState directly onto its shardings.

@@ -138,21 +138,14 @@ def head_classes() -> tuple[int, ...]:
 def field_targets(tokenizer, items: Sequence[tuple[str, object, dict]], length: int) -> np.ndarray:
     """Per-token class targets (N, length, heads) int32, -1 where a head has nothing to read, of each (caption,
     scene, spans) as `encoder_sequences` tokenizes it, left-padded to `length` like `pad_left`."""
-    from qwenimage_jax.evals.text_probe import field_value
-    from qwenimage_jax.text import templates
+    from qwenimage_jax.evals.text_probe import field_value, locate_tokens
 
-    offset = templates.T2I_TEMPLATE.index("{}")
     heads = LOCAL_HEADS + SUMMARY_HEADS
     out = np.full((len(items), length, len(heads)), -1, np.int32)
     for i, (caption, scene, spans) in enumerate(items):
-        enc = tokenizer(templates.build_prompt(caption), return_offsets_mapping=True)
-        starts = np.asarray([a for a, _ in enc["offset_mapping"]])
-        n = len(starts) + 1  # encoder_sequences closes the prompt with <|im_end|>
+        ids, token_at = locate_tokens(tokenizer, caption)
+        n = len(ids) + 1  # encoder_sequences closes the prompt with <|im_end|>
         labels = out[i, length - n:]
-
-        def token_at(char_end: int) -> int:  # the token holding the caption's character char_end - 1
-            return int(np.nonzero(starts <= offset + char_end - 1)[0].max())
-
         for g, group_spans in enumerate(spans["groups"]):
             last = token_at(group_spans["phrase"][1])
             for field in LOCAL_HEADS[1:]:
@@ -253,7 +246,9 @@ def field_loss(heads: list[dict], states: jax.Array, targets: jax.Array) -> jax.
     """Mean cross-entropy of each head's prediction from the RMS-normalised states (the DiT normalises the text
     states before reading them, so only their direction counts) where targets >= 0. states (B, L, D), targets
     (B, L, heads)."""
-    normed = states * jax.lax.rsqrt(jnp.mean(states.astype(jnp.float32) ** 2, -1, keepdims=True) + 1e-6)
+    from qwenimage_jax.models.layers import rms_normalize
+
+    normed = rms_normalize(states.astype(jnp.float32), 1e-6)
     total = count = 0.0
     for h, head in enumerate(heads):
         logp = jax.nn.log_softmax(normed @ head["kernel"] + head["bias"], axis=-1)

@@ -250,14 +250,10 @@ def world_judge_set(spec) -> tuple[np.ndarray, list] | None:
     """Whole world scenes in [-1, 1] and their records for `eval.judge` = dict(length, seed, split, size)."""
     if not spec:
         return None
-    from qwenimage_jax.data import world
-    from qwenimage_jax.data.world_source import WorldSource
+    from qwenimage_jax.evals.t2i import world_prompts
 
-    source = WorldSource(int(spec["length"]), seed=int(spec["seed"]), split=spec.get("split", "heldout"),
-                         size=int(spec["size"]))
-    items = [source[i] for i in range(len(source))]
-    images = np.stack([r["image"] for r in items]).astype(np.float32) / 127.5 - 1.0
-    return images, [world.Scene.from_json(r["record_json"]) for r in items]
+    items = world_prompts(spec.get("split", "heldout"), int(spec["length"]), int(spec["size"]), seed=int(spec["seed"]))
+    return np.stack([r["image"] for r in items]).astype(np.float32) / 127.5 - 1.0, [r["record"] for r in items]
 
 
 def judge_reconstructions(reconstruct_fn, params, images, records, batch_size: int = 8) -> dict[str, float]:
@@ -357,9 +353,7 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
         if loaded.vae_config.z_dim != vae_cfg.z_dim:
             raise ValueError(f"init_from {config.init_from!r} has z_dim={loaded.vae_config.z_dim}, the config "
                              f"{vae_cfg.z_dim}")
-        params = {**state.params, "vae": loaded.params}
-        return state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
-                             ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+        return train_state.restart_from(state, {**state.params, "vae": loaded.params}, tx, state_shardings)
 
     return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module, init_state=init_state,
                  abstract_state=abstract_train_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
