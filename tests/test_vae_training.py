@@ -199,3 +199,37 @@ def test_decoder_only_finetune_from_an_export_keeps_the_latent_space(uninterrupt
     assert max(moved) > 0
     with pytest.raises(ValueError, match="trainable"):
         vae_trainer.make_train_step(None, None, None, _config("--config.trainable=encoder"), None, None)
+
+
+def test_latent_readout_reads_the_encoders_posterior_means():
+    """`latent_readout` (eval/cell_readout_mse) scores the encoder's posterior means, and a fit on the test images
+    themselves can only do better than on other images."""
+    from qwenimage_jax.evals.vae import cell_readout_mse
+
+    config = _config()
+    setup = vae_trainer.build(config)
+    params = setup.init_state().params["vae"]
+    rng = np.random.default_rng(0)
+    fit = rng.uniform(-1, 1, (24, 32, 32, 3)).astype(np.float32)
+    test = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    mse = vae_trainer.latent_readout(setup, params, fit, test, batch_size=8)
+
+    def means(images):
+        return np.asarray(setup.vae_module.apply({"params": params}, images, method="encode")[0])
+    assert abs(mse - cell_readout_mse(means(fit), fit, means(test), test)) < 1e-6 * mse
+    assert vae_trainer.latent_readout(setup, params, test, test) < mse
+
+
+def test_training_logs_the_latent_readout_and_its_references(tmp_path):
+    """With `eval.readout` (world scenes to fit the read-out on) the run logs eval/cell_readout_mse at each eval
+    and, at step 0, the references it is read against."""
+    config = _config("--config.total_steps=2", "--config.eval_every=2", "--config.image_every=0",
+                     "--config.eval.resolution=32", "--config.eval.crops_per_image=1")
+    config.eval.readout = dict(length=8, seed=1, split="train", size=64)
+    vae_trainer.train(config, str(tmp_path), show_progress=False)
+    records = {record["step"]: record for record in read_scalars(str(tmp_path))}
+    z_dim = vae_trainer.vae_config_from(config).z_dim
+    references = [records[0][f"eval/readout_ref_{name}"] for name in ("block_mean_cell", "block_mean_4px",
+                                                                       f"cell_pca_{z_dim}")]
+    assert all(0.0 < value < 1.0 for value in references)
+    assert 0.0 < records[2]["eval/cell_readout_mse"] < 4.0

@@ -7,6 +7,10 @@
 * uint8 helpers behind `qwenimage-jax reconstruct` and the photo demo: `prepare_image` (crop to the VAE's side
   multiple), `reconstruct` (encode to the posterior mean, decode), `image_metrics` (PSNR / SSIM at data range 255)
   and the `format_row` / `format_mean` lines.
+* What the latents keep, whatever the decoder draws: `cell_readout_mse` (a least-squares linear read-out of every
+  latent cell's r x r pixel patch from the 3 x 3 latent neighbourhood, fitted on one set of images and scored on
+  another) beside two references a model of that size should beat, `block_mean_mse` (each b x b block painted its
+  mean colour) and `cell_pca_mse` (the best linear code of each cell with k floats).
 """
 from __future__ import annotations
 
@@ -49,6 +53,50 @@ def bicubic_baseline(images: np.ndarray, num_values: int) -> np.ndarray:
                                        .resize((w, h), Image.Resampling.BICUBIC)))
         out.append(np.stack(channels, -1))
     return np.clip(np.stack(out), -1.0, 1.0)
+
+
+def cell_patches(images: np.ndarray, r: int) -> np.ndarray:
+    """(N, H, W, C) -> (N * H/r * W/r, r * r * C): each latent cell's pixel patch, row-major."""
+    n, h, w, c = images.shape
+    return images.reshape(n, h // r, r, w // r, r, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, r * r * c)
+
+
+def _neighbourhood(latents: np.ndarray) -> np.ndarray:
+    """(N, h, w, z) -> (N * h * w, 9 z + 1): each cell's 3 x 3 neighbourhood (edge-padded) and a bias column."""
+    latents = np.asarray(latents, np.float64)
+    n, h, w, z = latents.shape
+    padded = np.pad(latents, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    feats = np.concatenate([padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=-1)
+    return np.concatenate([feats, np.ones(feats.shape[:-1] + (1,))], axis=-1).reshape(n * h * w, 9 * z + 1)
+
+
+def cell_readout_mse(fit_latents, fit_images, test_latents, test_images) -> float:
+    """Mean squared pixel error (images in [-1, 1]) of the best linear read-out of each latent cell's patch from its
+    3 x 3 latent neighbourhood: fitted by least squares on (fit_latents, fit_images), scored on the test pair.
+
+    A decoder can only draw what the latents hold; this measures what they hold linearly, so an encoder that keeps
+    no more than each cell's mean colour shows up here however well its decoder paints blobs."""
+    r = fit_images.shape[1] // fit_latents.shape[1]
+    weights = np.linalg.lstsq(_neighbourhood(fit_latents), cell_patches(np.asarray(fit_images, np.float64), r),
+                              rcond=None)[0]
+    predicted = _neighbourhood(test_latents) @ weights
+    return float(np.mean((predicted - cell_patches(np.asarray(test_images, np.float64), r)) ** 2))
+
+
+def block_mean_mse(images: np.ndarray, block: int) -> float:
+    """Mean squared error of painting every block x block square its mean colour (images in [-1, 1])."""
+    n, h, w, c = images.shape
+    means = images.reshape(n, h // block, block, w // block, block, c).mean(axis=(2, 4), keepdims=True)
+    return float(np.mean((images.reshape(n, h // block, block, w // block, block, c) - means) ** 2))
+
+
+def cell_pca_mse(fit_images: np.ndarray, test_images: np.ndarray, r: int, k: int) -> float:
+    """Mean squared error of the best k-float linear code of each r x r cell (PCA fitted on `fit_images`)."""
+    fit = cell_patches(np.asarray(fit_images, np.float64), r)
+    mean = fit.mean(axis=0)
+    basis = np.linalg.svd(fit - mean, full_matrices=False)[2][:k]
+    test = cell_patches(np.asarray(test_images, np.float64), r) - mean
+    return float(np.mean((test @ basis.T @ basis - test) ** 2))
 
 
 def reconstruct_floats(vae, images: np.ndarray, batch_size: int = 8) -> np.ndarray:

@@ -256,6 +256,16 @@ def world_judge_set(spec) -> tuple[np.ndarray, list] | None:
     return np.stack([r["image"] for r in items]).astype(np.float32) / 127.5 - 1.0, [r["record"] for r in items]
 
 
+def latent_readout(setup, vae_params, fit_images: np.ndarray, test_images: np.ndarray, batch_size: int = 32) -> float:
+    """`evals.vae.cell_readout_mse` of this VAE's posterior means: fitted on `fit_images`, scored on `test_images`."""
+    from qwenimage_jax.evals.vae import cell_readout_mse
+
+    def encode(images):
+        return np.concatenate([np.asarray(setup.encode(vae_params, images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)])
+    return cell_readout_mse(encode(fit_images), fit_images, encode(test_images), test_images)
+
+
 def judge_reconstructions(reconstruct_fn, params, images, records, batch_size: int = 8) -> dict[str, float]:
     """The world judge's accuracy per attribute on the reconstructions (eval/judge_*)."""
     from qwenimage_jax.data import judge
@@ -280,6 +290,7 @@ class Setup:
     frozen: Any
     step_fn: Callable
     reconstruct: Callable
+    encode: Callable = None  # (vae params, images) -> posterior means
 
     def put_batch(self, local_batch: np.ndarray) -> jax.Array:
         """Per-host numpy batch -> global array split over (data, fsdp)."""
@@ -333,6 +344,8 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
                           out_shardings=(state_shardings, replicated),
                           donate_argnums=(0,) if config.get("donate_state", True) else ())
     jitted_reconstruct = jax.jit(make_reconstruct(vae_module), out_shardings=replicated)
+    jitted_encode = jax.jit(lambda p, x: vae_module.apply({"params": p}, x, method="encode")[0],
+                            out_shardings=replicated)
 
     def under_mesh(fn):  # traces (and runs) with this mesh and the logical rules active
         def call(*args):
@@ -357,7 +370,8 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
 
     return Setup(config=config, mesh=mesh, vae_cfg=vae_cfg, vae_module=vae_module, init_state=init_state,
                  abstract_state=abstract_train_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
-                 frozen=frozen, step_fn=under_mesh(jitted_step), reconstruct=under_mesh(jitted_reconstruct))
+                 frozen=frozen, step_fn=under_mesh(jitted_step), reconstruct=under_mesh(jitted_reconstruct),
+                 encode=under_mesh(jitted_encode))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[int, dict], None] | None = None,
@@ -397,6 +411,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
         from qwenimage_jax.metrics.image_quality import psnr
         writer.write_scalars(0, {"eval/bicubic_baseline_psnr": float(np.mean(psnr(baseline, eval_images, 2.0)))})
     judged = world_judge_set(config.eval.get("judge")) if eval_every else None
+    readout_fit = world_judge_set(config.eval.get("readout"))[0] if eval_every and config.eval.get("readout") else None
+    readout_test = judged[0] if judged is not None else eval_images
+    if readout_fit is not None and int(state.step) == 0:  # what a read-out of these latents should beat
+        from qwenimage_jax.evals.vae import block_mean_mse, cell_pca_mse
+        writer.write_scalars(0, {"eval/readout_ref_block_mean_cell": block_mean_mse(readout_test, r),
+                                 "eval/readout_ref_block_mean_4px": block_mean_mse(readout_test, 4),
+                                 f"eval/readout_ref_cell_pca_{vae_cfg.z_dim}": cell_pca_mse(
+                                     readout_fit, readout_test, r, vae_cfg.z_dim)})
 
     total_steps = int(config.total_steps)
     history, stopped_early = [], False
@@ -430,6 +452,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
                 if judged is not None:  # what the world's judge still sees in the reconstructions of whole scenes
                     scores.update(judge_reconstructions(
                         reconstruct, state.params if state.ema_params is None else state.ema_params, *judged))
+                if readout_fit is not None:  # what the latents hold, whatever the decoder draws
+                    scores["cell_readout_mse"] = latent_readout(
+                        setup, (state.params if state.ema_params is None else state.ema_params)["vae"],
+                        readout_fit, readout_test)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
             if on_step is not None:
                 on_step(step, metrics)
