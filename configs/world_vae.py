@@ -82,8 +82,9 @@ def get_config(arg=None):
                   resolution=RESOLUTION, crops_per_image=1,
                   judge=dict(length=32, seed=7, split="heldout", size=RESOLUTION),
                   # eval/cell_readout_mse: what the latents hold linearly (a read-out fitted on these train scenes,
-                  # scored on the judge's); references on these scenes: 16 px block means 0.021, 4 px 0.0066,
-                  # per-cell PCA-64 0.0035
+                  # scored on the judge's), its references logged at step 0 (eval/readout_ref_*; on these scenes
+                  # 16 px cell means 0.0222, 4 px block means 0.0067, per-cell PCA-64 0.0033:
+                  # world_build/vae_readout.json)
                   readout=dict(length=512, seed=11, split="train", size=RESOLUTION))
     c.eval_every = 250
     c.image_every = 400

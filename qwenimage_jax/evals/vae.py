@@ -99,6 +99,16 @@ def cell_pca_mse(fit_images: np.ndarray, test_images: np.ndarray, r: int, k: int
     return float(np.mean((test @ basis.T @ basis - test) ** 2))
 
 
+def readout_references(fit_images: np.ndarray, test_images: np.ndarray, r: int, z_dim: int) -> dict[str, float]:
+    """What `cell_readout_mse` is read against on `test_images`: painting each r x r cell, 8 px and 4 px block its
+    mean colour, and per-cell PCA codes with z_dim and 16 floats (fitted on `fit_images`)."""
+    return {"ref_block_mean_cell": block_mean_mse(test_images, r),
+            "ref_block_mean_8px": block_mean_mse(test_images, 8),
+            "ref_block_mean_4px": block_mean_mse(test_images, 4),
+            f"ref_cell_pca_{z_dim}": cell_pca_mse(fit_images, test_images, r, z_dim),
+            "ref_cell_pca_16": cell_pca_mse(fit_images, test_images, r, 16)}
+
+
 def reconstruct_floats(vae, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """(N, H, W, 3) in [-1, 1] -> (N, H, W, 3) reconstructions, in batches; RGBA VAEs get an opaque alpha."""
     out = []

@@ -32,14 +32,10 @@ def report(vae, num_fit: int = 512, num_test: int = 32, size: int = 128) -> dict
     def means(images):
         return np.concatenate([np.asarray(vae.module.apply({"params": vae.params}, images[i:i + 32],
                                                            method="encode")[0]) for i in range(0, len(images), 32)])
-    r = size // means(test[:1]).shape[1]
-    z_dim = vae.vae_config.z_dim
-    return {"cell_readout_mse": vae_evals.cell_readout_mse(means(fit), fit, means(test), test),
-            "ref_block_mean_cell": vae_evals.block_mean_mse(test, r),
-            "ref_block_mean_8px": vae_evals.block_mean_mse(test, 8),
-            "ref_block_mean_4px": vae_evals.block_mean_mse(test, 4),
-            f"ref_cell_pca_{z_dim}": vae_evals.cell_pca_mse(fit, test, r, z_dim),
-            "ref_cell_pca_16": vae_evals.cell_pca_mse(fit, test, r, 16),
+    fit_latents, test_latents = means(fit), means(test)
+    r = size // test_latents.shape[1]
+    return {"cell_readout_mse": vae_evals.cell_readout_mse(fit_latents, fit, test_latents, test),
+            **vae_evals.readout_references(fit, test, r, vae.vae_config.z_dim),
             "fit": dict(split="train", num=num_fit, seed=FIT_SEED, size=size),
             "test": dict(split="heldout", num=num_test, seed=TEST_SEED, size=size)}
 

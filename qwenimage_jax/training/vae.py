@@ -414,11 +414,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     readout_fit = world_judge_set(config.eval.get("readout"))[0] if eval_every and config.eval.get("readout") else None
     readout_test = judged[0] if judged is not None else eval_images
     if readout_fit is not None and int(state.step) == 0:  # what a read-out of these latents should beat
-        from qwenimage_jax.evals.vae import block_mean_mse, cell_pca_mse
-        writer.write_scalars(0, {"eval/readout_ref_block_mean_cell": block_mean_mse(readout_test, r),
-                                 "eval/readout_ref_block_mean_4px": block_mean_mse(readout_test, 4),
-                                 f"eval/readout_ref_cell_pca_{vae_cfg.z_dim}": cell_pca_mse(
-                                     readout_fit, readout_test, r, vae_cfg.z_dim)})
+        from qwenimage_jax.evals.vae import readout_references
+        writer.write_scalars(0, {f"eval/readout_{k}": v for k, v in
+                                 readout_references(readout_fit, readout_test, r, vae_cfg.z_dim).items()})
 
     total_steps = int(config.total_steps)
     history, stopped_early = [], False
