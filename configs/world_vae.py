@@ -40,7 +40,7 @@ RESOLUTION = 128
 def get_config(arg=None):
     c = default_config()
     c.seed = 0
-    c.total_steps = 1500
+    c.total_steps = 1200
     c.batch_size = 8
     c.compute_dtype = "float32"            # bf16 is slower than fp32 on CPU
     c.mesh = dict(data=1, fsdp=1)
@@ -67,8 +67,11 @@ def get_config(arg=None):
     c.ema_decay = 0.99
     # edge_l1 stays off: at weight 0.5 from step 0 both arms collapsed to one flat colour per image by step 400
     # (a scene without edges is a local minimum of the edge term); salient 1.0 puts the objects' pixels first
+    # patch_l2 kept from the encoder phase (configs/world_vae_encoder.py): the pixel losses alone let the latents
+    # fall back to cell means while the fresh decoder cannot yet use their detail
     c.losses = dict(l1=1.0, l2=1.0, lpips=0.0, kl=0.0, sample_posterior=False, salient_l1=1.0,
-                    salient_threshold=0.35, edge_l1=0.0, patch_l2=0.0, ffl=0.0)
+                    salient_threshold=0.35, edge_l1=0.0, patch_l2=1.0, ffl=0.0)
+    c.init_from = ""                       # filled in by world_assets: WORKDIR/vae_encoder/vae_export
     hold, anneal = int(0.3 * steps), int(0.5 * steps)
     c.losses.align = dict(
         aligner="vgg16", layer="relu4_3", probe_only=False, input_resolution=RESOLUTION // 2,

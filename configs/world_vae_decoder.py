@@ -28,6 +28,7 @@ def get_config(arg=None):
     c.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=2e-4, warmup_steps=20, decay_steps=500,
                                      end_value=1e-5)
     c.losses.edge_l1 = 0.5
+    c.losses.patch_l2 = 0.0                # the latents are frozen: nothing for it to train
     c.losses.align.aligner = "none"        # alignment shapes the latents; they are frozen here
     c.eval_every = 100
     c.image_every = 100

@@ -8,8 +8,10 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
   text_check  the cheap test of the text states before the long DiT run: a fresh DiT trained `check.steps` on
             `check.num_scenes` cached scenes (WORKDIR's VAE, else the shipped one), then the swapped-prompt loss gap
             per attribute (evals.conditioning)                                  -> WORKDIR/text_check.json
-  vae       configs/world_vae.py through the VAE trainer, once per arm of the alignment ablation ("align":
-            the recipe; "noalign": the same with no alignment gradient)          -> WORKDIR/vae{,_noalign}_diffusers
+  vae_encoder  configs/world_vae_encoder.py: the encoder alone learns latents that hold each cell's pixels
+            (patch_l2, the decoder not run); both arms start from it            -> WORKDIR/vae_encoder/vae_export
+  vae       configs/world_vae.py through the VAE trainer from that encoder, once per arm of the alignment
+            ablation ("align": the recipe; "noalign": no alignment gradient)     -> WORKDIR/vae{,_noalign}_diffusers
   vae_decoder  configs/world_vae_decoder.py: the decoder fine-tuned for sharp outlines, the encoder (and so the
             latents) frozen                                                     -> WORKDIR/vae{,_noalign}_diffusers
   cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents{,_noalign}
@@ -43,7 +45,7 @@ import time
 
 import numpy as np
 
-STAGES = ("text", "expander", "text_check", "vae", "vae_decoder", "cache", "dit", "ablation", "distill", "assemble",
+STAGES = ("text", "expander", "text_check", "vae_encoder", "vae", "vae_decoder", "cache", "dit", "ablation", "distill", "assemble",
           "figures")
 # ablation arm -> (suffix of its WORKDIR paths, config overrides of its VAE run)
 ARMS = {"align": ("", []), "noalign": ("_noalign", ["--config.losses.align.probe_only=True"])}
@@ -241,7 +243,7 @@ BUILD_DIR = os.path.join(REPO, "world_build")
 SNAPSHOT_ITEMS = ("tokenizer", "text_encoder", "expander", "vae_diffusers", "vae_noalign_diffusers",
                   "transformer_ablation", "transformer_ablation_noalign", "transformer_base", "times.json",
                   "text_probe.json", "text_check.json", "ablation.json", "text_history.json", "stable_run.json")
-SNAPSHOT_RUNS = ("vae", "vae_noalign", "vae_decoder", "vae_noalign_decoder", "dit", "dit_noalign")
+SNAPSHOT_RUNS = ("vae_encoder", "vae", "vae_noalign", "vae_decoder", "vae_noalign_decoder", "dit", "dit_noalign")
 
 
 def snapshot(workdir: str, dst: str) -> str:
@@ -346,15 +348,40 @@ def _cli(args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
+def stage_vae_encoder(workdir: str) -> str:
+    """The shared first VAE phase (configs/world_vae_encoder.py); returns its Orbax export."""
+    run = os.path.join(workdir, "vae_encoder")
+    export = os.path.join(run, "vae_export")
+    if os.path.exists(os.path.join(export, "params")) and "vae_encoder" in _times(workdir):
+        print(f"[vae_encoder] {export} exists; skipping", flush=True)
+        return export
+    t0 = time.time()
+    config = os.path.join(REPO, "configs", "world_vae_encoder.py") + (f":{CONFIG_ARG}" if CONFIG_ARG else "")
+    _cli(["train-vae", "--config", config, "--workdir", run])
+    _record(workdir, "vae_encoder", time.time() - t0, **_last_eval(run, ("eval/cell_readout_mse",)))
+    return export
+
+
+def _last_eval(run: str, keys) -> dict:
+    """The last logged value of each of `keys` in RUN/metrics.jsonl (the figures a stage records)."""
+    values = {}
+    path = os.path.join(run, "metrics.jsonl")
+    for line in open(path) if os.path.exists(path) else ():
+        record = json.loads(line)
+        values.update({k.split("/")[-1]: round(float(record[k]), 5) for k in keys if k in record})
+    return values
+
+
 def stage_vae(workdir: str, arm: str = SHIPPED_ARM) -> None:
     suffix, overrides = ARMS[arm]
     if os.path.exists(os.path.join(workdir, f"vae{suffix}_diffusers", "config.json")):
         print(f"[vae{suffix}] {workdir}/vae{suffix}_diffusers exists; skipping", flush=True)
         return
+    encoder = stage_vae_encoder(workdir)  # (skips itself when done)
     t0 = time.time()
     run = os.path.join(workdir, "vae" + suffix)
     config = os.path.join(REPO, "configs", "world_vae.py") + (f":{CONFIG_ARG}" if CONFIG_ARG else "")
-    _cli(["train-vae", "--config", config, "--workdir", run] + overrides)
+    _cli(["train-vae", "--config", config, "--workdir", run, f"--config.init_from={encoder}"] + overrides)
     stats = export_vae_diffusers(os.path.join(run, "vae_export"), os.path.join(workdir, f"vae{suffix}_diffusers"))
     _record(workdir, "vae" + suffix, time.time() - t0, **stats)
 
@@ -413,9 +440,9 @@ def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dic
     std = z.reshape(-1, z.shape[-1]).std(0) + 1e-6
     held = images(64, 6, "heldout")
     recon = np.concatenate([np.asarray(vae.decode(vae.encode(held[i:i + 32]))) for i in range(0, 64, 32)])
-    from qwenimage_jax.metrics.image_quality import psnr as psnr_db
+    from qwenimage_jax.metrics.image_quality import mean_psnr
 
-    psnr = float(np.mean(psnr_db(np.clip(recon, -1, 1), held, 2.0)))
+    psnr = mean_psnr(np.clip(recon, -1, 1), held, 2.0)
     # The DiT can draw at best what the VAE keeps: the judge on reconstructions bounds the DiT's accuracy.
     from qwenimage_jax.data import judge
 
@@ -964,6 +991,8 @@ def main(argv=None) -> int:
         stage_expander(args.workdir)
     if "text_check" in stages:
         stage_text_check(args.workdir, *((2, 16, 4) if CONFIG_ARG == "smoke" else ()))
+    if "vae_encoder" in stages:
+        stage_vae_encoder(args.workdir)
     for name in arms:
         if "vae" in stages:
             stage_vae(args.workdir, name)

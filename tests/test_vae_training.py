@@ -198,7 +198,46 @@ def test_decoder_only_finetune_from_an_export_keeps_the_latent_space(uninterrupt
                                          jax.device_get(before["decoder"]), after["decoder"]))
     assert max(moved) > 0
     with pytest.raises(ValueError, match="trainable"):
+        vae_trainer.make_train_step(None, None, None, _config("--config.trainable=both"), None, None)
+
+
+def test_encoder_phase_trains_the_latents_alone_and_a_restart_fits_the_patch_head(uninterrupted, tmp_path):
+    """trainable="encoder": patch_l2 alone, the decoder never run and bitwise the export's, the encoder moved;
+    without patch_l2 it is refused. A run from an export with patch_l2 starts its read-out head at the least-squares
+    fit to the export's latents."""
+    from qwenimage_jax import checkpoints
+    from qwenimage_jax.data import images as image_data
+    from qwenimage_jax.evals.vae import cell_patches
+
+    export = os.path.join(uninterrupted[0], "vae_export")
+    config = _config("--config.total_steps=3", f"--config.init_from={export}", "--config.trainable=encoder",
+                     "--config.losses.patch_l2=1.0", "--config.ema_decay=0.0", "--config.eval_every=0",
+                     "--config.image_every=0")
+    result = vae_trainer.train(config, str(tmp_path / "encoder"), show_progress=False)
+    assert all(set(metrics) >= {"patch_l2", "loss"} and "l1" not in metrics for _, metrics in result["history"])
+    before = checkpoints.load("vae", export).params
+    after = jax.device_get(result["state"].params["vae"])
+    for name in vae_trainer.DECODER_PARAMS:
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(before[name]), after[name])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                         jax.device_get(before["encoder"]), after["encoder"]))
+    assert max(moved) > 0
+    with pytest.raises(ValueError, match="patch_l2"):
         vae_trainer.make_train_step(None, None, None, _config("--config.trainable=encoder"), None, None)
+
+    # the restart's head: the least-squares read-out of each cell's pixels from its latent (numpy's lstsq on the
+    # same scenes, drawn here from the same stream)
+    setup = vae_trainer.build(config)
+    head = jax.device_get(setup.init_state().params["patch"])
+    r = setup.vae_cfg.spatial_compression
+    stream = iter(image_data.train_dataset(config.data, 32, int(config.seed) + 1, r))
+    images = np.concatenate([np.asarray(next(stream), np.float32) for _ in range(8)])
+    latents = np.asarray(setup.vae_module.apply({"params": before}, images, method="encode")[0], np.float64)
+    x = np.concatenate([latents.reshape(-1, latents.shape[-1]), np.ones((latents[..., 0].size, 1))], axis=1)
+    y = cell_patches(images.astype(np.float64), r)
+    best = np.mean((x @ np.linalg.lstsq(x, y, rcond=None)[0] - y) ** 2)
+    fitted = np.mean((x[:, :-1] @ head["kernel"] + head["bias"] - y) ** 2)
+    assert best <= fitted <= 1.02 * best
 
 
 def test_latent_readout_reads_the_encoders_posterior_means():

@@ -15,8 +15,8 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     workdir, out = tmp_path / "work", tmp_path / "model"
     assert world_assets.main(["--workdir", str(workdir), "--out", str(out), "--config-arg", "smoke"]) == 0
     times = json.load(open(workdir / "times.json"))
-    for stage in ("text", "text_check", "vae", "vae_decoder", "vae_noalign", "vae_decoder_noalign", "cache",
-                  "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill",
+    for stage in ("text", "text_check", "vae_encoder", "vae", "vae_decoder", "vae_noalign", "vae_decoder_noalign",
+                  "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill",
                   "figures"):
         assert stage in times and times[stage]["seconds"] >= 0, stage
     # both VAE arms were judged on held-out reconstructions, both teachers on generated images

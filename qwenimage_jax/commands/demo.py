@@ -97,7 +97,7 @@ def run_text_to_image(args):
 
     from qwenimage_jax.data import judge
     from qwenimage_jax.evals import t2i as eval_t2i
-    from qwenimage_jax.metrics.image_quality import psnr
+    from qwenimage_jax.metrics.image_quality import mean_psnr
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
     from qwenimage_jax.text.expand import expand_prompts
 
@@ -156,7 +156,7 @@ def run_text_to_image(args):
               f"(all-correct {tea['all_correct']:.2f})")
     print(f"short prompt: as written {scores[n]['overall']:.2f}, expanded {scores[n + 1]['overall']:.2f} "
           "(judged on what the short prompt states)")
-    recon_psnr = float(np.mean(psnr(truth[:n].astype(np.float32), recon[:n].astype(np.float32), 255.0)))
+    recon_psnr = mean_psnr(truth[:n].astype(np.float32), recon[:n].astype(np.float32), 255.0)
     print(f"VAE reconstruction PSNR on these scenes: {recon_psnr:.2f} dB")
     factor = max(1, 128 // size)  # tiles of at least 128 px
     columns = [truth, recon, images] + ([] if teacher_images is None else [teacher_images])

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from qwenimage_jax.metrics.image_quality import psnr, ssim
+from qwenimage_jax.metrics.image_quality import mean_psnr, psnr, ssim
 
 
 def parse_data_spec(spec: str) -> dict:
@@ -148,7 +148,7 @@ def reconstruction_metrics(vae, originals: np.ndarray, batch_size: int = 8, with
     baseline = bicubic_baseline(originals, latent_floats(vae, originals.shape[1]))
     rows = {}
     for name, images in (("vae", recons), ("bicubic", baseline)):
-        rows[name] = {"psnr": float(np.mean(psnr(images, originals, 2.0))),
+        rows[name] = {"psnr": mean_psnr(images, originals, 2.0),
                       "ssim": float(np.mean(ssim(images, originals, 2.0)))}
     if with_lpips:
         from qwenimage_jax.metrics.fid import frechet_distance_from_features

@@ -40,6 +40,15 @@ def psnr(a, b, data_range: float):
     return value[0] if single else value
 
 
+PSNR_CAP_DB = 100.0
+
+
+def mean_psnr(a, b, data_range: float) -> float:
+    """The mean over a batch of per-image PSNR, each capped at PSNR_CAP_DB: one exact copy (a plain-background
+    scene reconstructs exactly) would otherwise make the whole batch's mean infinite."""
+    return float(np.mean(np.minimum(np.asarray(psnr(a, b, data_range)), PSNR_CAP_DB)))
+
+
 def _gaussian_taps(dtype) -> jax.Array:
     offsets = np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=np.float64)
     taps = np.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
