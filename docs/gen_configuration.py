@@ -116,9 +116,11 @@ G = {
  "cooldown.end_value": "Cooldown: the learning rate it anneals to.",
  "time_budget_s": "Trainer loop: stop at a checkpoint after this many seconds of one call, as a SIGTERM would (0 = no limit); the next call resumes.",
  "init_from": "Start from these trained weights with a fresh optimizer (DiT: a transformer dir; VAE: an Orbax VAE export).",
- "trainable": "VAE trainer: `all`, or `decoder` (encoder and quant_conv frozen: the latent space stays put).",
+ "trainable": "VAE trainer: `all`; `decoder` (encoder and quant_conv frozen: the latent space stays put); `encoder` (the decoder frozen and never run: the latents trained on `losses.patch_l2` and alignment alone).",
  "eval.judge": "VAE trainer, world data: judge the reconstructions of whole scenes (`length`, `seed`, `split`, `size`) at each eval; None = off.",
  "eval.judge.*": "VAE trainer: the judged world scenes (`length`, `seed`, `split`, `size`).",
+ "eval.readout": "VAE trainer, world data: the scenes (`length`, `seed`, `split`, `size`) a linear read-out of the latents is fitted on; logs eval/cell_readout_mse on the judged scenes and its references at step 0; None = off.",
+ "eval.readout.*": "VAE trainer: the world scenes the latent read-out is fitted on (`length`, `seed`, `split`, `size`).",
  "pretrain.field_weight": "Text encoder: weight of the scene-field heads reading each stated attribute from the output states (0 = next-token prediction only).",
  "export_ema": "VAE trainer: export the EMA weights to `WORKDIR/vae_export` (Orbax) at the end.",
  # flow

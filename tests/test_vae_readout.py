@@ -28,6 +28,13 @@ def test_readout_of_cell_means_matches_block_means_and_no_code_matches_the_varia
     assert abs(blank - expected) < 1e-9
 
 
+def test_readout_images_are_the_patches_in_place():
+    """cell_readout_images puts each cell's read-out back where the cell is: a lossless code gives the images."""
+    images = _images(n=3, size=16)
+    latents = vae_evals.cell_patches(images, 4).reshape(3, 4, 4, 4 * 4 * 3)
+    np.testing.assert_allclose(vae_evals.cell_readout_images(latents, images, latents[:2]), images[:2], atol=1e-9)
+
+
 def test_block_mean_mse_closed_form():
     checker = np.indices((16, 16)).sum(axis=0) % 2 * 2.0 - 1.0  # +-1 checkerboard
     images = np.repeat(checker[None, :, :, None], 3, axis=-1)
@@ -56,5 +63,7 @@ def test_readout_report_of_the_shipped_world_vae(tmp_path):
     result = json.loads(out.read_text())
     assert result["fit"]["num"] == 48 and result["test"]["split"] == "heldout"
     assert 0.0 < result["cell_readout_mse"] < 1.0
+    for name in ("judge_on_readout", "judge_on_reconstructions"):
+        assert set(result[name]) >= {"shape", "size", "overall"} and 0.0 <= result[name]["overall"] <= 1.0
     z_dim = [k for k in result if k.startswith("ref_cell_pca_") and k != "ref_cell_pca_16"]
     assert not z_dim or result[z_dim[0]] <= result["ref_cell_pca_16"]

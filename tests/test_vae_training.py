@@ -272,3 +272,23 @@ def test_training_logs_the_latent_readout_and_its_references(tmp_path):
                                                                        f"cell_pca_{z_dim}")]
     assert all(0.0 < value < 1.0 for value in references)
     assert 0.0 < records[2]["eval/cell_readout_mse"] < 4.0
+
+
+def test_init_from_the_encoder_alone_gives_a_wider_fresh_decoder_on_the_same_latents(uninterrupted):
+    """init_from_parts="encoder": encoder and quant_conv come from the export, the decoder (here twice as wide) is
+    the fresh init's; an export whose encoder differs from the config is refused, naming the keys to match."""
+    from qwenimage_jax import checkpoints
+
+    export = os.path.join(uninterrupted[0], "vae_export")
+    base = _config()
+    wider = base.vae.decoder_base_dim * 2
+    config = _config(f"--config.init_from={export}", "--config.init_from_parts=encoder",
+                     f"--config.vae.decoder_base_dim={wider}")
+    params = jax.device_get(vae_trainer.build(config).init_state().params["vae"])
+    before = checkpoints.load("vae", export).params
+    for name in vae_trainer.ENCODER_PARAMS:
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(before[name]), params[name])
+    assert params["decoder"]["conv_out"]["kernel"].shape[-2] == wider
+    with pytest.raises(ValueError, match="base_dim"):
+        vae_trainer.build(_config(f"--config.init_from={export}", "--config.init_from_parts=encoder",
+                                  f"--config.vae.base_dim={base.vae.base_dim * 2}")).init_state()

@@ -70,17 +70,25 @@ def _neighbourhood(latents: np.ndarray) -> np.ndarray:
     return np.concatenate([feats, np.ones(feats.shape[:-1] + (1,))], axis=-1).reshape(n * h * w, 9 * z + 1)
 
 
+def cell_readout_images(fit_latents, fit_images, test_latents) -> np.ndarray:
+    """The best linear read-out of each latent cell's r x r patch from its 3 x 3 latent neighbourhood (least squares
+    on (fit_latents, fit_images)), applied to `test_latents`: images (N, h*r, w*r, C) in the fit images' range."""
+    r = fit_images.shape[1] // fit_latents.shape[1]
+    c = fit_images.shape[-1]
+    weights = np.linalg.lstsq(_neighbourhood(fit_latents), cell_patches(np.asarray(fit_images, np.float64), r),
+                              rcond=None)[0]
+    n, h, w, _ = test_latents.shape
+    cells = (_neighbourhood(test_latents) @ weights).reshape(n, h, w, r, r, c)
+    return cells.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * r, w * r, c)
+
+
 def cell_readout_mse(fit_latents, fit_images, test_latents, test_images) -> float:
-    """Mean squared pixel error (images in [-1, 1]) of the best linear read-out of each latent cell's patch from its
-    3 x 3 latent neighbourhood: fitted by least squares on (fit_latents, fit_images), scored on the test pair.
+    """Mean squared pixel error (images in [-1, 1]) of `cell_readout_images` on the test pair.
 
     A decoder can only draw what the latents hold; this measures what they hold linearly, so an encoder that keeps
     no more than each cell's mean colour shows up here however well its decoder paints blobs."""
-    r = fit_images.shape[1] // fit_latents.shape[1]
-    weights = np.linalg.lstsq(_neighbourhood(fit_latents), cell_patches(np.asarray(fit_images, np.float64), r),
-                              rcond=None)[0]
-    predicted = _neighbourhood(test_latents) @ weights
-    return float(np.mean((predicted - cell_patches(np.asarray(test_images, np.float64), r)) ** 2))
+    predicted = cell_readout_images(fit_latents, fit_images, test_latents)
+    return float(np.mean((predicted - np.asarray(test_images, np.float64)) ** 2))
 
 
 def block_mean_mse(images: np.ndarray, block: int) -> float:

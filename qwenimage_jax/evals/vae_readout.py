@@ -6,6 +6,8 @@ beside the references (block means, per-cell PCA with as many floats as the late
 The read-out is fitted on train-split scenes (seed 11) and scored on held-out-composition scenes (seed 7), the sets
 configs/world_vae.py logs as eval/cell_readout_mse. A latent that keeps no more than each cell's mean colour reads
 out at about `ref_block_mean_cell`; the judge reads shapes from 4 px block means (`ref_block_mean_4px`).
+`judge_on_readout` (the world judge on the read-out's images) beside `judge_on_reconstructions` (on the decoder's)
+tells which half of the VAE loses an attribute: what the first keeps and the second does not, the decoder drops.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 
 import numpy as np
 
+from qwenimage_jax.data import judge
 from qwenimage_jax.evals import vae as vae_evals
 from qwenimage_jax.evals.t2i import world_prompts
 
@@ -34,8 +37,14 @@ def report(vae, num_fit: int = 512, num_test: int = 32, size: int = 128) -> dict
                                                            method="encode")[0]) for i in range(0, len(images), 32)])
     fit_latents, test_latents = means(fit), means(test)
     r = size // test_latents.shape[1]
-    return {"cell_readout_mse": vae_evals.cell_readout_mse(fit_latents, fit, test_latents, test),
+    readout = vae_evals.cell_readout_images(fit_latents, fit, test_latents)
+    recons = np.concatenate([np.asarray(vae.module.apply({"params": vae.params}, test_latents[i:i + 32],
+                                                         method="decode")) for i in range(0, len(test), 32)])
+    records = [item["record"] for item in world_prompts("heldout", num_test, size, seed=TEST_SEED)]
+    return {"cell_readout_mse": float(np.mean((readout - test) ** 2)),
             **vae_evals.readout_references(fit, test, r, vae.vae_config.z_dim),
+            "judge_on_readout": judge.evaluate(np.clip(readout, -1, 1), records),
+            "judge_on_reconstructions": judge.evaluate(np.clip(recons, -1, 1), records),
             "fit": dict(split="train", num=num_fit, seed=FIT_SEED, size=size),
             "test": dict(split="heldout", num=num_test, seed=TEST_SEED, size=size)}
 

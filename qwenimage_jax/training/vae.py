@@ -406,11 +406,27 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
         # its decoder with `trainable="decoder"`
         from qwenimage_jax import checkpoints
 
-        loaded = checkpoints.load("vae", config.init_from, shardings=state_shardings.params["vae"])
+        parts = str(config.get("init_from_parts", "all"))
+        if parts not in ("all", "encoder"):
+            raise ValueError(f"init_from_parts={parts!r}; use 'all' or 'encoder' (encoder and quant_conv loaded, the "
+                             "decoder fresh: e.g. a wider decoder on trained latents)")
+        loaded = checkpoints.load("vae", config.init_from,
+                                  shardings=state_shardings.params["vae"] if parts == "all" else None)
         if loaded.vae_config.z_dim != vae_cfg.z_dim:
             raise ValueError(f"init_from {config.init_from!r} has z_dim={loaded.vae_config.z_dim}, the config "
                              f"{vae_cfg.z_dim}")
-        params = {**state.params, "vae": loaded.params}
+        vae_params = loaded.params
+        if parts == "encoder":
+            encoder = {k: loaded.params[k] for k in ENCODER_PARAMS}
+            expected = {k: state.params["vae"][k] for k in ENCODER_PARAMS}
+            if jax.tree.structure(encoder) != jax.tree.structure(expected) or any(
+                    a.shape != b.shape for a, b in zip(jax.tree.leaves(encoder), jax.tree.leaves(expected))):
+                raise ValueError(f"init_from {config.init_from!r}: its encoder differs from the config's "
+                                 "(vae.base_dim, dim_mult, num_res_blocks, z_dim must match; only the decoder may "
+                                 "change with init_from_parts='encoder')")
+            vae_params = {**state.params["vae"], **jax.device_put(
+                encoder, {k: state_shardings.params["vae"][k] for k in ENCODER_PARAMS})}
+        params = {**state.params, "vae": vae_params}
         if "patch" in params:  # the read-out head starts fitted to these latents: a random one would push its
             # error back into the trained encoder through patch_l2 before it has learnt anything
             params["patch"] = jax.device_put(fit_patch_head(encode_fn, loaded.params, config),
@@ -576,6 +592,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.donate_state = True
     c.export_ema = True
     c.init_from = ""          # an Orbax VAE export to start from (fresh optimizer)
+    c.init_from_parts = "all"  # or "encoder": only encoder and quant_conv from init_from, the decoder fresh
     c.trainable = "all"       # "decoder": encoder and quant_conv frozen (the latent space stays put); "encoder": the
     #                           decoder frozen and not run, the latents trained on patch_l2 (+ alignment) alone
     return c
