@@ -116,6 +116,7 @@ G = {
  "cooldown.end_value": "Cooldown: the learning rate it anneals to.",
  "time_budget_s": "Trainer loop: stop at a checkpoint after this many seconds of one call, as a SIGTERM would (0 = no limit); the next call resumes.",
  "init_from": "Start from these trained weights with a fresh optimizer (DiT: a transformer dir; VAE: an Orbax VAE export).",
+ "init_from_parts": "VAE trainer: what `init_from` loads: `all`, or `encoder` (encoder and quant_conv; the decoder starts fresh and may differ in width).",
  "trainable": "VAE trainer: `all`; `decoder` (encoder and quant_conv frozen: the latent space stays put); `encoder` (the decoder frozen and never run: the latents trained on `losses.patch_l2` and alignment alone).",
  "eval.judge": "VAE trainer, world data: judge the reconstructions of whole scenes (`length`, `seed`, `split`, `size`) at each eval; None = off.",
  "eval.judge.*": "VAE trainer: the judged world scenes (`length`, `seed`, `split`, `size`).",
