@@ -3,6 +3,9 @@
 "dot_product_attention" (jax.nn, XLA) and "splash" (Pallas, in interpret mode on CPU) must give the einsum's answer
 for the block-causal mask with key padding, alone and inside the whole DiT (also with the splash kernel in
 shard_map under a data x tensor mesh). "cudnn" and non-interpreted "splash" must refuse CPU with a clear message.
+The cuDNN path (`segmented_attention`: static slices with only `is_causal` / `key_value_seq_lengths`, no mask
+tensor) runs here through XLA (`implementation=None`, backend "cudnn_emulated") and must equal the einsum, padded
+text rows included, for the prefix pass, the target/cached pass and gradients.
 Also the runtime options of the module: remat leaves gradients unchanged, bf16 compute stays close to fp32.
 """
 import dataclasses
@@ -12,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenimage_jax.models.attention import attention, block_causal_mask
+from qwenimage_jax.models.attention import attention, block_causal_mask, segmented_attention
 from qwenimage_jax.models.dit import DiT, DiTConfig, init_transformer, joint_layout, layout_key
 from qwenimage_jax.parallel.mesh import make_mesh
 from tests.conftest import max_rel_err
@@ -64,6 +67,104 @@ def test_einsum_matches_explicit_softmax():
     np.testing.assert_allclose(np.asarray(out[0, :, 0]), expected, rtol=1e-5, atol=1e-6)
 
 
+# text 5 | condition 9 | target 12, and an edit prompt: text 4 | condition 6 | text 5 | condition 8 | target 12
+# (text after a condition image, as in "Picture 1: <image> instruction"); padding is the tail of the last text run.
+SEGMENT_LAYOUTS = [np.array([-1] * 5 + [0] * 9 + [1] * 12),
+                   np.array([-1] * 4 + [0] * 6 + [-1] * 5 + [1] * 8 + [2] * 12)]
+
+
+def _padded_text(image_ids, valid_in_last_run, batch=3):
+    """(batch, S) key_valid: the last text run keeps `valid_in_last_run[b]` tokens, the rest is padding."""
+    end = np.flatnonzero(image_ids < 0)[-1] + 1
+    start = end - 1
+    while start > 0 and image_ids[start - 1] < 0:
+        start -= 1
+    valid = np.ones((batch, image_ids.shape[0]), bool)
+    for row, n in enumerate(valid_in_last_run):
+        valid[row, start + n:end] = False
+    return jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("layout", range(len(SEGMENT_LAYOUTS)))
+def test_segmented_attention_matches_einsum_on_the_prefix_pass(layout):
+    ids = SEGMENT_LAYOUTS[layout]
+    q, k, v = _qkv(3, ids.size, ids.size, seed=3)
+    key_valid = _padded_text(ids, (5, 2, 1))       # rows 1, 2 padded, every padded row still sees a valid key
+    ref = attention(q, k, v, mask=block_causal_mask(ids), key_valid=key_valid, backend="xla")
+    out = segmented_attention(q, k, v, ids, key_valid, implementation=None)
+    assert max_rel_err(out, ref) <= 1e-5          # padded text rows included: they average the valid keys
+    out = attention(q, k, v, mask=block_causal_mask(ids), key_valid=key_valid, image_ids=ids,
+                    backend="cudnn_emulated")
+    assert max_rel_err(out, ref) <= 1e-5
+    # the DiT's prefix pass: prefix queries over prefix keys only (no padding info beyond the prefix)
+    prefix = ids.size - 12
+    ref = attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], mask=block_causal_mask(ids[:prefix]),
+                    key_valid=key_valid[:, :prefix], backend="xla")
+    out = segmented_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], ids[:prefix], key_valid[:, :prefix])
+    assert max_rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", range(len(SEGMENT_LAYOUTS)))
+def test_segmented_attention_matches_einsum_for_target_queries_over_cached_prefix(layout):
+    ids = SEGMENT_LAYOUTS[layout]
+    q, k, v = _qkv(3, 12, ids.size, seed=4)        # target queries; keys = cached prefix + target
+    key_valid = _padded_text(ids, (3, 5, 1))
+    ref = attention(q, k, v, key_valid=key_valid, backend="xla")
+    out = attention(q, k, v, key_valid=key_valid, image_ids=ids, backend="cudnn_emulated")
+    assert max_rel_err(out, ref) <= 1e-5
+    no_padding = segmented_attention(q, k, v, ids, None)
+    assert max_rel_err(no_padding, attention(q, k, v, backend="xla")) <= 1e-5
+
+
+def test_segmented_attention_gradients_match_einsum_with_padded_text():
+    ids = SEGMENT_LAYOUTS[1]
+    q, k, v = _qkv(3, ids.size, ids.size, seed=5)
+    key_valid = _padded_text(ids, (4, 1, 2))
+    weights = jax.random.normal(jax.random.key(6), q.shape)
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * weights), argnums=(0, 1, 2)))(q, k, v)
+
+    ref = loss(lambda q, k, v: attention(q, k, v, mask=block_causal_mask(ids), key_valid=key_valid, backend="xla"))
+    out = loss(lambda q, k, v: segmented_attention(q, k, v, ids, key_valid))
+    for a, b in zip(out, ref):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+def test_segmented_attention_refuses_key_padding_it_cannot_express():
+    ids = SEGMENT_LAYOUTS[1]
+    q, k, v = _qkv(2, ids.size, ids.size, seed=7)
+    good = _padded_text(ids, (5, 3), batch=2)
+    for bad in (good.at[1, 0].set(False),           # padding in the first text run
+                good.at[1, 16].set(False),          # an image token
+                good.at[0, 12].set(False)):         # a hole inside the last text run, not its tail
+        with pytest.raises(ValueError, match="only at the end of the last text run"):
+            segmented_attention(q, k, v, ids, bad)
+    # under jit the values are unknown at trace time: the offending row comes out NaN, the others exact
+    out = jax.jit(lambda kv: segmented_attention(q, k, v, ids, kv))(good.at[1, 16].set(False))
+    assert np.isnan(np.asarray(out[1])).all() and not np.isnan(np.asarray(out[0])).any()
+    with pytest.raises(ValueError, match="block_causal_mask"):
+        attention(q, k, v, mask=np.ones((ids.size, ids.size), bool), image_ids=ids, backend="cudnn_emulated")
+
+
+def test_dit_extract_and_cached_with_cudnn_path_match_einsum(tiny_model):
+    model, inputs, _ = tiny_model
+    latents, text, timestep, shapes, img_mask, text_mask = inputs
+    emulated = dataclasses.replace(TINY, attention="cudnn_emulated")
+
+    def run(cfg):
+        def f(params):
+            out, cache = DiT(cfg).apply({"params": params}, latents, text, timestep, shapes, img_mask, text_mask,
+                                        kv_cache_mode="extract")
+            cached = DiT(cfg).apply({"params": params}, latents[:, 4:], None, timestep, shapes, img_mask,
+                                    kv_cache_mode="cached", kv_cache=cache)
+            return out, cached
+        return jax.jit(f)(model.params)
+
+    for a, b in zip(run(emulated), run(TINY)):
+        assert max_rel_err(a, b) <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     model = init_transformer(TINY, jax.random.key(0))
@@ -77,7 +178,7 @@ def tiny_model():
     return model, inputs, ref
 
 
-@pytest.mark.parametrize("backend", ["dot_product_attention", "splash"])
+@pytest.mark.parametrize("backend", ["dot_product_attention", "splash", "cudnn_emulated"])
 def test_dit_forward_with_backend_matches_einsum(tiny_model, backend):
     model, inputs, ref = tiny_model
     cfg = dataclasses.replace(TINY, attention=backend, splash_interpret=True)
@@ -135,3 +236,25 @@ def test_remat_keeps_gradients_and_bf16_stays_close_to_fp32(tiny_model):
         model.params)
     assert bf16.dtype == jnp.bfloat16
     assert max_rel_err(bf16.astype(jnp.float32), fp32) <= 3e-2
+
+
+def test_cudnn_segments_lower_for_cuda_with_gradients(monkeypatch):
+    """The real cuDNN calls (shapes, seq lengths, even-length rule of the backward) lower for CUDA from a CPU host;
+    jax's cuDNN version and compute-capability probes are stubbed since there is no GPU here."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    for name, value in (("check_cudnn_version", lambda: 91000), ("check_compute_capability", lambda c: True),
+                        ("is_cuda_compute_capability_equal", lambda c: False)):
+        assert hasattr(fused, name), f"jax internals changed: no {name}; update this test's stubs"
+        monkeypatch.setattr(fused, name, value)
+    ids = np.array([-1] * 5 + [0] * 9 + [-1] * 3 + [1] * 15)      # odd lengths everywhere
+    q = jnp.zeros((2, ids.size, 2, 64), jnp.bfloat16)
+    key_valid = jnp.ones((2, ids.size), bool)
+
+    def loss(q, k, v):
+        full = segmented_attention(q, k, v, ids, key_valid, implementation="cudnn")
+        cached = segmented_attention(q[:, -15:], k, v, ids, key_valid, implementation="cudnn")
+        return jnp.sum(full.astype(jnp.float32)) + jnp.sum(cached.astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "cudnn" in text

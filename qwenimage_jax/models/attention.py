@@ -10,7 +10,11 @@ traced part.
 Backends (`attention(..., backend=...)`), all computing softmax(q k^T / sqrt(head_dim)) v with the mask:
     "xla"                    plain einsum + fp32 softmax; the reference for the others; runs everywhere.
     "dot_product_attention"  `jax.nn.dot_product_attention(implementation=None)` (XLA); runs everywhere.
-    "cudnn"                  `jax.nn.dot_product_attention(implementation="cudnn")`; NVIDIA GPUs, bf16/fp16 only.
+    "cudnn"                  cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`); NVIDIA
+                             GPUs, bf16/fp16 only. Given the layout (`image_ids`) it uses no mask tensor at all (see
+                             `segmented_attention`), so flash attention is used and the cached-sampling call works.
+    "cudnn_emulated"         for tests: the "cudnn" code path (`segmented_attention`) run by XLA
+                             (`implementation=None`), so CPU tests cover the segmentation that runs on the GPU.
     "splash"                 Pallas splash attention (TPU); sequence padded to 128-token blocks, key padding as
                              segment ids; `interpret=True` runs it on CPU for testing.
 """
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("xla", "dot_product_attention", "cudnn", "splash")
+BACKENDS = ("xla", "dot_product_attention", "cudnn", "splash", "cudnn_emulated")
 
 _SPLASH_BLOCK = 128
 
@@ -56,6 +60,106 @@ def _xla_attention(query, key, value, mask):
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of equal ids: a text run (-1) or one image block."""
+    edges = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), ids.shape[0]]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _padding_lengths(key_valid, pad_run: tuple[int, int]):
+    """key_valid (batch, kv_len) -> (valid tokens of `pad_run` per row (int32), per-row flag that every other key
+    is valid and the run's invalid keys are its tail). Raises ValueError when key_valid is concrete and a row breaks
+    the pattern; under jit the caller poisons such rows with NaN instead (an error cannot be raised there)."""
+    start, end = pad_run
+    valid = key_valid.astype(bool)
+    n_valid = valid[:, start:end].sum(axis=-1, dtype=jnp.int32)
+    pos = jnp.arange(valid.shape[1])
+    expected = (pos < start) | (pos >= end) | (pos - start < n_valid[:, None])
+    ok = jnp.all(valid == expected, axis=-1)
+    if not isinstance(ok, jax.core.Tracer) and not bool(ok.all()):
+        where = f"keys {start}..{end - 1}" if end > start else "there is no text run: every key must be valid"
+        raise ValueError(
+            f"the cuDNN attention path supports key padding only at the end of the last text run ({where}; "
+            f"text right-padded, every image token valid); batch rows "
+            f"{np.flatnonzero(~np.asarray(ok)).tolist()} of key_valid mask other keys. Use backend 'xla' or "
+            "'dot_product_attention' for other masks")
+    return n_valid, ok
+
+
+def segmented_attention(query, key, value, image_ids: np.ndarray, key_valid=None, *, implementation=None):
+    """Block-causal attention with no mask tensor, as static slices of q/k/v, each one call of
+    `jax.nn.dot_product_attention` using only `is_causal` and `key_value_seq_lengths`: what cuDNN flash attention
+    supports (a dense mask defeats flash, and a (B, 1, 1, S) key mask is refused by cuDNN). `implementation=None`
+    runs the same calls in XLA (backend "cudnn_emulated", the CPU tests).
+
+    image_ids: static (kv_len,) ids of the keys (-1 text); the queries are the last q_len key positions, so the
+    mask is block_causal_mask(image_ids)[-q_len:] (prefix pass: q_len = kv_len; target/cached pass: the target
+    block over every key). key_valid (batch, kv_len) or None may only mark a tail of the LAST text run invalid
+    (right-padded prompts); anything else raises ValueError (concrete key_valid) or gives NaN rows (under jit).
+
+    Keys are reordered freely (attention is invariant to key order; RoPE is already applied) so that in every call
+    the padding is the tail of the keys and `key_value_seq_lengths` = static valid count + valid text per row:
+      text queries   one causal call, queries and keys = positions [0, end of the last text run): a text token sees
+                     exactly the keys at or before it. Image rows of this call are discarded (recomputed below), a
+                     waste of ~N_cond^2/2 only when text follows a condition image (edit prompts).
+      image block    one non-causal call, its queries over keys [0, block end) with the padded text run moved last.
+    Padded text query rows get what the "xla" backend gives (the average over the valid keys at or before them);
+    only a row with no valid key at all (a fully padded prompt with no tokens before it) differs, where XLA
+    averages all keys and here it sees key 0. Such rows never matter: padded keys are masked for every query in
+    every layer, and text outputs are discarded (the loss and sampling read the target tokens only).
+    """
+    ids = np.asarray(image_ids)
+    batch, q_len = query.shape[:2]
+    kv_len = key.shape[1]
+    if ids.shape != (kv_len,) or q_len > kv_len:
+        raise ValueError(f"image_ids has shape {ids.shape} but keys have length {kv_len} (queries {q_len})")
+    q0 = kv_len - q_len                                   # position of the first query
+    runs = _runs(ids)
+    text_runs = [r for r in runs if ids[r[0]] < 0]
+    pad_run = text_runs[-1] if text_runs else (kv_len, kv_len)
+    n_valid, ok = (None, None) if key_valid is None else _padding_lengths(key_valid, pad_run)
+
+    def keys_before(end):
+        """k, v over positions [0, end) with the padded run (if inside) moved last, and the kv lengths."""
+        start, stop = pad_run
+        if n_valid is None or stop > end:
+            return key[:, :end], value[:, :end], None
+        order = lambda t: (t[:, :end] if stop == end else  # already last
+                           jnp.concatenate([t[:, :start], t[:, stop:end], t[:, start:stop]], axis=1))
+        # >= 1: a row that sees no key is undefined in cuDNN (see the docstring for why it does not matter)
+        return order(key), order(value), jnp.maximum(end - (stop - start) + n_valid, 1)
+
+    def call(q, end, causal):
+        k, v, lengths = keys_before(end)
+        t, s = q.shape[1], k.shape[1]
+        # jax's cuDNN wrapper refuses odd sequence lengths when differentiated: append one query row (dropped)
+        # and one key that the kv lengths hide (a causal row never reaches it either).
+        if s % 2:
+            k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (k, v))
+            lengths = jnp.full((batch,), s, jnp.int32) if lengths is None else lengths
+        if t % 2:
+            q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                            implementation=implementation)[:, :t]
+
+    text_end = pad_run[1] if text_runs else 0
+    if text_end > q0:  # causal is aligned top-left: query rows must start at key 0 (zero rows before q0, dropped)
+        causal_out = call(jnp.pad(query[:, :text_end - q0], ((0, 0), (q0, 0), (0, 0), (0, 0))), text_end, True)
+    pieces = []
+    for start, end in runs:
+        if end <= q0:
+            continue
+        start = max(start, q0)
+        if ids[start] < 0:
+            pieces.append(causal_out[:, start:end])
+        else:
+            pieces.append(call(query[:, start - q0:end - q0], end, False))
+    out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+    if ok is not None and isinstance(ok, jax.core.Tracer):
+        out = jnp.where(ok[:, None, None, None], out, jnp.nan)  # a key_valid this path cannot express
+    return out
 
 
 def _check_gpu(backend: str):
@@ -148,12 +252,28 @@ def _splash_sharded(query, key, value, mask, key_valid, interpret: bool):
                          out_specs=qkv_spec, check_vma=False)(query, key, value, key_valid)
 
 
+def _check_layout_mask(mask, image_ids: np.ndarray, q_len: int):
+    """The cuDNN path computes the mask from image_ids; refuse a `mask` that says something else."""
+    ids = np.asarray(image_ids)
+    q = np.arange(ids.shape[0] - q_len, ids.shape[0])[:, None]
+    k = np.arange(ids.shape[0])[None, :]
+    expected = (q >= k) | ((ids[q] == ids[k]) & (ids[q] >= 0))
+    given = np.ones_like(expected) if mask is None else np.asarray(mask, dtype=bool)
+    if given.shape != expected.shape or not (given == expected).all():
+        raise ValueError("mask is not block_causal_mask(image_ids)[-q_len:] (None meaning all allowed); the cudnn "
+                         "backends compute the mask from image_ids")
+
+
 def attention(query, key, value, *, mask: np.ndarray | None = None, key_valid=None, backend: str = "xla",
-              splash_interpret: bool = False):
+              image_ids: np.ndarray | None = None, splash_interpret: bool = False):
     """Masked multi-head attention.
 
     query: (batch, q_len, heads, head_dim); key, value: (batch, kv_len, heads, head_dim).
     mask: static (q_len, kv_len) numpy bool or None (= all allowed); key_valid: (batch, kv_len) bool or None.
+    image_ids: static (kv_len,) image ids of the keys (-1 text) with mask == block_causal_mask(image_ids)[-q_len:]
+        (queries = the last q_len keys); the cudnn backends use it instead of the mask (`segmented_attention`),
+        the others ignore it. Without it (and with a mask), "cudnn" hands cuDNN the dense mask tensor as before
+        (accepted only when it is a full (q_len, kv_len) mask).
     Returns (batch, q_len, heads, head_dim) in query's dtype.
     """
     batch, q_len = query.shape[:2]
@@ -164,14 +284,22 @@ def attention(query, key, value, *, mask: np.ndarray | None = None, key_valid=No
         return jax.nn.dot_product_attention(query, key, value,
                                             mask=_combined_mask(mask, key_valid, batch, q_len, kv_len),
                                             implementation=None)
-    if backend == "cudnn":
-        _check_gpu(backend)
-        if query.dtype not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"cuDNN attention needs bf16/fp16 activations, got {query.dtype}; set dtype=bfloat16 "
-                             "or use backend 'dot_product_attention'")
-        return jax.nn.dot_product_attention(query, key, value,
-                                            mask=_combined_mask(mask, key_valid, batch, q_len, kv_len),
-                                            implementation="cudnn")
+    if backend in ("cudnn", "cudnn_emulated"):
+        implementation = None
+        if backend == "cudnn":
+            _check_gpu(backend)
+            if query.dtype not in (jnp.bfloat16, jnp.float16):
+                raise ValueError(f"cuDNN attention needs bf16/fp16 activations, got {query.dtype}; set "
+                                 "dtype=bfloat16 or use backend 'dot_product_attention'")
+            implementation = "cudnn"
+        if image_ids is None and mask is None:
+            image_ids = np.zeros((kv_len,), np.int64)  # no static mask: one bidirectional block
+        if image_ids is None:
+            return jax.nn.dot_product_attention(query, key, value,
+                                                mask=_combined_mask(mask, key_valid, batch, q_len, kv_len),
+                                                implementation=implementation)
+        _check_layout_mask(mask, image_ids, q_len)
+        return segmented_attention(query, key, value, image_ids, key_valid, implementation=implementation)
     if backend == "splash":
         _check_tpu_or_interpret(splash_interpret)
         if mask is not None and tuple(mask.shape) != (q_len, kv_len):
