@@ -2,16 +2,17 @@
 
 Trained on pixel losses from step 0, this VAE's latents hold no more than each 16 px cell's mean colour (a
 least-squares read-out of each cell from its 3 x 3 latent neighbourhood scores 0.0217 MSE, the cell means 0.0222:
-world_build/vae_readout.json), so its decoder can only paint blobs and the judge reads shape at chance: the decoder
-cannot use detail the encoder drops, and the encoder gets no gradient to keep detail the decoder does not yet use.
+world_build/vae_readout_from_scratch.json), so its decoder can only paint blobs and the judge reads shape at
+chance: the decoder cannot use detail the encoder drops, and the encoder gets no gradient to keep detail the
+decoder does not yet use.
 This phase breaks that loop: `trainable="encoder"` runs the encoder and a linear per-cell head only (the decoder is
 frozen and never run, ~0.25 s a batch-8 step instead of ~1.4 s) and trains them on `patch_l2` alone, each latent's
 linear read-out of its own 16 x 16 px patch. configs/world_vae.py then trains the whole VAE from this encoder
 (`init_from`), with the pixel losses and the alignment, patch_l2 kept.
 
 Expected (eval/cell_readout_mse on the validation scenes of `eval.judge`, EMA; the step-0 references
-eval/readout_ref_*: 4 px block means 0.0067, per-cell PCA-64 0.0033): about 0.011 at step 600, 0.007 at 1500 and
-below the 4 px block means by the end.
+eval/readout_ref_*: 16 px cell means 0.0222, 4 px block means 0.0067, per-cell PCA-64 0.0033): 0.0177 at step
+250, 0.0094 at 1000, 0.0073 at 1500, 0.0056 at 2500 (~9 min), past the 4 px block means.
 
     qwenimage-jax train-vae --config configs/world_vae_encoder.py --workdir /tmp/world/vae_encoder
 """
