@@ -23,10 +23,15 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",  # transformers chat templates (prompt encoding, expansion); torch pulls it in, the base env not
 ]
 
+# `--quantize` / `quantize=` (checkpoints/quantize.py). Pinned: scanned layers use qwix's WithAux and quantizer
+# from its private modules (qwix.quantize_params would scale a stacked kernel across layers).
+QUANT = ["qwix==0.1.8"]
+
 EXTRAS = {
     # torch must be the CPU build: the Makefile installs torch==2.13.0 first, so this range installs nothing more.
     "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<=2.14.1", "diffusers>=0.42.1", "nbclient>=0.10", "ipykernel",
-             "scikit-image>=0.22", "peft>=0.17,<0.22"],  # peft: LoRA parity (adapters made by peft)
+             "scikit-image>=0.22", "peft>=0.17,<0.22"] + QUANT,  # peft: LoRA parity (adapters made by peft)
+    "quant": QUANT,
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     # `qwenimage-jax aot`: libtpu compiles for TPU topologies on a CPU host. Pinned to the jax of the test env

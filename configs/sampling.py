@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.width = 0
     c.dtype = "bfloat16"
     c.attention = "xla"             # DiT attention backend ("cudnn" on GPU, "splash" on TPU)
+    c.quantize = "none"             # weight-only "int8" / "fp8" / "int4" of the DiT + text encoder (docs/quantization.md)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     for key, value in PRESETS[name].items():
         c[key] = value

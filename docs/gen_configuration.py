@@ -187,6 +187,7 @@ G = {
  "preset": "Preset name (`base`, `turbo`, `guided`, `tiny`).", "cfg": "True CFG scale (1 = off; needs a negative prompt).",
  "negative_prompt": "Negative prompt (\"\" = none).", "resolution": "Default output side and the area condition images are resized to.",
  "height": "Output height (0 = from resolution / the last condition image).", "width": "Output width (0 = as height).",
+ "quantize": "Weight-only quantization of the DiT and text encoder: `none`, `int8`, `fp8`, `int4` (docs/quantization.md).",
 }
 
 r = _configs()

@@ -16,15 +16,37 @@ from typing import Sequence
 
 import ml_collections
 
+from qwenimage_jax.errors import ConfigError
+
+
+class ConfigNotFoundError(ConfigError, FileNotFoundError):
+    """The config file given to --config does not exist."""
+
+
+class ConfigKeyError(ConfigError, KeyError):
+    """An override names a key the config does not have."""
+
+    def __str__(self):  # KeyError's str() would wrap the whole sentence in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """An override that is malformed or whose value does not fit the field's type."""
+
 
 def _import_file(path: str):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
+        raise ConfigNotFoundError(f"config file {path!r} not found; pass a configs/<name>.py file (optionally "
+                                  "configs/<name>.py:arg)")
     spec = importlib.util.spec_from_file_location(f"_qij_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file, not our code: name it and what Python said about it
+        raise ConfigError(f"config file {path} could not be run: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path} has no get_config() function")
+        raise ConfigError(f"{path} has no get_config() function; a config file defines get_config(arg=None) "
+                          "returning an ml_collections.ConfigDict")
     return module
 
 
@@ -51,13 +73,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     known = _flat_keys(config)
     for item in overrides:
         if not item.startswith("--config."):
-            raise ValueError(f"override {item!r} must look like --config.key=value")
+            raise ConfigValueError(f"override {item!r} must look like --config.key=value")
         key, sep, value = item[len("--config."):].partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} has no '=value'")
+            raise ConfigValueError(f"override {item!r} has no '=value'; write {item}=VALUE")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
-            raise KeyError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise ConfigKeyError(f"unknown config key {key!r}"
+                                 + (f"; did you mean {', '.join(close)}?" if close
+                                    else "; check the field names in the config file"))
         *parents, leaf = key.split(".")
         node = config
         for p in parents:
@@ -68,8 +92,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             new = float(new)
         if isinstance(old, tuple) and isinstance(new, list):
             new = tuple(new)
-        with config.unlocked() if hasattr(config, "unlocked") else _null():
-            node[leaf] = new
+        try:
+            with config.unlocked() if hasattr(config, "unlocked") else _null():
+                node[leaf] = new
+        except TypeError:  # ml_collections refuses a value of another type than the field's
+            raise ConfigValueError(f"{item}: the field {key} takes a {type(old).__name__} (it is {old!r}), not "
+                                   f"{value!r}") from None
     return config
 
 
@@ -84,7 +112,11 @@ class _null:
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     path, _, arg = path.partition(":")
     module = _import_file(path)
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # e.g. an unknown preset name after the colon: the user's file, so name it
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"{path}: {call} failed: {type(e).__name__}: {e}") from e
     return apply_overrides(config, overrides)
 
 

@@ -3,6 +3,7 @@
 
     models  <-  checkpoints/convert  <-  sampling, text, data, evals, metrics  <-  training  <-  commands, recipes
     parallel (meshes, rules) is beside models: anything may use it; it uses nothing of ours.
+    errors (the exception classes) and io_utils (atomic writes) sit below everything, the same way.
 
 Each rule is its own test and its failure message lists every offending import as `file:line module -> target`.
 """
@@ -21,6 +22,8 @@ INFERENCE = ("sampling", "text", "data", "evals", "metrics", "assets")
 INFERENCE_COMMANDS = ("sample", "demo", "eval_t2i", "eval_vae", "reconstruct", "expand_prompt", "convert")
 ABOVE_TRAINING = ("commands", "recipes", "world_assets", "cli", "testing")
 MODELS_THIRD_PARTY = ("jax", "flax", "numpy")
+# Modules any layer may import; they import nothing of ours.
+BELOW_ALL = ("parallel", "errors", "io_utils")
 
 
 def _module_of(path: Path) -> str:
@@ -134,6 +137,11 @@ def test_parallel_imports_nothing_of_ours():
     _fail_on(found, "parallel -> nothing of ours")
 
 
+def test_errors_and_io_utils_import_nothing_of_ours():
+    found = _violations(GRAPH, lambda m: _in(m, "errors", "io_utils"), lambda m, t: t.startswith(PACKAGE))
+    _fail_on(found, "errors, io_utils -> nothing of ours")
+
+
 def test_bench_imports_no_tests():
     found = _violations(_graph("bench"), lambda m: True,
                         lambda m, t: t == "tests" or t.startswith("tests.") or t == "conftest")
@@ -147,10 +155,11 @@ def _third_party_or_ours(target: str) -> bool:
 
 
 def test_models_import_only_jax_flax_numpy_and_models():
-    """models/ are pure Linen: jax, flax, numpy, the standard library, models/ itself and parallel/ (rules)."""
+    """models/ are pure Linen: jax, flax, numpy, the standard library, models/ itself and parallel/ (rules)
+    (and errors / io_utils, which import nothing)."""
     def forbidden(module, target):
         if target.startswith(PACKAGE):
-            return not _in(target, "models", "parallel")
+            return not _in(target, "models", *BELOW_ALL)
         return _third_party_or_ours(target) and target.split(".")[0] not in MODELS_THIRD_PARTY
 
     _fail_on(_violations(GRAPH, lambda m: _in(m, "models"), forbidden),
@@ -166,8 +175,8 @@ KNOWN_UPWARD = {(f"{PACKAGE}.checkpoints.loaders", f"{PACKAGE}.text.encoder")}
 def test_checkpoints_import_only_models():
     """The loaders / exporters (checkpoints/) know formats and models, nothing above them."""
     found = _violations(GRAPH, lambda m: _in(m, "convert", "checkpoints"),
-                        lambda m, t: t.startswith(PACKAGE) and not _in(t, "models", "parallel", "convert",
-                                                                         "checkpoints")
+                        lambda m, t: t.startswith(PACKAGE) and not _in(t, "models", "convert", "checkpoints",
+                                                                         *BELOW_ALL)
                         and (m, t) not in KNOWN_UPWARD)
     _fail_on(found, "checkpoints -> only models (and parallel)")
 

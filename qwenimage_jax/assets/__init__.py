@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenimage_jax.errors import InputKeyError
+
 PHOTO_DIR = Path(__file__).resolve().parent / "photos"
 _EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -62,5 +64,5 @@ def load_photo(name: str, size: int | tuple[int, int] | None = None) -> np.ndarr
     """
     paths = photo_paths()
     if name not in paths:
-        raise KeyError(f"no bundled photo named {name!r}; choose from {', '.join(paths)}")
+        raise InputKeyError(f"no bundled photo named {name!r}; choose from {', '.join(paths)}")
     return load_image(paths[name], size)

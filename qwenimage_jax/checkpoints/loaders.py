@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from qwenimage_jax.checkpoints.orbax_io import is_orbax_component, load_component_config, restore_params
 from qwenimage_jax.checkpoints.params import assemble_params, unbox_abstract
-from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader, load_json_config
+from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader, WeightFileError, load_json_config
+from qwenimage_jax.errors import WeightsNotFoundError
 
 
 def _is_orbax(path: str) -> bool:
@@ -45,7 +46,8 @@ def load_vae(path: str, dtype: Any = jnp.float32, *, mesh=None, shardings: Any =
     from qwenimage_jax.models.vae import VAE, QwenImageVAE, VAEConfig, abstract_params
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"VAE path {path!r} does not exist")
+        raise WeightsNotFoundError(f"VAE path {path!r} does not exist; pass a diffusers VAE directory (config.json + "
+                                   "*.safetensors) or one written by `qwenimage-jax convert`")
     runtime = dict(dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
     orbax = _is_orbax(path)
     raw = load_component_config(path, "vae") if orbax else load_json_config(path)
@@ -72,9 +74,9 @@ def _check_transformer_config(config: dict, path: str) -> None:
     other = name is not None and name not in TRANSFORMER_CLASSES
     if other or "z_dim" in config or "model_type" in config:
         found = name or config.get("model_type") or "a VAE"
-        raise ValueError(f"{os.path.join(path, 'config.json')}: _class_name/model_type is {found!r}, not a Qwen-Image-2 "
-                         f"transformer ({' or '.join(TRANSFORMER_CLASSES)}); point at the model's transformer/ "
-                         "directory")
+        raise WeightFileError(f"{os.path.join(path, 'config.json')}: _class_name/model_type is {found!r}, not a "
+                              f"Qwen-Image-2 transformer ({' or '.join(TRANSFORMER_CLASSES)}); point at the model's "
+                              "transformer/ directory")
 
 
 def load_transformer(path: str, dtype: Any = jnp.float32, *, mesh=None, shardings=None, param_dtype=None,
@@ -172,7 +174,8 @@ def load_dinov2(path: str, dtype: Any = jnp.float32, *, mesh=None, shardings: An
     from qwenimage_jax.models.dinov2 import Dinov2, Dinov2Config, Dinov2Model, abstract_params
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"DINOv2 path {path!r} does not exist")
+        raise WeightsNotFoundError(f"DINOv2 path {path!r} does not exist; pass a transformers Dinov2Model directory "
+                                   "(config.json + *.safetensors) or one written by `qwenimage-jax convert`")
     runtime = dict(dtype=dtype, param_dtype=dtype)
     orbax = _is_orbax(path)
     raw = load_component_config(path, "dinov2") if orbax else load_json_config(path)

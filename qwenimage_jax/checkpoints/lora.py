@@ -25,6 +25,7 @@ import numpy as np
 from qwenimage_jax.checkpoints.dit import dit_plan
 from qwenimage_jax.checkpoints.safetensors_io import (SafetensorsReader, WeightFileError, read_json_file, read_metadata,
                                                       write_safetensors)
+from qwenimage_jax.errors import WeightsError, WeightsNotFoundError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -33,7 +34,7 @@ _PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "model.")
 _SUFFIX = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.[A-Za-z0-9_\-]+)?\.weight$")
 
 
-class LoraKeyError(ValueError):
+class LoraKeyError(WeightsError, ValueError):
     """An adapter file that does not fit this transformer (unknown modules, wrong shapes, unsupported parts)."""
 
 
@@ -74,8 +75,8 @@ def find_adapter_file(path: str, weight_name: str | None = None) -> str:
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"LoRA path {path!r} does not exist; pass a .safetensors file or the directory "
-                                f"save_lora_weights / save_pretrained wrote")
+        raise WeightsNotFoundError(f"LoRA path {path!r} does not exist; pass a .safetensors file or the directory "
+                                   f"save_lora_weights / save_pretrained wrote")
     names = [weight_name] if weight_name else [DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME]
     for name in names:
         if os.path.isfile(os.path.join(path, name)):
@@ -83,8 +84,8 @@ def find_adapter_file(path: str, weight_name: str | None = None) -> str:
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if len(found) == 1 and not weight_name:
         return os.path.join(path, found[0])
-    raise FileNotFoundError(f"no LoRA weights in {path!r}: looked for {', '.join(names)}"
-                            + (f"; it holds {found}, pass weight_name=" if found else ""))
+    raise WeightsNotFoundError(f"no LoRA weights in {path!r}: looked for {', '.join(names)}"
+                               + (f"; it holds {found}, pass weight_name=" if found else ""))
 
 
 def _adapter_config(file: str) -> dict:

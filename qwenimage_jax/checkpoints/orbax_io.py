@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from qwenimage_jax.checkpoints.safetensors_io import WeightFileError
+
 MARKER = "_qwenimage_jax"
 
 
@@ -56,15 +58,16 @@ def load_component_config(path: str, component: str) -> dict:
     config = read_json_file(file, "config.json")
     marker = config.pop(MARKER, None)
     if not isinstance(marker, dict):
-        raise ValueError(f"{file}: field {MARKER!r} is {marker!r}, not an object; the directory was not written by "
-                         "`qwenimage-jax convert`: convert the diffusers component again")
+        raise WeightFileError(f"{file}: field {MARKER!r} is {marker!r}, not an object; the directory was not "
+                              "written by `qwenimage-jax convert`: convert the diffusers component again")
     found = marker.get("component")
     if found != component:
-        raise ValueError(f"{file}: {MARKER}.component is {found!r}, so {path!r} holds a {found!r} checkpoint, not a "
-                         f"{component!r} one; point at the model's {component}/ directory")
+        raise WeightFileError(f"{file}: {MARKER}.component is {found!r}, so {path!r} holds a {found!r} "
+                              f"checkpoint, not a {component!r} one; point at the model's {component}/ directory")
     if marker.get("format") != FORMAT:
-        raise ValueError(f"{file}: {MARKER}.format is {marker.get('format')!r} but this version reads format {FORMAT}; "
-                         "convert the diffusers component again with this version's `qwenimage-jax convert`")
+        raise WeightFileError(f"{file}: {MARKER}.format is {marker.get('format')!r} but this version reads format "
+                              f"{FORMAT}; convert the diffusers component again with this version's "
+                              "`qwenimage-jax convert`")
     return config
 
 
@@ -96,8 +99,8 @@ def _check_stored_tree(params_dir: str, checkpointer, abstract_params: Any) -> N
     try:
         metadata = checkpointer.metadata(params_dir)
     except Exception as e:  # noqa: BLE001 - any unreadable metadata means the same thing to the user
-        raise ValueError(f"{params_dir} is not a readable Orbax checkpoint ({type(e).__name__}: {e}); convert the "
-                         "diffusers component again with `qwenimage-jax convert`") from None
+        raise WeightFileError(f"{params_dir} is not a readable Orbax checkpoint ({type(e).__name__}: {e}); convert the "
+                              "diffusers component again with `qwenimage-jax convert`") from None
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
     if tree is None:
         return
@@ -113,6 +116,6 @@ def _check_stored_tree(params_dir: str, checkpointer, abstract_params: Any) -> N
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:10])}")
     if problems:
-        raise ValueError(f"{params_dir} does not match this model's parameter layout (an Orbax directory from an "
-                         "older version, or its config.json was edited):\n  - " + "\n  - ".join(problems)
-                         + "\nconvert the diffusers component again with `qwenimage-jax convert`")
+        raise WeightFileError(f"{params_dir} does not match this model's parameter layout (an Orbax directory from an "
+                              "older version, or its config.json was edited):\n  - " + "\n  - ".join(problems)
+                              + "\nconvert the diffusers component again with `qwenimage-jax convert`")

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.errors import WeightsError
 
-class WeightKeyError(ValueError):
+
+class WeightKeyError(WeightsError, ValueError):
     """Checkpoint and model disagree on key names or shapes."""
 
 

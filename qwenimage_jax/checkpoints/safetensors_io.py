@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from qwenimage_jax.errors import WeightsError, WeightsNotFoundError
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -26,7 +28,7 @@ _DTYPES = {
 _STEMS = ("diffusion_pytorch_model", "model")
 
 
-class WeightFileError(ValueError):
+class WeightFileError(WeightsError, ValueError):
     """A weights or config file that cannot be read as it is (truncated, corrupt, inconsistent index)."""
 
 
@@ -53,8 +55,8 @@ def load_json_config(path: str, name: str = "config.json") -> dict:
     """Reads `path/name` (or `path` itself if it is a file) with a clear error when missing or malformed."""
     file = path if os.path.isfile(path) else os.path.join(path, name)
     if not os.path.exists(file):
-        raise FileNotFoundError(f"no {name} in {path!r}; expected a diffusers/transformers component directory "
-                                f"(copy the {name} that came with the weights next to them)")
+        raise WeightsNotFoundError(f"no {name} in {path!r}; expected a diffusers/transformers component directory "
+                                   f"(copy the {name} that came with the weights next to them)")
     return read_json_file(file, name)
 
 
@@ -118,15 +120,16 @@ def find_weight_files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"weights path {path!r} does not exist")
+        raise WeightsNotFoundError(f"weights path {path!r} does not exist; pass the component directory "
+                                   "(config.json + *.safetensors) or a .safetensors file")
     for stem in _STEMS:
         index = os.path.join(path, f"{stem}.safetensors.index.json")
         if os.path.exists(index):
             shards = sorted(set(_weight_map(index).values()))
             missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
             if missing:
-                raise FileNotFoundError(f"{index} lists shard(s) that are not in {path}: {missing}; download the "
-                                        "missing shard(s) (or the whole component) again")
+                raise WeightsNotFoundError(f"{index} lists shard(s) that are not in {path}: {missing}; download the "
+                                           "missing shard(s) (or the whole component) again")
             return [os.path.join(path, s) for s in shards]
         single = os.path.join(path, f"{stem}.safetensors")
         if os.path.exists(single):
@@ -134,8 +137,8 @@ def find_weight_files(path: str) -> list[str]:
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if found:
         return [os.path.join(path, f) for f in found]
-    raise FileNotFoundError(f"no *.safetensors weights in {path!r} (looked for "
-                            + ", ".join(f"{s}.safetensors[.index.json]" for s in _STEMS) + ")")
+    raise WeightsNotFoundError(f"no *.safetensors weights in {path!r} (looked for "
+                               + ", ".join(f"{s}.safetensors[.index.json]" for s in _STEMS) + ")")
 
 
 def _weight_map(index: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from qwenimage_jax.errors import InputError
 from qwenimage_jax.parallel.topology import EXAMPLES
 
 EPILOG = f"""\
@@ -39,16 +40,15 @@ def add_arguments(parser):
 
 
 def run(args):
-    import json
-
     from qwenimage_jax.config_cli import load_config
+    from qwenimage_jax.io_utils import write_json
     from qwenimage_jax.parallel import topology as topo
     from qwenimage_jax.training import aot
 
     try:
         target = topo.resolve(args.topology)
     except ValueError as e:
-        raise SystemExit(f"qwenimage-jax aot: {e}")
+        raise InputError(f"--topology {args.topology}: {e}") from None
     config = load_config(args.config, args.config_overrides)
     devices = topo.devices(target)
     program = aot.build(config, devices, args.program, resolution=args.resolution, steps=args.steps,
@@ -56,9 +56,8 @@ def run(args):
     report = aot.compile_program(program, target, save=args.save)
     print(report.summary(), flush=True)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"command": _command_line(args), "config": args.config,
-                       "overrides": list(args.config_overrides), **report.as_dict()}, f, indent=1)
+        write_json(args.json, {"command": _command_line(args), "config": args.config,
+                               "overrides": list(args.config_overrides), **report.as_dict()}, indent=1)
     return 0 if report.fits else 1
 
 

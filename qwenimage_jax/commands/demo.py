@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenimage_jax.errors import InputError, WeightsNotFoundError
+from qwenimage_jax.io_utils import save_image
+
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 TINY_WORLD_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
 WORLD_VAE_DIR = TINY_WORLD_DIR / "vae"  # the photo demo's default VAE: trained on the small world, not on photos
@@ -44,6 +47,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-teacher", action="store_true",
                         help="skip the 40-step teacher column of a distilled model (teacher/transformer)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "int4"],
+                        help="weight-only quantization of the DiT and text encoder, the teacher's too "
+                             "(docs/quantization.md)")
     parser.add_argument("--photos", nargs="+", default=None,
                         help="run the VAE-only photo demo on these bundled photos instead")
     parser.add_argument("--vae", default=None, help=f"(photo demo) VAE directory (default: {WORLD_VAE_DIR})")
@@ -104,9 +110,9 @@ def run_text_to_image(args):
     t0 = time.time()
     model = str(args.model or TINY_WORLD_DIR)
     if not Path(model, "model_index.json").exists():
-        raise SystemExit(f"qwenimage-jax demo: {model!r} is not a model directory (no model_index.json); the tiny "
-                         "world model is built by `python -m qwenimage_jax.world_assets`")
-    pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder=args.transformer)
+        raise WeightsNotFoundError(f"{model!r} is not a model directory (no model_index.json); the tiny "
+                                   "world model is built by `python -m qwenimage_jax.world_assets`")
+    pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder=args.transformer, quantize=args.quantize)
     distilled = pipe.sample_sigmas is not None  # (sampling_defaults clears it for another step count)
     args.steps, args.cfg = eval_t2i.sampling_defaults(pipe, args.steps, args.cfg)
     size = eval_t2i.model_size(model)
@@ -131,7 +137,8 @@ def run_text_to_image(args):
     teacher_dir = Path(model, "teacher", "transformer")
     if distilled and args.transformer == "transformer" and teacher_dir.is_dir() \
             and not args.no_teacher:
-        teacher = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer")
+        teacher = QwenImagePipeline.from_pretrained(model, transformer_subfolder="teacher/transformer",
+                                                    quantize=args.quantize)
         t2 = time.time()
         teacher_images = eval_t2i.generate(teacher, prompts, 40, size, 4.0, args.seed, batch_size=len(prompts))
         print(f"teacher: 40 steps, CFG 4 ({time.time() - t2:.1f}s incl. compile)")
@@ -164,7 +171,7 @@ def run_text_to_image(args):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "demo_grid.png"
-    Image.fromarray(np.concatenate(rows, axis=0)).save(target)
+    save_image(Image.fromarray(np.concatenate(rows, axis=0)), target)
     names = "world rendering | VAE reconstruction | generated" + ("" if teacher_images is None else
                                                                   " | teacher, 40 steps")
     print(f"wrote {target} (rows: prompts above; columns: {names})")
@@ -181,11 +188,11 @@ def run_photos(args):
     from qwenimage_jax.checkpoints import load_vae
 
     if args.size % 16 or args.size <= 0:
-        raise SystemExit(f"qwenimage-jax demo: --size {args.size} is not a positive multiple of 16; "
+        raise InputError(f"--size {args.size} is not a positive multiple of 16; "
                          f"use {max(16, args.size // 16 * 16)} or {args.size // 16 * 16 + 16}")
     unknown = sorted(set(args.photos) - set(photo_names()))
     if unknown:
-        raise SystemExit(f"qwenimage-jax demo: unknown photo(s) {', '.join(unknown)}; "
+        raise InputError(f"unknown photo(s) {', '.join(unknown)}; "
                          f"bundled: {', '.join(photo_names())}")
     if args.vae is not None:
         vae, source = load_vae(args.vae), args.vae
@@ -196,7 +203,7 @@ def run_photos(args):
         print(RANDOM_VAE_BANNER, flush=True)
         vae, source = random_tiny_vae(), "random tiny VAE (untrained, seed 0)"
     if args.size % vae.spatial_compression:
-        raise SystemExit(f"qwenimage-jax demo: --size {args.size} is not a multiple of the VAE's compression "
+        raise InputError(f"--size {args.size} is not a multiple of the VAE's compression "
                          f"{vae.spatial_compression}")
     print(f"VAE: {source}; {len(args.photos)} photos at {args.size}x{args.size}")
 
@@ -211,7 +218,7 @@ def run_photos(args):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "reconstructions.png"
-    Image.fromarray(np.concatenate(grid_rows, axis=0)).save(target)
+    save_image(Image.fromarray(np.concatenate(grid_rows, axis=0)), target)
     print("\n".join(lines))
     print(format_mean(rows))
     print(f"wrote {target} (rows: {', '.join(args.photos)}; columns: original | reconstruction)")

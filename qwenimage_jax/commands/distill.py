@@ -1,6 +1,8 @@
 """`qwenimage-jax distill --config configs/<name>.py --workdir DIR [--config.key=value ...]`: DMD distillation."""
 from __future__ import annotations
 
+from qwenimage_jax.errors import ConfigError
+
 
 def add_arguments(parser):
     parser.add_argument("--config", required=True, help="config file with get_config(); `path.py:arg` passes arg")
@@ -19,8 +21,8 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
     if not config.data.path:
-        raise SystemExit("config.data.path is empty: point it at a dataset written by `qwenimage-jax cache-latents`"
-                         " (--config.data.path=DIR)")
+        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
+                          "cache-latents` (--config.data.path=DIR)")
     if not config.teacher:
         logging.getLogger("qwenimage_jax").warning("no --config.teacher given: the teacher is RANDOM (smoke test)")
     result = distill(config, args.workdir)

@@ -11,8 +11,9 @@ prompts (`data/prompts.py`) are generated twice, as written and after the model'
 """
 from __future__ import annotations
 
-import json
 import sys
+
+from qwenimage_jax.io_utils import write_json
 
 
 def add_arguments(parser):
@@ -34,6 +35,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "int4"],
+                        help="weight-only quantization of the DiT and text encoder (docs/quantization.md)")
 
 
 def run(args, out=None):
@@ -41,7 +44,7 @@ def run(args, out=None):
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     out = out or sys.stdout
-    pipe = QwenImagePipeline.from_pretrained(args.model, transformer_subfolder=args.transformer)
+    pipe = QwenImagePipeline.from_pretrained(args.model, transformer_subfolder=args.transformer, quantize=args.quantize)
     if args.lora:
         pipe.load_lora_weights(args.lora, adapter_name="eval", scale=args.lora_scale)
     steps, cfg = t2i.sampling_defaults(pipe, args.steps, args.cfg)
@@ -49,6 +52,5 @@ def run(args, out=None):
                           args.seed, args.batch_size, args.expand)
     out.write(t2i.format_table(result) + "\n")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "images"}, f, indent=1)
+        write_json(args.json, {k: v for k, v in result.items() if k != "images"}, indent=1)
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qwenimage_jax.errors import InputError, InputNotFoundError
+
 
 def add_arguments(parser):
     parser.add_argument("--vae", required=True,
@@ -34,10 +36,9 @@ def run(args):
     from qwenimage_jax.evals.vae import format_mean, format_row, image_metrics, prepare_image, reconstruct, \
         side_multiple, to_model_input
     from qwenimage_jax.checkpoints import load_vae
+    from qwenimage_jax.io_utils import save_image
 
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:
-        raise SystemExit(f"qwenimage-jax reconstruct: image file(s) not found: {', '.join(missing)}")
+    _check_images(args.images)  # before the VAE load, which takes minutes for a real model
     vae = load_vae(args.vae, dtype=getattr(jnp, args.dtype))
     lpips = None
     if args.lpips:
@@ -55,9 +56,28 @@ def run(args):
             pair = to_model_input(np.stack([original, recon]), 3)
             metrics["lpips"] = float(lpips(pair[:1], pair[1:])[0])
         target = out_dir / f"{Path(path).stem}_recon.png"
-        Image.fromarray(np.concatenate([original, recon], axis=1)).save(target)
+        save_image(Image.fromarray(np.concatenate([original, recon], axis=1)), target)
         rows.append(metrics)
         lines.append(format_row(Path(path).name, original.shape, metrics) + f"  -> {target}")
     print("\n".join(lines))
     print(format_mean(rows))
     return 0
+
+
+def _check_images(paths: list[str]) -> None:
+    """Every image exists and PIL recognises its format (the header only: this is cheap)."""
+    from PIL import Image
+
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise InputNotFoundError(f"image file(s) not found: {', '.join(missing)}; check the paths")
+    unreadable = []
+    for p in paths:
+        try:
+            with Image.open(p):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            unreadable.append(f"{p} ({type(e).__name__}: {e})")
+    if unreadable:
+        raise InputError(f"cannot read image file(s): {'; '.join(unreadable)}; pass images PIL reads (PNG, JPEG, "
+                         "WebP, ...) or re-encode them")

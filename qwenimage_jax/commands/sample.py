@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import time
 
+from qwenimage_jax.errors import InputValueError
+
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="diffusers-format Qwen-Image-2 directory")
@@ -44,6 +46,9 @@ def add_arguments(parser):
                         help="default side length and condition-image area side (preset: 1024)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model dtype")
     parser.add_argument("--attention", default=None, help="DiT attention backend (xla, cudnn, splash, ...)")
+    parser.add_argument("--quantize", default=None, choices=["none", "int8", "fp8", "int4"],
+                        help="weight-only quantization of the DiT and text encoder (docs/quantization.md; "
+                             "preset: none)")
     parser.add_argument("--mesh", default=None,
                         help="device mesh, e.g. 'data=-1' (all devices data-parallel) or 'data=2,fsdp=4'")
     parser.add_argument("--grid-cols", type=int, default=None, help="grid columns (default ~sqrt(n))")
@@ -75,7 +80,7 @@ def _settings(args):
     out = dict(config)
     for flag, key in (("steps", "steps"), ("cfg", "cfg"), ("negative_prompt", "negative_prompt"),
                       ("resolution", "resolution"), ("height", "height"), ("width", "width"), ("dtype", "dtype"),
-                      ("attention", "attention")):
+                      ("attention", "attention"), ("quantize", "quantize")):
         value = getattr(args, flag)
         if value is not None:
             out[key] = value
@@ -91,7 +96,7 @@ def _mesh(spec: str | None, settings: dict):
         for item in spec.split(","):
             name, sep, value = item.partition("=")
             if not sep or name.strip() not in ("data", "fsdp", "tensor"):
-                raise ValueError(f"--mesh item {item!r}; use data=N, fsdp=N, tensor=N (one may be -1)")
+                raise InputValueError(f"--mesh item {item!r}; use data=N, fsdp=N, tensor=N (one may be -1)")
             sizes[name.strip()] = int(value)
     if all(int(v) == 1 for v in sizes.values()):
         return None
@@ -109,21 +114,22 @@ def run(args):
 
     settings = _settings(args)
     if args.batch < 1:
-        raise ValueError(f"--batch {args.batch}; it must be >= 1")
+        raise InputValueError(f"--batch {args.batch}; it must be >= 1")
     from qwenimage_jax.sampling.checks import MAX_STEPS
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        raise ValueError(f"--steps {args.steps}; use 1 to {MAX_STEPS} (leave it out to run a distilled model's own "
-                         "grid)")
+        raise InputValueError(f"--steps {args.steps}; use 1 to {MAX_STEPS} (leave it out to run a distilled "
+                              "model's own grid)")
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise ValueError(f"--{flag} {value}; it must be a positive multiple of 32 (leave it out for the default)")
+            raise InputValueError(f"--{flag} {value}; it must be a positive multiple of 32 (leave it out for the "
+                                  "default)")
     dtype = getattr(jnp, settings["dtype"])
     mesh = _mesh(args.mesh, settings)
     runtime = {} if settings.get("attention", "xla") == "xla" else {"attention": settings["attention"]}
     start = time.perf_counter()
     pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, transformer_subfolder=args.transformer,
-                                             **runtime)
+                                             quantize=settings.get("quantize"), **runtime)
     if args.lora:
         names, weights = [], []
         for i, spec in enumerate(args.lora):
@@ -190,18 +196,8 @@ def claim_output_path(path: str) -> str:
 def save_png_atomic(image, path: str, metadata: dict) -> None:
     """Writes the PNG beside `path` under a private name and renames it into place (readers never see half a
     file; a crash leaves at most a stray .tmp file)."""
-    import tempfile
-
+    from qwenimage_jax.io_utils import atomic_path
     from qwenimage_jax.sampling import images as image_utils
 
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image_utils.save_png(image, tmp, metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

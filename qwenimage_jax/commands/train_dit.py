@@ -1,6 +1,8 @@
 """`qwenimage-jax train-dit --config configs/<name>.py --workdir DIR [--config.key=value ...]`."""
 from __future__ import annotations
 
+from qwenimage_jax.errors import ConfigError
+
 
 def add_arguments(parser):
     parser.add_argument("--config", required=True, help="config file with get_config(); `path.py:arg` passes arg")
@@ -18,8 +20,8 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
     if not config.data.path:
-        raise SystemExit("config.data.path is empty: point it at a dataset written by `qwenimage-jax cache-latents`"
-                         " (--config.data.path=DIR)")
+        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
+                          "cache-latents` (--config.data.path=DIR)")
     result = train(config, args.workdir)
     losses = result["losses"]
     if losses:

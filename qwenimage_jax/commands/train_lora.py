@@ -1,6 +1,8 @@
 """`qwenimage-jax train-lora --config configs/<name>.py --workdir DIR [--config.key=value ...]`."""
 from __future__ import annotations
 
+from qwenimage_jax.errors import ConfigError
+
 
 def add_arguments(parser):
     parser.add_argument("--config", required=True, help="config file with get_config(); `path.py:arg` passes arg")
@@ -20,11 +22,11 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
     if not config.base or not os.path.isdir(config.base):
-        raise SystemExit(f"config.base is {config.base!r}: point it at the frozen model's transformer/ directory "
-                         "(--config.base=DIR/transformer)")
+        raise ConfigError(f"config.base is {config.base!r}: point it at the frozen model's transformer/ directory "
+                          "(--config.base=DIR/transformer)")
     if not config.data.path:
-        raise SystemExit("config.data.path is empty: point it at a dataset written by `qwenimage-jax cache-latents`"
-                         " (--config.data.path=DIR)")
+        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
+                          "cache-latents` (--config.data.path=DIR)")
     result = train(config, args.workdir)
     if result["losses"]:
         print(f"finished at step {result['final_step']}; loss {result['losses'][max(result['losses'])]:.4f}; "

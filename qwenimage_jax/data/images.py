@@ -24,6 +24,8 @@ import grain
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qwenimage_jax.errors import InputKeyError, InputNotFoundError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -56,7 +58,7 @@ class PhotoSource:
         chosen = list(paths) if not names else list(names)
         missing = [n for n in list(chosen) + list(exclude) if n not in paths]
         if missing:
-            raise KeyError(f"no bundled photo(s) named {missing}; choose from {', '.join(paths)}")
+            raise InputKeyError(f"no bundled photo(s) named {missing}; choose from {', '.join(paths)}")
         self.paths = [paths[n] for n in chosen if n not in set(exclude)]
         if not self.paths:
             raise ValueError(f"photo selection names={names} exclude={list(exclude)} leaves no photos")
@@ -87,7 +89,8 @@ class SkimageSource:
         chosen = list(names or SKIMAGE_IMAGES)
         unknown = [n for n in chosen + list(exclude) if n.split(":")[0] not in {m.split(":")[0] for m in SKIMAGE_IMAGES}]
         if unknown:
-            raise KeyError(f"no offline scikit-image image(s) named {unknown}; choose from {', '.join(SKIMAGE_IMAGES)}")
+            raise InputKeyError(f"no offline scikit-image image(s) named {unknown}; choose from "
+                                f"{', '.join(SKIMAGE_IMAGES)}")
         self.names = [n for n in chosen if n.split(":")[0] not in set(exclude)]
         if not self.names:
             raise ValueError(f"skimage selection names={names} exclude={list(exclude)} leaves no images")
@@ -118,7 +121,8 @@ class ImageFolderSource:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image={on_bad_image!r}; choose 'error' or 'skip'")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist")
+            raise InputNotFoundError(f"image folder {root!r} does not exist; point the folder source's path at a "
+                                     "directory of images")
         self.paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                             if p.lower().endswith(IMAGE_EXTENSIONS))
         if not self.paths:

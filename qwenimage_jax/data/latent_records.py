@@ -24,6 +24,8 @@ import grain
 import numpy as np
 from flax import serialization
 
+from qwenimage_jax.errors import InputNotFoundError
+
 META = "meta.json"
 NULL_EMBEDS = "null_text_embeds.npy"
 
@@ -106,8 +108,8 @@ def merge_meta(out_dir: str) -> dict:
 def load_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, META)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {data_dir!r} is not a latent dataset written by "
-                                "`qwenimage-jax cache-latents`")
+        raise InputNotFoundError(f"{path} not found: {data_dir!r} is not a latent dataset written by "
+                                 "`qwenimage-jax cache-latents`; point data.path at one")
     with open(path) as f:
         return json.load(f)
 

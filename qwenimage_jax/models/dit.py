@@ -25,6 +25,10 @@ The Linen module, for use inside jit (training, the sampling loop):
       encoder_hidden_states_mask  (B, L) bool/int or None: valid text positions (padding is never attended)
       kv_cache_mode          None | "extract" | "cached"   (static)
       kv_cache               prefix_kv from "extract" (only with "cached")
+      target_frame_shift     (B,) int or None: moves the target's RoPE frame back by this many positions. The
+                             pipeline right-pads prompts to a length bucket and passes the number of bucket-padding
+                             tokens here, so the padded call sees the positions of the unpadded one (the target's
+                             frame otherwise starts after the padded text; `rope.py`)
     returns
       None       -> (B, S, C_out)              the whole joint sequence, like the reference; target = [:, -N_tgt:]
       "extract"  -> ((B, S, C_out), prefix_kv)
@@ -343,8 +347,10 @@ class Dense(nn.Module):
                                                 out_axis=tuple(range(n_in, n_in + len(feats))))
         kernel = self.param("kernel", _kernel(self.names, init), tuple(x.shape[-n_in:]) + feats, self.param_dtype)
         x_axes = tuple(range(x.ndim - n_in, x.ndim))
-        x = x.astype(self.dtype)
-        out = jax.lax.dot_general(x, kernel.astype(self.dtype), ((x_axes, tuple(range(n_in))), ((), ())))
+        # promote_dtype rather than .astype: a quantized kernel (qwix PTQ, checkpoints/quantize.py) passes through
+        # it untouched and is dequantized inside the intercepted dot_general
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        out = jax.lax.dot_general(x, kernel, ((x_axes, tuple(range(n_in))), ((), ())))
         if self.has_variable("lora", "a"):
             lora_in = x
             if self.lora_dropout > 0 and self.has_rng("dropout"):
@@ -433,23 +439,25 @@ class Attention(nn.Module):
         query, key, value = (_constrain(t, _ACT_HEADS) for t in (query, key, value))
         run = functools.partial(attention, backend=cfg.attention, splash_interpret=cfg.splash_interpret)
 
+        # image_ids: the keys' layout, from which the cudnn backends derive the mask without materialising it.
+        ids = self.layout.image_ids
         new_cache = None
         if self.mode == "cached":
             key = jnp.concatenate([layer_cache[0].astype(key.dtype), key], axis=1)
             value = jnp.concatenate([layer_cache[1].astype(value.dtype), value], axis=1)
-            out = run(query, key, value, key_valid=key_valid)
+            out = run(query, key, value, key_valid=key_valid, image_ids=ids)
         else:
             prefix = self.layout.prefix_len
             if self.mode == "extract":
                 new_cache = (key[:, :prefix], value[:, :prefix])
             if prefix == 0:
-                out = run(query, key, value, key_valid=key_valid)
+                out = run(query, key, value, key_valid=key_valid, image_ids=ids)
             else:
                 # Prefix queries only see prefix keys (block-causal); target queries see every key.
                 prefix_valid = None if key_valid is None else key_valid[:, :prefix]
                 out_prefix = run(query[:, :prefix], key[:, :prefix], value[:, :prefix],
-                                 mask=self.layout.prefix_mask, key_valid=prefix_valid)
-                out_target = run(query[:, prefix:], key, value, key_valid=key_valid)
+                                 mask=self.layout.prefix_mask, key_valid=prefix_valid, image_ids=ids[:prefix])
+                out_target = run(query[:, prefix:], key, value, key_valid=key_valid, image_ids=ids)
                 out = jnp.concatenate([out_prefix, out_target], axis=1)
         out = _constrain(out.astype(cfg.dtype), _ACT_HEADS)
         out = Dense(cfg.inner_dim, ("heads", "head_dim", "embed"), contract=2, dtype=cfg.dtype,
@@ -517,7 +525,7 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
-                 encoder_hidden_states_mask=None, kv_cache_mode=None, kv_cache=None):
+                 encoder_hidden_states_mask=None, kv_cache_mode=None, kv_cache=None, target_frame_shift=None):
         cfg = self.config
         mode = kv_cache_mode
         if mode not in KV_CACHE_MODES:
@@ -547,7 +555,7 @@ class DiT(nn.Module):
         temb = dense(cfg.inner_dim, ("embed", "out_features"), name="time_linear_2")(nn.silu(temb))  # (R, d)
         modulation = dense(4 * cfg.inner_dim, ("embed", "modulation"), name="modulation")(nn.silu(temb))
 
-        cos, sin = rope_cos_sin(layout.position_ids, cfg.axes_dims_rope)  # (S, D/2) each
+        cos, sin = rope_cos_sin(_positions(layout, target_frame_shift), cfg.axes_dims_rope)  # ([B,] S, D/2) each
         txt_in = _TextProjection(cfg, name="txt_in")
         if mode == "cached":
             n_image = hidden_states.shape[1]
@@ -555,7 +563,7 @@ class DiT(nn.Module):
                 raise ValueError(f"in 'cached' mode hidden_states must hold the {layout.n_target} target tokens (or "
                                  f"all {layout.n_image} image tokens), got {n_image}")
             x = latents[:, n_image - layout.n_target:]
-            cos, sin = cos[layout.prefix_len:], sin[layout.prefix_len:]
+            cos, sin = cos[..., layout.prefix_len:, :], sin[..., layout.prefix_len:, :]
             prefix_valid = kv_cache["key_valid"].astype(bool)
             key_valid = jnp.concatenate([prefix_valid, jnp.ones((batch, layout.n_target), bool)], axis=1)
             if encoder_hidden_states is not None and self.is_initializing():
@@ -600,6 +608,17 @@ class DiT(nn.Module):
                             else key_valid[:, :layout.prefix_len])
             return out, PrefixKV(new_caches[0], new_caches[1], prefix_valid).constrained()
         return out
+
+
+def _positions(layout: JointLayout, target_frame_shift):
+    """The layout's (S, 3) RoPE ids, or (B, S, 3) with each sample's target frame moved back by its shift (the
+    target is the last block, so only its tokens sit after the text padding)."""
+    if target_frame_shift is None:
+        return layout.position_ids
+    moved = np.zeros(layout.position_ids.shape, np.int32)
+    moved[layout.prefix_len:, 0] = 1
+    shift = jnp.asarray(target_frame_shift, jnp.int32).reshape(-1, 1, 1)
+    return jnp.asarray(layout.position_ids, jnp.int32)[None] - shift * moved[None]
 
 
 class _TextProjection(nn.Module):

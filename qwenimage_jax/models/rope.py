@@ -72,16 +72,18 @@ def rope_inv_freqs(axes_dims: Sequence[int], theta: float = 10000.0) -> list[np.
 
 
 def rope_angles(position_ids, axes_dims: Sequence[int], theta: float = 10000.0, xp=jnp):
-    """(seq, 3) int positions -> (seq, sum(axes_dims)/2) float32 angles, frame | height | width channel blocks."""
+    """(..., seq, 3) int positions -> (..., seq, sum(axes_dims)/2) float32 angles, frame | height | width channel
+    blocks (a leading batch axis: per-sample positions)."""
     parts = []
     for axis, inv_freq in enumerate(rope_inv_freqs(axes_dims, theta)):
-        pos = xp.asarray(position_ids)[:, axis].astype(xp.float32)
-        parts.append(pos[:, None] * xp.asarray(inv_freq)[None, :])
+        pos = xp.asarray(position_ids)[..., axis].astype(xp.float32)
+        parts.append(pos[..., None] * xp.asarray(inv_freq))
     return xp.concatenate(parts, axis=-1)
 
 
 def rope_cos_sin(position_ids, axes_dims: Sequence[int], theta: float = 10000.0, xp=jnp):
-    """(seq, 3) int positions -> (cos, sin), each (seq, head_dim/2) float32: the reference table's real/imag parts."""
+    """(..., seq, 3) int positions -> (cos, sin), each (..., seq, head_dim/2) float32: the reference table's
+    real/imag parts."""
     angles = rope_angles(position_ids, axes_dims, theta, xp=xp)
     return xp.cos(angles), xp.sin(angles)
 
@@ -89,11 +91,12 @@ def rope_cos_sin(position_ids, axes_dims: Sequence[int], theta: float = 10000.0,
 def apply_rope(x, cos, sin):
     """Rotates channel pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given, in float32.
 
-    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim/2). Returns x's dtype.
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim/2) or per sample (batch, seq, head_dim/2).
+    Returns x's dtype.
     """
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    cos = cos[..., None, :] if cos.ndim == 3 else cos[None, :, None, :]
+    sin = sin[..., None, :] if sin.ndim == 3 else sin[None, :, None, :]
     rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)

@@ -162,6 +162,11 @@ class LoraMixin:
         """Adds `lora_scale * weight * alpha / r * B A` of the active (or named) adapters into the kernels."""
         if "transformer" not in components:
             return
+        from qwenimage_jax.checkpoints.quantize import is_quantized
+
+        if is_quantized(self.transformer.params):
+            raise ValueError("fuse_lora needs float kernels and this transformer is quantized; run the adapters "
+                             "unfused (they stay in float beside the quantized kernels)")
         names = list(adapter_names) if adapter_names is not None else self.get_active_adapters()
         self._check_names(names)
         names = [n for n in names if not self._adapters[n].fused_weight]

@@ -12,9 +12,15 @@ What runs where:
     keeps the text/condition-image K/V prefix; the remaining steps run `lax.fori_loop` over "cached" calls that only
     compute the target tokens. CFG runs the conditional and negative branches as one doubled batch when their
     token layouts agree (same padded prompt length and image slots), else as two calls per step inside the same
-    loop (the RoPE positions of the target depend on the prompt length, so padding one branch would change it).
-    The sigma grid is padded to a bucket of 16 and the step count is a traced value, so 3-, 4- and 8-step calls
-    share one program; the compile cache is keyed on (batch, prompt length, image layout, resolution, CFG mode).
+    loop. The sigma grid is padded to a bucket of 16 and the step count is a traced value, so 3-, 4- and 8-step
+    calls share one program; the compile cache is keyed on (batch, prompt bucket, image layout, resolution, CFG
+    mode).
+  * prompt-length buckets (`text_buckets`, default 64/128/256/512/1024 text tokens, image slots not counted): both
+    branches' states are right-padded (masked) to the smallest bucket that holds the call's longest prompt, so
+    prompts of one bucket share one compiled sampler (and one text-encoder program). The target's RoPE frame
+    starts after the text, padding included (`models/rope.py`), so each row also passes how many bucket tokens it
+    got (`target_frame_shift`, traced): the DiT moves the target's frame back by that many, and the result equals
+    the unbucketed call, i.e. diffusers' (whose frame follows the batch's longest prompt).
   * one jit, `_decode`: unpack, de-normalise, VAE decode, map to [0, 1], for the whole batch.
   * with a mesh: latents, prompt embeddings and condition latents are sharded over ("data", "fsdp") on the batch
     axis (the rules' `activation_batch`), DiT/VAE/text-encoder parameters by the logical rules; the batch
@@ -24,12 +30,12 @@ Deviations from diffusers, all documented: height/width must be multiples of 32 
 rounding); one negative prompt is broadcast over a batch of prompts; `seed`/`rng` replace torch generators (the
 noise differs from torch's; pass `latents` to reproduce a diffusers run); `image_pad_mask` /
 `negative_image_pad_mask` may accompany `prompt_embeds` for editing from pre-computed embeddings. Prompts are not
-truncated (the reference does not truncate either); very long prompts cost memory and a compile per length.
+truncated (the reference does not truncate either); a prompt longer than the largest bucket is a ValueError that
+names the fix (add a bucket; `text_buckets=None` turns bucketing off: a compile per prompt length).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from typing import Any, Sequence
@@ -42,10 +48,13 @@ from qwenimage_jax.sampling import checks
 from qwenimage_jax.sampling import images as image_utils
 from qwenimage_jax.sampling import latents as latent_utils
 from qwenimage_jax.sampling import scheduler as sched
+from qwenimage_jax.errors import WeightsNotFoundError
 from qwenimage_jax.sampling.lora import LoraMixin
 
 IMG_TOKENS_PER_SLOT = 4
 SIGMA_BUCKET = 16
+# prompt lengths (text tokens after the dropped system turn, image slots not counted) one compiled sampler serves
+DEFAULT_TEXT_BUCKETS = (64, 128, 256, 512, 1024)
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -122,6 +131,27 @@ def pad_text_states(embeds, mask, image_pad_mask, multiple: int):
             np.pad(np.asarray(image_pad_mask, bool), ((0, 0), (0, extra))))
 
 
+def text_bucket(tokens: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `tokens` text tokens; a ValueError naming the fix when none does."""
+    buckets = tuple(sorted(int(b) for b in buckets))
+    for bucket in buckets:
+        if tokens <= bucket:
+            return bucket
+    bigger = 1 << (int(tokens) - 1).bit_length()
+    raise ValueError(f"the prompt has {tokens} text tokens, more than the largest prompt-length bucket "
+                     f"({max(buckets)}); shorten the prompt, or add a larger bucket: pipe.text_buckets = "
+                     f"{tuple(buckets) + (bigger,)} (or \"text_buckets\" in model_index.json)")
+
+
+def _pad_branch(text, mask, image_pad_mask, length: int):
+    """Right-pads (B, L, D) states, their (B, L) mask (ones when None, so every call has one) and the (B, L) image
+    slot mask to `length` positions; the pads are masked."""
+    extra = length - text.shape[1]
+    mask = jnp.ones(text.shape[:2], jnp.int32) if mask is None else mask.astype(jnp.int32)
+    return (jnp.pad(text, ((0, 0), (0, extra), (0, 0))), jnp.pad(mask, ((0, 0), (0, extra))),
+            np.pad(image_pad_mask, ((0, 0), (0, extra))))
+
+
 class QwenImagePipeline(LoraMixin):
     """Loaded Qwen-Image-2 components + the jitted sampler. Build with `from_pretrained` or from components.
 
@@ -129,11 +159,14 @@ class QwenImagePipeline(LoraMixin):
     None (then pass `prompt_embeds`); scheduler_config: diffusers scheduler config dict; sample_sigmas: default
     grid from model_index.json (Turbo) or None; mesh: optional `jax.sharding.Mesh` with a data/fsdp axis;
     text_pad_tokens: model_index.json's `text_pad_tokens` (a model trained on text states right-padded to a
-    multiple of this many tokens, e.g. the small world's: prompts are padded the same way) or None.
+    multiple of this many tokens, e.g. the small world's: prompts are padded the same way, and that padding is
+    part of the model's RoPE layout) or None; text_buckets: prompt-length buckets (model_index.json
+    `text_buckets`; None: no bucketing, a compile per prompt length). Set `pipe.text_buckets` to change them.
     """
 
     def __init__(self, transformer, vae, text_encoder=None, scheduler_config: dict | None = None,
-                 sample_sigmas: Sequence[float] | None = None, mesh=None, text_pad_tokens: int | None = None):
+                 sample_sigmas: Sequence[float] | None = None, mesh=None, text_pad_tokens: int | None = None,
+                 text_buckets: Sequence[int] | None = DEFAULT_TEXT_BUCKETS):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -143,6 +176,9 @@ class QwenImagePipeline(LoraMixin):
         if text_pad_tokens is not None and int(text_pad_tokens) <= 0:
             raise ValueError(f"text_pad_tokens={text_pad_tokens!r} must be a positive number of tokens or None")
         self.text_pad_tokens = None if text_pad_tokens is None else int(text_pad_tokens)
+        if text_buckets is not None and (not text_buckets or any(int(b) <= 0 for b in text_buckets)):
+            raise ValueError(f"text_buckets={text_buckets!r} must list positive token counts, or be None")
+        self.text_buckets = None if text_buckets is None else tuple(sorted(int(b) for b in text_buckets))
         self.mesh = mesh
         self.dtype = transformer.dit_config.dtype
         self.latent_channels = transformer.dit_config.in_channels
@@ -161,7 +197,7 @@ class QwenImagePipeline(LoraMixin):
     @classmethod
     def from_pretrained(cls, path: str, dtype=jnp.float32, mesh=None, *, vae_dtype=None,
                         load_text_encoder: bool = True, transformer_subfolder: str = "transformer",
-                        **transformer_runtime) -> "QwenImagePipeline":
+                        quantize: str | None = None, **transformer_runtime) -> "QwenImagePipeline":
         """Loads a diffusers-format Qwen-Image-2 directory (model_index.json, scheduler/, vae/, transformer/,
         text_encoder/, processor/ or tokenizer/); each component may also be our Orbax format.
 
@@ -169,30 +205,36 @@ class QwenImagePipeline(LoraMixin):
         mesh: shard parameters by the logical rules and the batch over data/fsdp.
         transformer_subfolder: another transformer inside `path` (e.g. "teacher/transformer" beside a distilled
             default); model_index.json's `sample_sigmas` belong to the default transformer and are then not used.
+        quantize: None/"none", "int8", "fp8" or "int4": weight-only quantization of the DiT blocks and the text
+            decoder layers after loading (`checkpoints.quantize`; the VAE keeps its dtype).
         transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn".
         """
         from qwenimage_jax import checkpoints
-        from qwenimage_jax.checkpoints.safetensors_io import load_json_config
+        from qwenimage_jax.checkpoints import quantize as quant
+        from qwenimage_jax.checkpoints.safetensors_io import load_json_config, read_json_file
 
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
+            raise WeightsNotFoundError(f"model directory {path!r} does not exist; pass a diffusers-format Qwen-Image-2 "
+                                       "directory (model_index.json, transformer/, vae/, text_encoder/, ...)")
         index_path = os.path.join(path, "model_index.json")
         index = {}
         if os.path.exists(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
+            index = read_json_file(index_path, "model_index.json")  # a corrupt file is named, not a bare JSON error
         for component in ("transformer", "vae"):
             if not os.path.isdir(os.path.join(path, component)):
-                raise FileNotFoundError(f"{path!r} has no {component}/ directory; expected a diffusers-format "
-                                        "Qwen-Image-2 directory (model_index.json, transformer/, vae/, ...)")
+                raise WeightsNotFoundError(f"{path!r} has no {component}/ directory; expected a diffusers-format "
+                                           "Qwen-Image-2 directory (model_index.json, transformer/, vae/, ...)")
         scheduler_config = None
         sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.exists(sched_path):
             scheduler_config = load_json_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         if not os.path.isdir(os.path.join(path, transformer_subfolder)):
-            raise FileNotFoundError(f"{path!r} has no {transformer_subfolder}/ directory")
+            raise WeightsNotFoundError(f"{path!r} has no {transformer_subfolder}/ directory; name the subfolder that "
+                                       "holds the DiT (--transformer, default transformer)")
+        quantize = quant.check_mode(quantize)  # a bad mode fails before anything loads
         transformer = checkpoints.load("transformer", os.path.join(path, transformer_subfolder), dtype=dtype,
                                        mesh=mesh, **transformer_runtime)
+        quant.quantize_transformer(transformer, quantize)
         # The loader derives the VAE's shardings from `mesh` for either format (diffusers or Orbax).
         vae = checkpoints.load("vae", os.path.join(path, "vae"), dtype=dtype if vae_dtype is None else vae_dtype,
                                mesh=mesh)
@@ -203,9 +245,11 @@ class QwenImagePipeline(LoraMixin):
             tok_dir = next((os.path.join(path, d) for d in ("processor", "tokenizer")
                             if os.path.isdir(os.path.join(path, d))), None)
             text_encoder = checkpoints.load("text_encoder", te_dir, dtype=dtype, mesh=mesh, tokenizer_path=tok_dir)
+            quant.quantize_text_encoder(text_encoder, quantize)
         sample_sigmas = index.get("sample_sigmas") if transformer_subfolder == "transformer" else None
         return cls(transformer, vae, text_encoder, scheduler_config, sample_sigmas, mesh,
-                   text_pad_tokens=index.get("text_pad_tokens"))
+                   text_pad_tokens=index.get("text_pad_tokens"),
+                   text_buckets=index.get("text_buckets", DEFAULT_TEXT_BUCKETS))
 
     # ------------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, prompt_embeds=None,
@@ -217,7 +261,10 @@ class QwenImagePipeline(LoraMixin):
                 raise ValueError("this pipeline has no text encoder; pass prompt_embeds (and prompt_embeds_mask) or "
                                  "load one with from_pretrained(..., load_text_encoder=True)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds, prompt_embeds_mask, image_pad_mask = self.text_encoder.encode_prompt(prompts, image)
+            # the encoder input is padded to the bucket too: one encoder program per bucket
+            bucket = (lambda n: text_bucket(n, self.text_buckets)) if self.text_buckets else None
+            prompt_embeds, prompt_embeds_mask, image_pad_mask = self.text_encoder.encode_prompt(prompts, image,
+                                                                                                bucket=bucket)
             if self.text_pad_tokens:  # the layout the DiT was trained on (masked zero states after the prompt)
                 prompt_embeds, prompt_embeds_mask, image_pad_mask = pad_text_states(
                     prompt_embeds, prompt_embeds_mask, image_pad_mask, self.text_pad_tokens)
@@ -245,24 +292,31 @@ class QwenImagePipeline(LoraMixin):
 
     # ------------------------------------------------------------------------------------- jitted programs
     def _denoise(self, variables, latents, image_latents, text, text_mask, neg_text, neg_mask, sigmas, timesteps,
-                 num_steps, guidance, *, spec: SamplerSpec):
+                 num_steps, guidance, text_shift=None, neg_shift=None, *, spec: SamplerSpec):
         """latents (B, N, C) noise -> (B, N, C) after `num_steps` Euler steps.
 
         image_latents (B, N_cond, C) or None; text (B, L, D), text_mask (B, L) or None; neg_* the same for the
         negative branch (None without CFG); sigmas (bucket,) float32 padded with zeros; timesteps (bucket,);
-        num_steps () int32; guidance () float32.
+        num_steps () int32; guidance () float32; text_shift / neg_shift (B,) int32 or None: bucket-padding tokens
+        per row, the DiT's `target_frame_shift`.
         """
         self.num_traces += 1
         module = self.transformer.module
         batch, n_target = latents.shape[:2]
         dtype = latents.dtype
 
-        def dit(hidden, enc, enc_mask, t, img_mask, mode, cache=None):
+        def dit(hidden, enc, enc_mask, t, img_mask, mode, cache=None, shift=None):
             return module.apply(variables, hidden, enc, t, spec.img_shapes, img_mask,
-                                encoder_hidden_states_mask=enc_mask, kv_cache_mode=mode, kv_cache=cache)
+                                encoder_hidden_states_mask=enc_mask, kv_cache_mode=mode, kv_cache=cache,
+                                target_frame_shift=shift)
 
         def with_condition(x):
-            return x if image_latents is None else jnp.concatenate([image_latents.astype(x.dtype), x], axis=1)
+            if image_latents is None:
+                return x
+            cond = image_latents.astype(x.dtype)
+            if cond.shape[0] != x.shape[0]:  # CFG as one doubled batch: both halves see the same images
+                cond = jnp.concatenate([cond, cond], axis=0)
+            return jnp.concatenate([cond, x], axis=1)
 
         def model_time(i, n):
             t = (timesteps[i].astype(dtype) / 1000).astype(dtype)
@@ -274,6 +328,7 @@ class QwenImagePipeline(LoraMixin):
             if text_mask is not None or neg_mask is not None:
                 ones = lambda m, ref: jnp.ones(ref.shape[:2], jnp.int32) if m is None else m.astype(jnp.int32)
                 both_mask = jnp.concatenate([ones(text_mask, text), ones(neg_mask, neg_text)], axis=0)
+            both_shift = None if text_shift is None else jnp.concatenate([text_shift, neg_shift])
 
         def combine(cond, neg):
             return neg + guidance.astype(cond.dtype) * (cond - neg)
@@ -282,13 +337,15 @@ class QwenImagePipeline(LoraMixin):
             t = model_time(0, batch)
             if spec.cfg == "batched":
                 hidden = with_condition(jnp.concatenate([x, x], axis=0))
-                out, kv = dit(hidden, both_text, both_mask, jnp.concatenate([t, t]), spec.cond_mask, "extract")
+                out, kv = dit(hidden, both_text, both_mask, jnp.concatenate([t, t]), spec.cond_mask, "extract",
+                              shift=both_shift)
                 out = out[:, -n_target:]
                 return combine(out[:batch], out[batch:]), (kv,)
-            out, kv = dit(with_condition(x), text, text_mask, t, spec.cond_mask, "extract")
+            out, kv = dit(with_condition(x), text, text_mask, t, spec.cond_mask, "extract", shift=text_shift)
             v = out[:, -n_target:]
             if spec.cfg == "split":
-                neg_out, neg_kv = dit(with_condition(x), neg_text, neg_mask, t, spec.neg_mask, "extract")
+                neg_out, neg_kv = dit(with_condition(x), neg_text, neg_mask, t, spec.neg_mask, "extract",
+                                      shift=neg_shift)
                 return combine(v, neg_out[:, -n_target:]), (kv, neg_kv)
             return v, (kv,)
 
@@ -296,11 +353,11 @@ class QwenImagePipeline(LoraMixin):
             t = model_time(i, batch)
             if spec.cfg == "batched":
                 out = dit(jnp.concatenate([x, x], axis=0), None, None, jnp.concatenate([t, t]), spec.cond_mask,
-                          "cached", caches[0])
+                          "cached", caches[0], both_shift)
                 return combine(out[:batch], out[batch:])
-            v = dit(x, None, None, t, spec.cond_mask, "cached", caches[0])
+            v = dit(x, None, None, t, spec.cond_mask, "cached", caches[0], text_shift)
             if spec.cfg == "split":
-                return combine(v, dit(x, None, None, t, spec.neg_mask, "cached", caches[1]))
+                return combine(v, dit(x, None, None, t, spec.neg_mask, "cached", caches[1], neg_shift))
             return v
 
         def tick(i):
@@ -360,6 +417,20 @@ class QwenImagePipeline(LoraMixin):
             out = self._decode_jit(self.vae.params, self._place(latents), self.vae.latents_mean,
                                    self.vae.latents_std, height=height, width=width)
         return np.asarray(out)
+
+    def _bucket_prompts(self, cond, neg):
+        """Pads the conditional and (optional) negative (states, mask, image_pad_mask) to one shared bucket: the
+        smallest of `text_buckets` that holds the longest prompt's text tokens (image slots come on top, since
+        they are fixed by the condition images). Each branch gains its per-row shift (B,) int32: the tokens it was
+        padded by, which the DiT takes off the target's RoPE frame, so the result equals the unpadded call."""
+        branches = [b for b in (cond, neg) if b is not None]
+        slots = max(int(np.asarray(p)[0].sum()) for _, _, p in branches)
+        length = slots + text_bucket(max(t.shape[1] for t, _, _ in branches) - slots, self.text_buckets)
+        out = []
+        for text, mask, pad_mask in branches:
+            shift = jnp.full((text.shape[0],), length - text.shape[1], jnp.int32)
+            out.append(_pad_branch(text, mask, pad_mask, length) + (shift,))
+        return out[0], (out[1] if neg is not None else None)
 
     # ---------------------------------------------------------------------------------------------- call
     def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt: str | list[str] | None = None,
@@ -452,6 +523,12 @@ class QwenImagePipeline(LoraMixin):
                                  f"the prompt batch {batch_size}; pass one negative prompt or one per prompt")
         if text.shape[0] != total:
             raise ValueError(f"prompt embeddings hold {text.shape[0]} rows, expected {total}")
+        text_shift = neg_shift = None
+        if self.text_buckets:
+            (text, text_mask, pad_mask, text_shift), neg = self._bucket_prompts(
+                (text, text_mask, pad_mask), (neg_text, neg_mask, neg_pad_mask) if do_cfg else None)
+            if neg is not None:
+                neg_text, neg_mask, neg_pad_mask, neg_shift = neg
 
         # 3. latents
         h, w = latent_utils.latent_grid(height, width)
@@ -498,6 +575,7 @@ class QwenImagePipeline(LoraMixin):
 
         # 5. the jitted loop
         args = [self._place(a) for a in (latents, image_latents, text, text_mask, neg_text, neg_mask)]
+        shifts = [self._place(a) for a in (text_shift, neg_shift)]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -507,7 +585,7 @@ class QwenImagePipeline(LoraMixin):
             with self._mesh_context():
                 out = self._denoise_jit(self.transformer.variables, *args, jnp.asarray(sigma_pad),
                                         jnp.asarray(time_pad), jnp.asarray(steps, jnp.int32),
-                                        jnp.asarray(true_cfg_scale, jnp.float32), spec=spec)
+                                        jnp.asarray(true_cfg_scale, jnp.float32), *shifts, spec=spec)
                 out = jax.block_until_ready(out)
         finally:
             if bar is not None:

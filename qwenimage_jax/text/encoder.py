@@ -4,7 +4,7 @@ and jitted `encode` / `logits` / `encode_prompt` / `generate`. Built by `checkpo
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -90,8 +90,9 @@ class TextEncoder(Component):
 
     def _apply_step(self, params, input_ids, positions, kv_mask, cache, cache_index, extra):
         with self._rules():
+            # by name: a quantized module (checkpoints/quantize.py) overrides `step` in a subclass
             return self.module.apply({"params": params}, input_ids, positions, kv_mask, cache, cache_index, extra,
-                                     method=Qwen3VL.step)
+                                     method="step")
 
     def _rope_index(self, input_ids, attention_mask, image_grid_thw):
         """((3, B, S) position ids as transformers' forward builds them, rope deltas (B,))."""
@@ -227,7 +228,8 @@ class TextEncoder(Component):
         out["attention_mask"] = np.asarray(batch["attention_mask"], np.int64)
         return out
 
-    def encode_prompt(self, prompts, images: Optional[Sequence[Any]] = None, pad_to_multiple: Optional[int] = None):
+    def encode_prompt(self, prompts, images: Optional[Sequence[Any]] = None, pad_to_multiple: Optional[int] = None,
+                      bucket: Optional[Callable[[int], int]] = None):
         """(prompt_embeds (B, L, D), mask (B, L) int32 or None when all ones, image_pad_mask (B, L) bool), built as
         diffusers' QwenImage21Pipeline does: raw template, left padding, pre-norm last layer, valid tokens only,
         system turn dropped, right-padded to the batch maximum.
@@ -235,6 +237,10 @@ class TextEncoder(Component):
         pad_to_multiple: extra left padding of the encoder input up to a multiple of this many tokens, so prompts of
         nearby lengths share one compiled program. Outputs keep their shapes; values move by float rounding only
         (RoPE sees offsets within a row), not bit-exact to the pipeline — leave None for exact replication.
+        bucket: maps the longest prompt's text-token count (system turn dropped, image slots not counted) to a
+        padded count; the encoder input is right-padded by the difference, so every prompt of a bucket runs one
+        compiled program. The pads come after every real token and are masked, so causal attention leaves the
+        outputs as they were (returned at the batch maximum, as without it).
         """
         from qwenimage_jax.text import templates
 
@@ -255,9 +261,14 @@ class TextEncoder(Component):
             pad_id = self.tokenizer.pad_token_id or 0
             input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_id)
             mask = np.pad(mask, ((0, 0), (extra, 0)))
-        hidden = np.asarray(self.encode(input_ids, mask, pixel_values, grid))
         drop = templates.drop_index(self.tokenizer)
         image_id = self.module.ids.image_token_id
+        if bucket is not None:
+            tokens = int((mask.sum(1) - drop - ((input_ids == image_id) & (mask > 0)).sum(1)).max())
+            extra = int(bucket(tokens)) - tokens
+            input_ids = np.pad(input_ids, ((0, 0), (0, extra)), constant_values=self.tokenizer.pad_token_id or 0)
+            mask = np.pad(mask, ((0, 0), (0, extra)))
+        hidden = np.asarray(self.encode(input_ids, mask, pixel_values, grid))
         rows, pad_rows = [], []
         for b in range(len(prompts)):
             keep = mask[b].astype(bool)

@@ -20,11 +20,17 @@ from typing import Any
 
 import jax
 
+from qwenimage_jax.errors import CheckpointError
+
 log = logging.getLogger("qwenimage_jax.training")
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(CheckpointError, RuntimeError):
     """A checkpoint could not be written; the previous complete checkpoint is untouched."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A restore was asked of a directory that holds no complete checkpoint."""
 
 
 class Checkpointer:
@@ -90,7 +96,8 @@ class Checkpointer:
 
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}; train from scratch or pass another workdir")
+            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}; train from scratch or pass another "
+                                          "workdir")
         items = {"state": self._ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qwenimage_jax.errors import TrainingError
+
 log = logging.getLogger("qwenimage_jax.training")
 
 MODES = ("stop", "skip")
@@ -25,7 +27,7 @@ def keep_finite(old_state: Any, new_state: Any, loss, grad_norm) -> tuple[Any, j
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state), finite
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(TrainingError, FloatingPointError):
     """The loss or the gradients became NaN/Inf and the run was configured to stop."""
 
 

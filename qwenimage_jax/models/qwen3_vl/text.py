@@ -90,8 +90,9 @@ class Projection(nn.Module):
         shape = tuple(x.shape[-n_in:]) + tuple(self.features)
         kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.names), shape, self.param_dtype)
         contract = tuple(range(x.ndim - n_in, x.ndim))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((contract, tuple(range(n_in))), ((), ())))
+        # promote_dtype, not .astype: a quantized kernel (checkpoints/quantize.py) passes through it untouched
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(n_in))), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:]),
                               tuple(self.features), self.param_dtype)
