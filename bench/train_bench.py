@@ -5,6 +5,12 @@ diffusers' `QwenImage21Transformer2DModel` (forward, backward, torch AdamW) on t
     python bench/train_bench.py --gpu                 # ~1B config (configs/dit_1b_train.py) in bf16 on one GPU:
                                                       # step time, tokens/s, MFU (+ torch on the same GPU)
 
+    python bench/train_bench.py --loop                # the whole training loop (training/loop.py) on cached latents
+                                                      # read from disk: the old loop (a host sync on every step's
+                                                      # finite flag, the next batch made after it) against the new
+                                                      # one (flag read one step late, batches made ahead on a
+                                                      # thread), interleaved old/new, steps/s and the ratio
+
 MFU counts the analytic FLOPs of `qwenimage_jax.training.dit.train_flops_per_example` (3 x forward, remat
 recompute excluded) against --peak-tflops (989 dense bf16 for H100/H200).
 """
@@ -113,12 +119,116 @@ def torch_reference(spec, repeats=5, device="cpu", dtype="float32"):
     return {"step_s": dt, "tokens_per_s": batch * (grid * grid + text) / dt}
 
 
+LOOP_MODES = {"old": dict(sync_every_step=True, prefetch_batches=0), "new": dict(sync_every_step=False)}
+
+
+def loop_throughput(spec, steps=200, rounds=2, log_every=50, skip=3):
+    """{mode: [steps/s per round]} of `training.loop.run` over a cached-latent dataset on disk for the two loop
+    modes, interleaved old, new, old, new, ... One compiled step serves every run. steps/s counts the dispatches
+    from step `skip` to the last (the first step compiles and Orbax saves it), so the final save is not in it."""
+    import shutil
+    import tempfile
+
+    import flax.linen as nn
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from qwenimage_jax.data import latent_records
+    from qwenimage_jax.parallel.mesh import make_mesh
+    from qwenimage_jax.parallel.rules import LOGICAL_RULES
+    from qwenimage_jax.training import dit as trainer
+    from qwenimage_jax.training import loop
+    from qwenimage_jax.training.state import abstract_state
+
+    grid, text, batch = spec["grid"], spec["text"], spec["batch"]
+    root = tempfile.mkdtemp(prefix="train_bench_loop_")
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(batch * 16):
+        n = text - (i % 4)   # a few prompt lengths, padded to `text` by the reader
+        examples.append({"latents": rng.normal(size=(grid, grid, spec["in_channels"])).astype(np.float32),
+                         "text_embeds": rng.normal(size=(n, spec["context_in_dim"])).astype(np.float32),
+                         "image_pad_mask": np.zeros(n, bool), "caption": ""})
+    data_dir = os.path.join(root, "data")
+    latent_records.write_dataset(examples, data_dir, num_shards=2)
+    c = ml_collections.ConfigDict(dict(
+        seed=0, model=dict(patch_size=1, mlp_ratio=3, eps=1e-6, causal_condition=True, **_model_fields(spec)),
+        compute_dtype="float32", remat="none", attention="xla", batch_size=batch, grad_accum=1,
+        optimizer=dict(learning_rate=1e-4, weight_decay=0.001, grad_clip_norm=1.0), ema_decay=0.999,
+        flow=dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens"), cfg_dropout=0.0,
+        data=dict(path=data_dir, max_text_tokens=text, seed=0, bucket_weights=None),
+        steps=steps, log_every=log_every, progress=False, on_nonfinite="stop", export=False,
+        checkpoint=dict(every=10 ** 9, keep=1, async_save=True), sync_every_step=False, prefetch_batches=2))
+    mesh = make_mesh(data=1, fsdp=-1, devices=jax.devices())
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(trainer.BATCH_AXES))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        _, shardings, module, tx, lr = trainer.init_state(c, mesh, jax.random.key(0))
+    compiled, dispatched = {}, []
+
+    def step_for(layout):
+        if layout not in compiled:
+            compiled[layout] = trainer.make_train_step(module, tx, lr, c, layout, None, shardings, mesh)
+        step = compiled[layout]
+
+        def timed(*args):
+            dispatched.append(time.perf_counter())
+            return step(*args)
+        return timed
+
+    def fresh_state():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return trainer.init_state(c, mesh, jax.random.key(0))[0]
+
+    out = {mode: [] for mode in LOOP_MODES}
+    try:
+        for r in range(rounds + 1):          # round 0 compiles and warms up, unmeasured
+            for mode, keys in LOOP_MODES.items():
+                config = ml_collections.ConfigDict(c.to_dict())
+                config.update(keys)
+                dataset = trainer.latent_dataset(config, batch, 1, 0)
+                task = loop.Task("bench", fresh_state, None, latent_records.iterate(dataset), step_for,
+                                 trainer.batch_layout, lambda local: trainer._global_batch(local, sharding),
+                                 jax.random.key(0))
+                dispatched.clear()
+                workdir = os.path.join(root, f"run_{mode}_{r}")
+                loop.run(task, config, workdir, mesh, LOGICAL_RULES)
+                shutil.rmtree(workdir, ignore_errors=True)
+                if r:
+                    out[mode].append((len(dispatched) - skip) / (dispatched[-1] - dispatched[skip - 1]))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def main_loop(args):
+    print(f"training loop, {args.loop_steps} steps per run, log_every {args.log_every}, {args.rounds} interleaved "
+          f"round(s) per mode; {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at start")
+    print("| config | old loop steps/s (per round) | new loop steps/s (per round) | new / old (medians) |")
+    print("|---|---|---|---|")
+    for name in args.loop_configs.split(","):
+        res = loop_throughput(CONFIGS[name], args.loop_steps, args.rounds, args.log_every)
+        old, new = statistics.median(res["old"]), statistics.median(res["new"])
+        fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
+        print(f"| {name} | {old:.2f} ({fmt(res['old'])}) | {new:.2f} ({fmt(res['new'])}) | {new / old:.2f}x |",
+              flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="~1B config in bf16 on the first GPU")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="per-device dense bf16 peak for MFU")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop", action="store_true",
+                        help="time the whole training loop, old (sync every step, no prefetch) vs new, on CPU")
+    parser.add_argument("--loop-configs", default="tiny,small", help="--loop: comma-separated configs")
+    parser.add_argument("--loop-steps", type=int, default=200, help="--loop: steps per run")
+    parser.add_argument("--log-every", type=int, default=50, help="--loop: the loop's log_every")
+    parser.add_argument("--rounds", type=int, default=2, help="--loop: measured runs per mode, interleaved")
     args = parser.parse_args()
+    if args.loop:
+        return main_loop(args)
     rows = []
     if args.gpu:
         spec = dict(num_layers=18, attention_head_dim=128, num_attention_heads=16, context_in_dim=4096,

@@ -56,7 +56,7 @@ G = {
  "mesh.tensor": "Mesh axis `tensor` (heads / MLP / vocab split, Megatron style).",
  "ema_decay": "Decay of the parameter EMA kept in the train state (0 disables; exports use the EMA when kept).",
  "log_every": "Steps between scalar logs (TensorBoard via tensorboardX + console).",
- "on_nonfinite": "DiT trainer: a step whose loss or gradient norm is NaN/Inf is never applied; `stop` raises naming the step, the batch and the last good checkpoint, `skip` logs, counts and goes on (docs/reliability.md).",
+ "on_nonfinite": "DiT, LoRA, distillation and VAE trainers: a step whose loss or gradient norm is NaN/Inf is never applied; `stop` raises naming the step, the batch and the last good checkpoint, `skip` logs, counts and goes on until 10 steps in a row were non-finite, then stops the same way (docs/reliability.md).",
  "progress": "Show a tqdm progress bar on process 0.",
  "peak_flops_per_device": "Peak FLOP/s of one device for the logged MFU (e.g. 989e12 H100/H200 bf16, 459e12 TPU v5p); 0 disables MFU.",
  "sharding_rules": "Which logical-axis rules table places weights and activations (parallel/rules.py RULE_PRESETS): fsdp (default: weights over fsdp/tensor), replicated (pure data parallel), tensor (heads/mlp only, no per-step weight all-gather).",

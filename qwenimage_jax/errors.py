@@ -59,6 +59,15 @@ class InputValueError(InputError, ValueError):
     """A flag or argument whose value is out of range or malformed."""
 
 
+class MissingPackageError(InputError, ImportError):
+    """An optional package that what was asked for (a flag, a data source) needs is not installed; the message names
+    what to pip install."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output (file or directory) already holds something, and replacing it was not asked for (--overwrite)."""
+
+
 class InputKeyError(InputError, KeyError):
     """A name (a bundled photo, a data source entry) that is not among the known ones."""
 

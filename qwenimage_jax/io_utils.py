@@ -1,15 +1,18 @@
-"""Atomic writes for the files commands leave behind (PNGs, JSON results): each appears complete or not at all.
+"""Atomic writes for the files commands leave behind (PNGs, JSON results, converted components): each appears
+complete or not at all.
 
-A file is written under a private temporary name in its own directory and renamed into place with `os.replace`
-(atomic within one filesystem), so a reader never sees half of it, and a crash, Ctrl-C or a full disk mid-write
-leaves the previous file as it was (the temporary file is removed; only a hard kill can leave a stray `.tmp`).
-Imports nothing of ours, so any layer may use it.
+A file (or a directory: `atomic_dir`) is written under a private temporary name in its own directory and renamed
+into place with `os.replace` (atomic within one filesystem), so a reader never sees half of it, and a crash, Ctrl-C
+or a full disk mid-write leaves the previous output as it was (the temporary is removed; only a hard kill can leave
+a stray `.tmp`). Imports nothing of ours, so any layer may use it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator
 
@@ -47,3 +50,48 @@ def save_image(image, path: str | os.PathLike, **save_kwargs) -> None:
         save_kwargs["format"] = Image.registered_extensions().get(ext, "PNG")
     with atomic_path(path) as tmp:
         image.save(tmp, **save_kwargs)
+
+
+def dir_contents(path: str | os.PathLike) -> list[str] | None:
+    """The sorted entries of `path` when it is a directory that holds something (or [path's name] when it is a
+    file); None when there is nothing there to lose (absent, or an empty directory)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return sorted(os.listdir(path)) or None
+    return [os.path.basename(path)] if os.path.lexists(path) else None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yields a new empty directory beside `path` to write into; when the block ends without an exception it
+    replaces `path`, otherwise it is removed. An existing `path` that holds something is replaced only with
+    `overwrite` (else FileExistsError, checked again at the end: another process may have written it meanwhile);
+    the old one is moved aside first and deleted only once the new one is in place."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+
+    def refuse():
+        if not overwrite and dir_contents(path) is not None:
+            raise FileExistsError(errno.EEXIST, "already holds files; pass overwrite to replace them", path)
+
+    refuse()
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    aside = None   # where the previous `path` waits until the new one is in place
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result is an ordinary shared directory
+        refuse()
+        if os.path.lexists(path):
+            aside = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".old", dir=parent)
+            os.replace(path, os.path.join(aside, "previous"))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and not os.path.lexists(path):   # the new one did not land: the old one comes back
+            os.replace(os.path.join(aside, "previous"), path)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

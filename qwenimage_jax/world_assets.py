@@ -17,11 +17,14 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
   cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents{,_noalign}
   dit       configs/world_dit.py through the DiT trainer (the 40-step teacher)     -> WORKDIR/transformer{,_noalign}
   ablation  the judge on both arms: VAE reconstructions and 40-step CFG teacher samples -> WORKDIR/ablation.json
-  distill   configs/world_distill.py: DMD, 40-step CFG-4 teacher -> 4-step student -> WORKDIR/distill/export
-  assemble  model_index.json (+ the student's sample_sigmas) + vae/ transformer/ (the 4-step student when
-            distilled) teacher/transformer/ text_encoder/ processor/ scheduler/ expander/ -> --out
-  figures   judge accuracy of the teacher at 40 and 4 steps and of the student at 4 steps on train / held-out
-            compositions, sliced-W2 of each to the teacher's 40-step images, expansion gain -> README figures
+  distill   configs/world_distill.py: DMD, 40-step CFG-4 teacher -> a student per `student_steps` entry N (2 and
+            1 steps) -> WORKDIR/distill_N/export, each judged on the validation prompts (times.json distill_N)
+  assemble  model_index.json (+ the student's sample_sigmas) + vae/ transformer/ (the shipped student when
+            distilled: the fewest steps within 0.03 of the teacher on validation) teacher/transformer/
+            text_encoder/ processor/ scheduler/ expander/ -> --out
+  figures   judge accuracy of the teacher at 40/8/4/2/1 steps and of every student on train / held-out
+            compositions, two distances of each to the teacher's 40-step images from the same noise (sliced-W2 of
+            16 x 16 pixels; of 32 x 32 foreground masks, which sees shape), expansion gain -> README figures
 
     python -m qwenimage_jax.world_assets --workdir /tmp/world --out qwenimage_jax/assets/tiny_world
     python -m qwenimage_jax.world_assets --workdir /tmp/world --stage text      # one stage
@@ -241,7 +244,8 @@ BUILD_DIR = os.path.join(REPO, "world_build")
 # What a later run on another machine needs to go on from where a build stopped (`--snapshot` / `--resume-from`):
 # the trained components, the stable DiT phase's exported weights, the records, and each run's metrics.jsonl
 SNAPSHOT_ITEMS = ("tokenizer", "text_encoder", "expander", "vae_diffusers", "vae_noalign_diffusers",
-                  "transformer_ablation", "transformer_ablation_noalign", "transformer_base", "times.json",
+                  "transformer_ablation", "transformer_ablation_noalign", "transformer_base", "transformer",
+                  "times.json", "figures.json", "shape_trace_teacher.json",
                   "text_probe.json", "text_check.json", "ablation.json", "text_history.json", "stable_run.json")
 SNAPSHOT_RUNS = ("vae_encoder", "vae", "vae_noalign", "vae_decoder", "vae_noalign_decoder", "dit", "dit_noalign")
 
@@ -264,6 +268,15 @@ def snapshot(workdir: str, dst: str) -> str:
             if os.path.exists(metrics):
                 os.makedirs(os.path.join(dst, name), exist_ok=True)
                 shutil.copy(metrics, os.path.join(dst, name, "metrics.jsonl"))
+        if re.fullmatch(r"distill_\d+", name):  # a student: its metrics and its exported weights
+            for part in ("metrics.jsonl", "export"):
+                src, out = os.path.join(workdir, name, part), os.path.join(dst, name, part)
+                if os.path.isdir(src):
+                    shutil.rmtree(out, ignore_errors=True)
+                    shutil.copytree(src, out)
+                elif os.path.exists(src):
+                    os.makedirs(os.path.dirname(out), exist_ok=True)
+                    shutil.copy(src, out)
     _write_snapshot_readme(dst)
     print(f"[snapshot] {workdir} -> {dst}", flush=True)
     return dst
@@ -626,45 +639,94 @@ def _cooldown(workdir: str, suffix: str, latents: str) -> None:
             final_loss=_last_loss(result))
 
 
-def stage_distill(workdir: str, arm: str = SHIPPED_ARM) -> None:
+def stage_distill(workdir: str, arm: str = SHIPPED_ARM, budget_s: float = 0.0) -> None:
+    """configs/world_distill.py once per `student_steps` entry N -> WORKDIR/distill_N/export, then the student's
+    and the teacher's judge on the validation prompts (times.json distill_N), which assemble ships by."""
     import logging
 
+    from qwenimage_jax.evals import t2i as eval_t2i
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
     from qwenimage_jax.training.distill import distill
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = _config("world_distill")
     suffix = ARMS[arm][0]
-    config.teacher = os.path.join(workdir, "transformer" + suffix)
-    config.data.path = os.path.join(workdir, "latents" + suffix)
-    print(f"[run] distill --config configs/world_distill.py --workdir {workdir}/distill "
-          f"--config.teacher={config.teacher} --config.data.path={config.data.path}  (in process)", flush=True)
-    t0 = time.time()
-    result = distill(config, os.path.join(workdir, "distill"))
-    if result["export_dir"] is None:
-        raise SystemExit(f"distillation stopped at step {result['final_step']} of {config.steps}; re-run the stage "
-                         "to resume it")
-    last = [result["losses"][k] for k in sorted(result["losses"])[-4:]]
-    _record(workdir, "distill", time.time() - t0, final_step=result["final_step"],
-            final_loss=round(float(sum(last) / max(len(last), 1)), 4))
+    num = 2 if CONFIG_ARG == "smoke" else 64
+    teacher_judge = None
+    for num_steps in tuple(_config("world_distill").student_steps):
+        config = _config("world_distill")
+        config.student.num_steps = int(num_steps)
+        config.teacher = os.path.join(workdir, "transformer" + suffix)
+        config.data.path = os.path.join(workdir, "latents" + suffix)
+        if budget_s:
+            config.time_budget_s = float(budget_s)
+        run_dir = os.path.join(workdir, f"distill_{num_steps}")
+        print(f"[run] distill --config configs/world_distill.py --workdir {run_dir} --config.teacher={config.teacher} "
+              f"--config.data.path={config.data.path} --config.student.num_steps={num_steps}  (in process)", flush=True)
+        t0 = time.time()
+        result = distill(config, run_dir)
+        if result["export_dir"] is None:
+            raise SystemExit(f"distillation of the {num_steps}-step student stopped at step {result['final_step']} of "
+                             f"{config.steps}; re-run the stage to resume it")
+        seconds = time.time() - t0
+        last = [result["losses"][k] for k in sorted(result["losses"])[-4:]]
+        previous = _times(workdir).get(f"distill_{num_steps}", {})
+        if teacher_judge is None:  # the teacher's validation judge, once: the bar each student is shipped against
+            pipe = QwenImagePipeline.from_pretrained(judge_pipeline(workdir, "transformer" + suffix, arm=arm))
+            teacher_judge = eval_t2i.evaluate(pipe, "", "heldout", num, 40, _image_size(), cfg=4.0,
+                                              prompt_seed=eval_t2i.VALIDATION_SEED)["generated"]["overall"]
+        sigmas = json.load(open(os.path.join(result["export_dir"], "model_index.json")))["sample_sigmas"]
+        pipe = QwenImagePipeline.from_pretrained(judge_pipeline(
+            workdir, os.path.join(os.path.relpath(result["export_dir"], workdir), "transformer"), sigmas, arm=arm))
+        judged = eval_t2i.evaluate(pipe, "", "heldout", num, int(num_steps), _image_size(), cfg=1.0,
+                                   prompt_seed=eval_t2i.VALIDATION_SEED)["generated"]
+        # wall time is cumulative over resumed runs, as the update count is (a run with nothing left adds nothing)
+        if previous.get("final_step", 0) == result["final_step"]:
+            seconds = float(previous["seconds"])
+        elif previous.get("final_step", 0) < result["final_step"]:
+            seconds += float(previous.get("seconds", 0.0))
+        _record(workdir, f"distill_{num_steps}", seconds, final_step=result["final_step"],
+                final_loss=round(float(sum(last) / len(last)), 4) if last else previous.get("final_loss"),
+                validation_judge=round(judged["overall"], 4), teacher_40_validation_judge=round(teacher_judge, 4))
+
+
+def shipped_student(workdir: str) -> int | None:
+    """The student assemble ships: the fewest steps whose validation judge is within `ship_tolerance` of the
+    teacher's (40 steps, CFG 4), else the best-judged one; None when nothing was distilled."""
+    config = _config("world_distill")
+    path = os.path.join(workdir, "times.json")
+    times = json.load(open(path)) if os.path.exists(path) else {}
+    done = {int(n): times[f"distill_{n}"] for n in config.student_steps
+            if f"distill_{n}" in times and os.path.isdir(os.path.join(workdir, f"distill_{n}", "export"))}
+    if not done:
+        return None
+    close = [n for n, t in done.items()
+             if t["validation_judge"] >= t["teacher_40_validation_judge"] - float(config.ship_tolerance)]
+    return min(close) if close else max(done, key=lambda n: (done[n]["validation_judge"], -n))
 
 
 def _image_size() -> int:
     return int(_config("world_dit").image_size)
 
 
-def arm_pipeline(workdir: str, arm: str) -> str:
-    """WORKDIR/pipeline_ARM: a pipeline directory of one ablation arm (its VAE and its DiT after `ablation_steps`,
-    the shared text encoder) made of symlinks, for the ablation's judge runs."""
+def judge_pipeline(workdir: str, transformer: str, sample_sigmas=None, arm: str = SHIPPED_ARM,
+                   name: str = "judge") -> str:
+    """WORKDIR/pipeline_NAME: a pipeline directory of symlinks (WORKDIR/`transformer`, the arm's VAE, the shared
+    text encoder) for judge runs on the workdir's components before anything is assembled."""
     suffix = ARMS[arm][0]
-    out = os.path.join(workdir, "pipeline_" + arm)
+    out = os.path.join(workdir, "pipeline_" + name)
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    for name, src in (("vae", f"vae{suffix}_diffusers"), ("transformer", "transformer_ablation" + suffix),
+    for part, src in (("vae", f"vae{suffix}_diffusers"), ("transformer", transformer),
                       ("text_encoder", "text_encoder"), ("processor", "tokenizer"), ("expander", "expander")):
-        os.symlink(os.path.abspath(os.path.join(workdir, src)), os.path.join(out, name))
-    write_pipeline_files(workdir, out, sample_sigmas=None, processor_config=False)
+        os.symlink(os.path.abspath(os.path.join(workdir, src)), os.path.join(out, part))
+    write_pipeline_files(workdir, out, sample_sigmas=sample_sigmas, processor_config=False)
     return out
+
+
+def arm_pipeline(workdir: str, arm: str) -> str:
+    """WORKDIR/pipeline_ARM: one ablation arm (its VAE and its DiT after `ablation_steps`), for the ablation."""
+    return judge_pipeline(workdir, "transformer_ablation" + ARMS[arm][0], arm=arm, name=arm)
 
 
 def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
@@ -735,10 +797,11 @@ def assemble(workdir: str, out: str, arm: str = SHIPPED_ARM) -> str:
             if name not in ("README.md", "__init__.py"):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
-    student = os.path.join(workdir, "distill", "export")
+    num_steps = shipped_student(workdir)
+    student = os.path.join(workdir, f"distill_{num_steps}", "export")
     sample_sigmas = None
-    if os.path.exists(os.path.join(student, "model_index.json")):
-        # the 4-step student is the default transformer (its grid in model_index.json); the teacher stays beside it
+    if num_steps is not None:
+        # the shipped student is the default transformer (its grid in model_index.json); the teacher stays beside it
         shutil.copytree(os.path.join(student, "transformer"), os.path.join(out, "transformer"))
         shutil.copytree(os.path.join(workdir, "transformer" + suffix), os.path.join(out, "teacher", "transformer"))
         sample_sigmas = json.load(open(os.path.join(student, "model_index.json")))["sample_sigmas"]
@@ -787,7 +850,7 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "",
         "A Qwen-Image-2-format pipeline directory (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`,",
         "`processor/`, `scheduler/`) plus `expander/` (the prompt-expansion LM) and, when distilled, `teacher/`:",
-        "`transformer/` is then the 4-step DMD student (its grid is `sample_sigmas` in model_index.json; it samples",
+        "`transformer/` is then a few-step DMD student (its grid is `sample_sigmas` in model_index.json; it samples",
         "without CFG) and `teacher/transformer/` the 40-step teacher it was distilled from. Trained from scratch on CPU on the",
         f"procedural world of `qwenimage_jax/data/world.py` at {_image_size()} x {_image_size()} pixels (1-2 object "
         "groups on plain backgrounds, no words;",
@@ -795,7 +858,7 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "These are deliberately tiny models trained for minutes on 2 CPU cores.",
         "",
         "    qwenimage-jax demo                                   # text-to-image + judge, out/demo/demo_grid.png",
-        "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --num-prompts 64            # student, 4 steps",
+        "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --num-prompts 64            # student, its grid",
         "    qwenimage-jax eval-t2i --model qwenimage_jax/assets/tiny_world --transformer teacher/transformer \\",
         "        --steps 40 --num-prompts 64 --expand                                                   # teacher",
         "",
@@ -818,8 +881,9 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0), then a high-noise fine-tune (its",
         "   `high_noise_finetune`, see the config); the EMA weights are exported (`teacher/transformer/` here); the",
         "   same budget again on the control's latents. 5. `ablation`: the judge on both arms.",
-        "6. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 4-step student,",
-        "   regression to the teacher's 20-step CFG-4 ODE), the student's EMA weights exported with sample_sigmas.",
+        "6. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 2- and 1-step",
+        "   students, regression to the teacher's 10-step CFG-4 ODE), each student's EMA weights exported with",
+        "   sample_sigmas; the fewest-step student within 0.03 of the teacher on the validation prompts ships.",
         "7. `assemble`: this directory; 8. `figures`: the tables below.",
         "",
         "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
@@ -892,17 +956,27 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
     sliced-W2 distance (16 x 16 box-downsampled pixels) of each to the teacher's 40-step images from the same
     noise; and the prompt-expansion gain on short prompts (teacher, 40 steps)."""
     from qwenimage_jax.evals import t2i as eval_t2i
-    from qwenimage_jax.metrics.distribution import image_features, sliced_wasserstein
+    from qwenimage_jax.metrics.distribution import foreground_features, image_features, sliced_wasserstein
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     t0 = time.time()
     distilled = os.path.isdir(os.path.join(out, "teacher", "transformer"))
     teacher = QwenImagePipeline.from_pretrained(
         out, transformer_subfolder="teacher/transformer" if distilled else "transformer")
-    # the step table: the teacher (Euler, CFG 4) at 40 (the reference and the expansion run), 8, 4, 2 and 1 steps
+    # the step table: the teacher (Euler, CFG 4) at 40 (the reference and the expansion run), 8, 4, 2 and 1 steps,
+    # then every student distilled in WORKDIR (no CFG, its own grid), the shipped one loaded from OUT
     runs = [("teacher", teacher, steps, 4.0) for steps in (40, 8, 4, 2, 1)]
     if distilled:
-        runs.append(("student", QwenImagePipeline.from_pretrained(out), 4, 1.0))
+        shipped = QwenImagePipeline.from_pretrained(out)
+        for num_steps in sorted((int(n) for n in _config("world_distill").student_steps), reverse=True):
+            export = os.path.join(workdir, f"distill_{num_steps}", "export")
+            if len(shipped.sample_sigmas) == num_steps:
+                runs.append(("student", shipped, num_steps, 1.0))
+            elif os.path.isdir(export):
+                sigmas = json.load(open(os.path.join(export, "model_index.json")))["sample_sigmas"]
+                path = judge_pipeline(workdir, os.path.relpath(os.path.join(export, "transformer"), workdir), sigmas,
+                                      name=f"student_{num_steps}")
+                runs.append(("student", QwenImagePipeline.from_pretrained(path), num_steps, 1.0))
     figures, tables = {}, []
     for split in ("train", "heldout"):
         reference = None
@@ -911,12 +985,15 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
                                        expand=(name == "teacher" and steps == 40))
             images = result.pop("images")
             if reference is None:
-                reference = image_features(images)
+                reference = image_features(images), foreground_features(images)
             else:
-                result["sliced_w2_to_teacher_40"] = round(sliced_wasserstein(image_features(images), reference), 4)
+                result["sliced_w2_to_teacher_40"] = round(sliced_wasserstein(image_features(images), reference[0]), 4)
+                result["mask_sliced_w2_to_teacher_40"] = round(
+                    sliced_wasserstein(foreground_features(images), reference[1]), 4)
             figures[f"{split}_{name}_{steps}"] = result
             title = f"{name}, {steps} steps" + (f"; sliced-W2 to the teacher's 40-step images "
-                                                f"{result['sliced_w2_to_teacher_40']:.4f}"
+                                                f"{result['sliced_w2_to_teacher_40']:.4f} (pixels), "
+                                                f"{result['mask_sliced_w2_to_teacher_40']:.4f} (foreground masks)"
                                                 if "sliced_w2_to_teacher_40" in result else "")
             tables.append(f"[{title}]\n" + eval_t2i.format_table(result))
             print(tables[-1], flush=True)
@@ -934,14 +1011,18 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
         with open(path, "w") as f:
             json.dump(figures, f, indent=1)
     _record(workdir, "figures", time.time() - t0, num_prompts=num_prompts)
-    summary = ["| sampler | train overall | train all_correct | held-out overall | held-out all_correct | "
-               "held-out sliced-W2 to teacher-40 |", "|---|---|---|---|---|---|"]
+    attributes = ("colour", "shape", "count", "position", "size", "background")
+    summary = ["| sampler | train overall | held-out overall | " + " | ".join(attributes) +
+               " | held-out all_correct | sliced-W2 to teacher-40 (pixels / masks) |",
+               "|---" * (len(attributes) + 5) + "|"]
     for name, _, steps, cfg in runs:
         train, held = figures[f"train_{name}_{steps}"], figures[f"heldout_{name}_{steps}"]
         w2 = held.get("sliced_w2_to_teacher_40")
+        distances = "-" if w2 is None else f"{w2:.4f} / {held['mask_sliced_w2_to_teacher_40']:.4f}"
         summary.append(f"| {name}, {steps} steps{', CFG 4' if cfg > 1 else ''} | {train['generated']['overall']:.3f} | "
-                       f"{train['generated']['all_correct']:.3f} | {held['generated']['overall']:.3f} | "
-                       f"{held['generated']['all_correct']:.3f} | {'-' if w2 is None else f'{w2:.4f}'} |")
+                       f"{held['generated']['overall']:.3f} | "
+                       + " | ".join(f"{held['generated'].get(a, float('nan')):.3f}" for a in attributes) +
+                       f" | {held['generated']['all_correct']:.3f} | {distances} |")
     write_readme(workdir, out, {"table": "\n\n".join(tables), "summary": "\n".join(summary),
                                 "num_prompts": num_prompts})
     return figures
@@ -963,6 +1044,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-budget-min", type=float, default=0.0,
                         help="stop the shipped arm's stable DiT phase at a checkpoint after this many minutes, then "
                              "cool down and go on (0: train to configs/world_dit.py's steps); re-running continues it")
+    parser.add_argument("--distill-budget-min", type=float, default=0.0,
+                        help="stop each student's distillation at a checkpoint after this many minutes (0: train to "
+                             "configs/world_distill.py's steps); re-running the stage continues it")
     parser.add_argument("--cool-now", action="store_true",
                         help="cool down and ship the stable DiT phase where it stands (default: only once it has "
                              "reached configs/world_dit.py's steps)")
@@ -1007,7 +1091,7 @@ def main(argv=None) -> int:
         stage_ablation(args.workdir, num_prompts)
     shipped = SHIPPED_ARM if args.ship == "none" else args.ship
     if "distill" in stages:
-        stage_distill(args.workdir, shipped)
+        stage_distill(args.workdir, shipped, budget_s=60.0 * args.distill_budget_min)
     if "assemble" in stages:
         assemble(args.workdir, args.out, shipped)
         write_readme(args.workdir, args.out)

@@ -121,6 +121,13 @@ def test_interrupt_and_resume_reproduces_losses_then_exports(setup, tmp_path):
     for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(full["state"].student.ema_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert back.dit_config == DiTConfig.from_diffusers(teacher.config)
+    # the continued run replaced its own step-2 export with the step-4 student (the same weights as the full run's)
+    assert resumed["export_dir"] == part["export_dir"]
+    with open(os.path.join(resumed["export_dir"], dt.STEPS_FILE)) as f:
+        assert json.load(f) == {"steps": 4}
+    continued = load_transformer(os.path.join(resumed["export_dir"], "transformer"))
+    for a, b in zip(jax.tree.leaves(continued.params), jax.tree.leaves(back.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_cli_runs_distillation(setup, tmp_path, capsys):
@@ -131,3 +138,43 @@ def test_cli_runs_distillation(setup, tmp_path, capsys):
     assert os.path.exists(os.path.join(workdir, "export", "transformer", "diffusion_pytorch_model.safetensors"))
     assert cli.main(["distill", "--config", CONFIG_PATH, "--workdir", workdir]) == 3  # ConfigError's exit code
     assert "data.path is empty" in capsys.readouterr().err
+
+
+def _poison_text(monkeypatch, calls):
+    """NaN text embeddings in the given global batches (1-based, counted from the start of the next run)."""
+    original = dt._global_batch
+    seen = []
+
+    def poisoned(batch, sharding):
+        seen.append(1)
+        if len(seen) in calls:
+            batch = dict(batch, text_embeds=np.full_like(batch["text_embeds"], np.nan))
+        return original(batch, sharding)
+
+    monkeypatch.setattr(dt, "_global_batch", poisoned)
+
+
+def test_non_finite_steps_are_skipped_and_counted_and_too_many_in_a_row_stop(setup, tmp_path, monkeypatch):
+    from qwenimage_jax.training import guards
+    from qwenimage_jax.training.guards import NonFiniteError
+
+    _, _, overrides = setup
+    config = _config(overrides, "--config.steps=4", "--config.export.enabled=False")
+    config.on_nonfinite = "skip"   # a shared trainer key (training/loop.py) the distill preset leaves at "stop"
+    _poison_text(monkeypatch, {2})
+    run = dt.distill(config, str(tmp_path / "skip"))
+    assert run["skipped_steps"] == [2] and run["final_step"] == 4 and 2 not in run["losses"]
+    student = jax.device_get(run["state"].student)
+    leaves = jax.tree.leaves((student.params, student.ema_params, jax.device_get(run["state"].fake.params)))
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves), "a skipped step reached the student or fake"
+    assert int(run["state"].step) == 3, "the skipped step's update was not applied"
+
+    monkeypatch.undo()
+    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 2)
+    _poison_text(monkeypatch, {2, 3, 4})
+    with pytest.raises(NonFiniteError) as info:
+        dt.distill(config, str(tmp_path / "row"))
+    message = str(info.value)
+    for part in ("at step 3 (data batch 2", "2 non-finite steps in a row (steps 2 to 3; 1 skipped in all)",
+                 "Last good checkpoint: step 2 in"):
+        assert part in message, message

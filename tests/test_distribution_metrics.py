@@ -34,3 +34,29 @@ def test_image_features_box_downsample():
     assert feats[0, :8].min() == 1.0 and feats[0, 8:].max() == 0.0 and feats[1].max() == 0.0
     with pytest.raises(ValueError, match="multiple of 16"):
         image_features(np.zeros((1, 40, 40, 3), np.uint8))
+
+
+def test_foreground_features_see_outlines_not_colours():
+    """Hand-drawn 64 px scenes: a 16 x 16 square at the top left on grey, the same square in another colour on
+    another background, and a ring (a square with its middle 8 x 8 cut out) at the same place."""
+    from qwenimage_jax.metrics.distribution import foreground_features
+
+    def scene(background, colour, hole=False):
+        image = np.empty((64, 64, 3), np.uint8)
+        image[:] = background
+        image[8:24, 8:24] = colour
+        if hole:
+            image[12:20, 12:20] = background
+        return image
+
+    red_on_grey = scene((128, 128, 128), (220, 30, 30))
+    blue_on_pink = scene((240, 160, 200), (30, 30, 220))
+    ring = scene((128, 128, 128), (220, 30, 30), hole=True)
+    feats = foreground_features(np.stack([red_on_grey, blue_on_pink, ring]))
+    assert feats.shape == (3, 32 * 32)
+    mask = feats[0].reshape(32, 32)
+    # the square covers 32 px cells 4..11 in each direction (2 x 2 pixel boxes), nothing else
+    assert mask[4:12, 4:12].min() == 1.0 and mask.sum() == 64.0
+    np.testing.assert_array_equal(feats[0], feats[1])          # colour-blind
+    assert feats[2].reshape(32, 32)[6:10, 6:10].max() == 0.0   # the hole is background
+    assert feats[2].sum() == 64.0 - 16.0

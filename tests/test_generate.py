@@ -145,7 +145,8 @@ def test_expand_prompt_command_prints_the_generated_text(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     expand_prompt.add_arguments(parser)
     args = parser.parse_args(["--model", path, "--tokenizer", tok, "--temperature", "0", "--max-new-tokens", "12",
-                              "--chunk", "5", "a", "cat"])
+                              "--chunk", "5", "--no-keep-stated", "a", "cat"])
+    # --no-keep-stated: streamed as generated; "a cat" states no world attribute, so the constraint forces nothing
     assert expand_prompt.run(args) == 0
     printed = capsys.readouterr().out
     from transformers import AutoTokenizer

@@ -80,6 +80,41 @@ def test_bucketed_editing_equals_the_unpadded_call(pipe):
     assert max_rel_err(_latents(pipe, (8, 16), **kwargs), _latents(pipe, None, **kwargs)) <= 1e-5
 
 
+def test_prompt_lengths_make_each_row_the_image_of_its_prompt_alone(pipe):
+    """A batch of a 9- and a 4-token prompt (and negative prompts of 3 and 6): by default the short row's frame
+    follows the batch's longest prompt, as in diffusers, and differs from the short prompt alone; with each
+    row's own length (`prompt_lengths`) every row equals its call alone. The lengths are checked."""
+    embeds, mask = _embeds(2, 9, [9, 4], seed=5)
+    neg, neg_mask = _embeds(2, 6, [3, 6], seed=6)
+    noise = np.random.default_rng(7).standard_normal((2, 4 * 4, pipe.latent_channels)).astype(np.float32)
+    kwargs = dict(true_cfg_scale=2.5, num_inference_steps=3, output_type="latent", progress=False, **SIZE)
+    batch = dict(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+                 negative_prompt_embeds_mask=neg_mask, latents=noise, **kwargs)
+    own = np.asarray(pipe(prompt_lengths=[9, 4], negative_prompt_lengths=[3, 6], **batch).images)
+    shared = np.asarray(pipe(**batch).images)
+    for row, (n, m) in enumerate(((9, 3), (4, 6))):
+        alone = np.asarray(pipe(prompt_embeds=embeds[row:row + 1, :n], negative_prompt_embeds=neg[row:row + 1, :m],
+                                latents=noise[row:row + 1], **kwargs).images)
+        assert max_rel_err(own[row:row + 1], alone) <= 1e-5, row
+    assert max_rel_err(shared[1:], own[1:]) > 1e-3, "the short row's frame did not move"
+    with pytest.raises(ValueError, match=r"prompt_lengths=\[9, 10\]; give one length per prompt \(2\), each from 1 "
+                                         r"to the states' length 9"):
+        pipe(prompt_lengths=[9, 10], **batch)
+
+
+def test_text_state_lengths_are_the_lengths_encode_prompt_gives(pipe):
+    prompts = ["a cat", "", "a cat sitting on a red sofa next to a window, at night"]
+    lengths = pipe.text_state_lengths(prompts)
+    assert lengths == [pipe.encode_prompt(p)[0].shape[1] for p in prompts]
+    assert [pipe.prompt_bucket(n) for n in lengths] == [64, 64, 64]
+    saved = pipe.text_pad_tokens
+    pipe.text_pad_tokens = 8
+    try:
+        assert pipe.text_state_lengths(prompts) == [pipe.encode_prompt(p)[0].shape[1] for p in prompts]
+    finally:
+        pipe.text_pad_tokens = saved
+
+
 def test_prompts_of_one_bucket_compile_the_sampler_once(pipe_dir):
     """Three prompts of different token lengths in the 64-token bucket, then a new seed: one sampler compile and
     one text-encoder program (the negative prompt shares it). A prompt in the 128 bucket adds one of each."""

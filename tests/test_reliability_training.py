@@ -1,8 +1,9 @@
 """Reliability matrix, training rows (docs/reliability.md), on the tiny DiT trainer: kill -9 during an Orbax save,
-a disk that fills during a save, NaN/Inf steps (stop or skip), two SIGTERMs, unknown config overrides, unreadable
-training images."""
+a disk that fills during a save, a damaged newest checkpoint, NaN/Inf steps (stop, skip, too many in a row), two
+SIGTERMs, unknown config overrides, unreadable training images."""
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,8 +55,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(data, tmp_path_factory):
-    """The uninterrupted run every interrupted one is compared with."""
-    return dit_trainer.train(_config(data), str(tmp_path_factory.mktemp("full")))
+    """The uninterrupted run every interrupted one is compared with (its checkpoints: steps 1, 4 and 8)."""
+    workdir = str(tmp_path_factory.mktemp("full"))
+    return dict(dit_trainer.train(_config(data), workdir), workdir=workdir)
 
 
 def _fail_commit_of(step, action):
@@ -116,6 +118,30 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
     ckpt.close()
 
 
+def test_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_previous_one(data, full, tmp_path,
+                                                                                       caplog):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(full["workdir"], "checkpoints"), os.path.join(workdir, "checkpoints"))
+    # step 8 half-copied: its largest TensorStore data file cut in two
+    step8 = os.path.join(workdir, "checkpoints", "8")
+    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step8, "state"))
+             if os.path.basename(root) == "d" for f in names]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+
+    with caplog.at_level("WARNING", logger="qwenimage_jax.training"):
+        resumed = dit_trainer.train(_config(data), workdir)
+    warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint step 8 in" in warned[0] and "resuming from step 4" in warned[0], warned
+    assert sorted(resumed["losses"]) == [5, 6, 7, 8], "must resume after step 4"
+    for s in range(5, STEPS + 1):
+        assert resumed["losses"][s] == pytest.approx(full["losses"][s], abs=1e-6), f"step {s}"
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.complete_steps() == [1, 4, 8], "step 8 is saved again, whole"
+    assert os.path.isdir(step8 + ".damaged"), "the damaged step is kept aside, not deleted"
+    ckpt.close()
+
+
 def _poison_batch(monkeypatch, call, value):
     """Makes the `call`-th global batch (1-based) of the next run hold `value` in its latents."""
     original = dit_trainer._global_batch
@@ -139,6 +165,28 @@ def test_nan_loss_stops_naming_step_batch_and_last_good_checkpoint(data, tmp_pat
         assert part in message, message
 
 
+def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, monkeypatch):
+    from qwenimage_jax.training import guards
+
+    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 3)
+    original = dit_trainer._global_batch
+    calls = []
+
+    def nan_from_the_second(batch, sharding):
+        calls.append(1)
+        if len(calls) >= 2:
+            batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
+        return original(batch, sharding)
+
+    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_second)
+    with pytest.raises(NonFiniteError) as info:
+        dit_trainer.train(_config(data, on_nonfinite="skip"), str(tmp_path / "run"))
+    message = str(info.value)
+    for part in ("at step 4", "3 non-finite steps in a row (steps 2 to 4; 2 skipped in all)",
+                 "Last good checkpoint: step 1 in", "step after step"):
+        assert part in message, message
+
+
 def test_inf_loss_is_skipped_when_configured(data, full, tmp_path, monkeypatch):
     _poison_batch(monkeypatch, 6, np.inf)
     run = dit_trainer.train(_config(data, on_nonfinite="skip"), str(tmp_path / "run"))
@@ -150,17 +198,106 @@ def test_inf_loss_is_skipped_when_configured(data, full, tmp_path, monkeypatch):
     assert all(np.isfinite(p).all() for p in params), "a skipped step reached the parameters"
 
 
+def _record_flag_reads(monkeypatch):
+    """({step: how many steps had been dispatched when that step's finite flag was read}, [dispatch count])."""
+    from qwenimage_jax.training.guards import NonFiniteMonitor
+
+    original_make, original_check = dit_trainer.make_train_step, NonFiniteMonitor.check
+    dispatched, reads = [0], {}
+
+    def make(*args, **kwargs):
+        step = original_make(*args, **kwargs)
+
+        def run(*step_args):
+            dispatched[0] += 1
+            return step(*step_args)
+        return run
+
+    def check(self, step, batch_index, metrics):
+        reads[step] = dispatched[0]
+        return original_check(self, step, batch_index, metrics)
+
+    monkeypatch.setattr(dit_trainer, "make_train_step", make)
+    monkeypatch.setattr(NonFiniteMonitor, "check", check)
+    return reads, dispatched
+
+
+def test_the_finite_flag_is_read_one_step_late_except_at_log_and_checkpoint_steps(data, full, tmp_path,
+                                                                                   monkeypatch):
+    """log_every 8, checkpoints every 4: the host reads step N's flag after dispatching step N+1, except at the
+    first step, the checkpoint steps and the last; `sync_every_step` with `prefetch_batches=0` (the old loop)
+    reads each right after it. Both train the same steps as the run that logs every step."""
+    reads, dispatched = _record_flag_reads(monkeypatch)
+    new = dit_trainer.train(_config(data, log_every=8), str(tmp_path / "new"))
+    assert reads == {1: 1, 2: 3, 3: 4, 4: 4, 5: 6, 6: 7, 7: 8, 8: 8}
+    reads.clear()
+    dispatched[0] = 0
+    old = dit_trainer.train(_config(data, log_every=8, sync_every_step=True, prefetch_batches=0),
+                            str(tmp_path / "old"))
+    assert reads == {s: s for s in range(1, STEPS + 1)}
+    assert list(new["losses"]) == list(old["losses"]) == [8]
+    assert new["losses"][8] == pytest.approx(full["losses"][8], abs=1e-6)
+    assert old["losses"][8] == pytest.approx(full["losses"][8], abs=1e-6)
+
+
+def test_a_nan_read_one_step_late_stops_before_any_later_checkpoint_or_is_skipped(data, tmp_path, monkeypatch):
+    _poison_batch(monkeypatch, 7, np.nan)   # step 7: neither logged nor checkpointed, so its flag is read late
+    workdir = str(tmp_path / "stop")
+    with pytest.raises(NonFiniteError) as info:
+        dit_trainer.train(_config(data, log_every=8), workdir)
+    message = str(info.value)
+    for part in ("at step 7", "data batch 6", "Last good checkpoint: step 4 in"):
+        assert part in message, message
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.complete_steps() == [1, 4], "a checkpoint was written after the non-finite step"
+    ckpt.close()
+    monkeypatch.undo()
+    _poison_batch(monkeypatch, 6, np.inf)
+    run = dit_trainer.train(_config(data, log_every=8, on_nonfinite="skip"), str(tmp_path / "skip"))
+    assert run["skipped_steps"] == [6] and run["final_step"] == STEPS
+    params = [np.asarray(x) for x in __import__("jax").tree.leaves(run["state"].params)]
+    assert all(np.isfinite(p).all() for p in params), "a skipped step reached the parameters"
+    # skipping, three in a row (5, 6, 7: each read one step late) still stop the run at the third
+    from qwenimage_jax.training import guards
+
+    monkeypatch.undo()
+    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 3)
+    original, calls = dit_trainer._global_batch, []
+
+    def nan_from_the_fifth(batch, sharding):
+        calls.append(1)
+        if len(calls) >= 5:
+            batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
+        return original(batch, sharding)
+
+    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_fifth)
+    workdir = str(tmp_path / "in_a_row")
+    with pytest.raises(NonFiniteError) as info:
+        dit_trainer.train(_config(data, log_every=8, on_nonfinite="skip"), workdir)
+    for part in ("at step 7", "3 non-finite steps in a row (steps 5 to 7; 2 skipped in all)",
+                 "Last good checkpoint: step 4 in"):
+        assert part in str(info.value), str(info.value)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.complete_steps() == [1, 4]
+    ckpt.close()
+
+
 def test_two_sigterms_make_one_clean_save(data, tmp_path, monkeypatch):
-    """Two SIGTERMs in a row at step 3, and a third one while the final save is being written."""
-    original_batch, original_finish = dit_trainer._global_batch, Checkpointer.finish
+    """Two SIGTERMs in a row at step 3, and a third one while the final save is being written. (The signals are
+    sent from the step itself: the batches are made ahead on the loop's prefetch thread.)"""
+    original_make, original_finish = dit_trainer.make_train_step, Checkpointer.finish
     calls, saves = [], []
 
-    def batch_then_signal(batch, sharding):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original_batch(batch, sharding)
+    def step_then_signal(*args, **kwargs):
+        step = original_make(*args, **kwargs)
+
+        def run(*step_args):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(*step_args)
+        return run
 
     def finish_under_signal(self, step, state, data_iterator=None):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -174,7 +311,7 @@ def test_two_sigterms_make_one_clean_save(data, tmp_path, monkeypatch):
             saves.append(step)
         return started
 
-    monkeypatch.setattr(dit_trainer, "_global_batch", batch_then_signal)
+    monkeypatch.setattr(dit_trainer, "make_train_step", step_then_signal)
     monkeypatch.setattr(Checkpointer, "finish", finish_under_signal)
     monkeypatch.setattr(Checkpointer, "save", counting_save)
     leaked = []

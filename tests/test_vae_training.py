@@ -292,3 +292,49 @@ def test_init_from_the_encoder_alone_gives_a_wider_fresh_decoder_on_the_same_lat
     with pytest.raises(ValueError, match="base_dim"):
         vae_trainer.build(_config(f"--config.init_from={export}", "--config.init_from_parts=encoder",
                                   f"--config.vae.base_dim={base.vae.base_dim * 2}")).init_state()
+
+
+def _poison_batches(monkeypatch, calls, value):
+    """Makes the global batches of the given calls (1-based, counted from the start of the next run) all `value`."""
+    original = vae_trainer.Setup.put_batch
+    seen = []
+
+    def put_batch(self, local_batch):
+        seen.append(1)
+        if len(seen) in calls:
+            local_batch = np.full_like(local_batch, value)
+        return original(self, local_batch)
+
+    monkeypatch.setattr(vae_trainer.Setup, "put_batch", put_batch)
+
+
+def test_non_finite_steps_stop_or_are_skipped_and_counted_and_too_many_in_a_row_stop(tmp_path, monkeypatch):
+    from qwenimage_jax.training import guards
+    from qwenimage_jax.training.guards import NonFiniteError
+
+    short = ("--config.total_steps=5", "--config.export_ema=False", "--config.eval_every=0",
+             "--config.image_every=0")
+    _poison_batches(monkeypatch, {3}, np.nan)
+    with pytest.raises(NonFiniteError) as info:   # on_nonfinite="stop", the default
+        vae_trainer.train(_config(*short), str(tmp_path / "stop"), show_progress=False)
+    for part in ("non-finite loss nan", "at step 3 (data batch 2", "Last good checkpoint: step 1 in",
+                 "on_nonfinite=skip"):
+        assert part in str(info.value), str(info.value)
+
+    monkeypatch.undo()
+    _poison_batches(monkeypatch, {3}, np.inf)
+    run = vae_trainer.train(_config(*short, "--config.on_nonfinite=skip"), str(tmp_path / "skip"),
+                            show_progress=False)
+    assert run["skipped_steps"] == [3] and [s for s, _ in run["history"]] == [1, 2, 4, 5]
+    assert int(run["state"].step) == 5, "a skipped step still counts (the loop resumes from state.step)"
+    leaves = jax.tree.leaves((run["state"].params, run["state"].ema_params, run["state"].opt_state))
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves), "a skipped step reached the state"
+    assert all(np.isfinite(m["loss"]) for _, m in run["history"])
+
+    monkeypatch.undo()
+    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 2)
+    _poison_batches(monkeypatch, {2, 3, 4, 5}, np.nan)
+    with pytest.raises(NonFiniteError) as info:
+        vae_trainer.train(_config(*short, "--config.on_nonfinite=skip"), str(tmp_path / "row"), show_progress=False)
+    assert "at step 3 (data batch 2" in str(info.value)
+    assert "2 non-finite steps in a row (steps 2 to 3; 1 skipped in all)" in str(info.value)

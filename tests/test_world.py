@@ -154,6 +154,6 @@ def test_prompts_are_read_back_into_groups_and_contradictions_are_named():
         assert prompts.contradictions(caption, partial) == [] and prompts.contradictions(short, partial) == []
     partial = world.Scene(groups=(world.ObjectGroup("circle", "red", count=2),), background="teal")
     assert prompts.contradictions("Two red circles on a teal background", partial) == []
-    assert prompts.contradictions("Two red squares on a teal background", partial) == ["red circle"]
+    assert prompts.contradictions("Two red squares on a teal background", partial) == ["shape of red circle"]
     assert prompts.contradictions("Three red circles on a pink background", partial) == [
         "count of red circle", "background"]

@@ -163,6 +163,31 @@ def test_eval_t2i_prints_the_judge_table(capsys, tmp_path):
     assert figures["generated"] == pytest.approx(recomputed, abs=1e-6)
 
 
+def test_eval_t2i_expand_reports_contradictions_and_fallbacks(capsys, tmp_path):
+    """`eval-t2i --expand` on the shipped expander: constrained decoding and rejection are on by default, and the
+    JSON and the table carry the contradiction rate (overall, per attribute) and the fallback rate, which agree
+    with `data.prompts.contradictions` of the printed expansions."""
+    from qwenimage_jax.data import prompts
+    from qwenimage_jax.evals import t2i
+
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["eval-t2i", "--model", MODEL, "--steps", "1", "--num-prompts", "2", "--split", "heldout",
+                     "--expand", "--json", str(out_json)]) == 0
+    stdout = capsys.readouterr().out
+    figures = json.load(open(out_json))
+    assert figures["expansion_settings"] == {"keep_stated": True, "constrain": True, "decoding": "greedy"}
+    assert set(figures["expansion_contradictions_by_attribute"]) == set(prompts.ATTRIBUTES)
+    # the two examples are both prompts: the fallback rate is the share drawn as written
+    assert figures["expansion_fallback_rate"] == np.mean([u == s for s, u in figures["expansion_examples"]])
+    assert figures["expansion_used_contradiction_rate"] == 0.0  # rejection: every prompt drawn keeps what it states
+    items = t2i.world_prompts("heldout", 2, t2i.model_size(MODEL))
+    for (short, used), item in zip(figures["expansion_examples"], items):
+        assert short == item["short_caption"] and prompts.contradictions(used, item["short_record"]) == []
+    rate = figures["expansion_contradiction_rate"]
+    assert f"expansions that change or drop what the short prompt states (constrained decoding): {rate:.3f}" in stdout
+    assert f"fell back to the prompt as written: {figures['expansion_fallback_rate']:.3f}" in stdout
+
+
 def test_demo_runs_text_to_image_end_to_end(tmp_path, capsys):
     from PIL import Image
 

@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwenimage_jax.errors import MissingPackageError
+
 MODES = ("int8", "fp8", "int4")
 QTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.int4}
 # int4: one scale per 128 inputs along the contraction (standard group-wise int4; the release's contractions are
@@ -61,7 +63,8 @@ def _qwix():
     try:
         import qwix
     except ImportError:
-        raise ImportError("quantization needs qwix: pip install 'qwenimage-jax[quant]' (qwix==0.1.8)") from None
+        raise MissingPackageError("quantization needs qwix: pip install 'qwenimage-jax[quant]' (qwix==0.1.8)") \
+            from None
     return qwix
 
 

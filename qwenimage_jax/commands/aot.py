@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwenimage_jax.errors import InputError
+from qwenimage_jax.errors import InputError, MissingPackageError
 from qwenimage_jax.parallel.topology import EXAMPLES
 
 EPILOG = f"""\
@@ -50,7 +50,10 @@ def run(args):
     except ValueError as e:
         raise InputError(f"--topology {args.topology}: {e}") from None
     config = load_config(args.config, args.config_overrides)
-    devices = topo.devices(target)
+    try:
+        devices = topo.devices(target)
+    except ImportError as e:  # libtpu missing: the message names the extra to install
+        raise MissingPackageError(str(e)) from e
     program = aot.build(config, devices, args.program, resolution=args.resolution, steps=args.steps,
                         cfg_scale=args.cfg, batch=args.batch, prompt_tokens=args.prompt_tokens)
     report = aot.compile_program(program, target, save=args.save)

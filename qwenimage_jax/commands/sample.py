@@ -13,6 +13,19 @@ negative prompt, seed, steps, guidance and size as text metadata. An existing --
 folder never clobber each other) and each file appears complete or not at all (written aside, then renamed).
 `--steps` left out runs a distilled model's own grid (model_index.json sample_sigmas), else the preset's steps. A tqdm bar counts the denoising steps (from a host
 callback inside the one jitted loop); `--no-progress` removes it. Flags override the `--config` preset.
+
+Batch sampling from a prompt file (instead of --prompt/--out):
+
+    qwenimage-jax sample --model DIR --prompts-file prompts.jsonl --out-dir out/ --batch-size 4
+
+one JSON object a line: {"prompt": "...", "seed": 7, "height": 768, "width": 1344, "negative_prompt": "..."}
+(only `prompt` is required; a missing seed is --seed + line - 1, a missing size or negative prompt the command's).
+Every line is checked before the model loads (a bad one is an error naming the file, line and key). Lines are
+grouped by prompt-length bucket, size and CFG and sampled in batches of --batch-size over the data-parallel
+devices of --mesh; each image is exactly the one `sample --prompt P --seed S` gives alone (same flags), written
+atomically as out/<line>-<key>.png when its batch finishes, and recorded in out/manifest.jsonl (prompt, seed,
+settings, file). A rerun skips the lines the manifest lists as done (file present, same settings). The tqdm bar
+counts images and shows images/s. Details: qwenimage_jax/sampling/batch.py, docs/gpu_sampling.md.
 """
 from __future__ import annotations
 
@@ -29,14 +42,24 @@ def add_arguments(parser):
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="LoRA adapter (diffusers/peft/kohya directory or .safetensors) with an optional weight; "
                              "repeat to combine several")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt text; repeat the flag for a batch of prompts")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text; repeat the flag for a batch of prompts (or use --prompts-file)")
     parser.add_argument("--image", nargs="+", default=None, help="condition image(s) for editing (up to 10)")
-    parser.add_argument("--out", required=True, help="output PNG path (a grid when more than one image)")
+    parser.add_argument("--out", default=None, help="output PNG path (a grid when more than one image)")
+    parser.add_argument("--prompts-file", default=None, metavar="FILE.jsonl",
+                        help="batch sampling: one JSON object a line with prompt and optional seed, height, width, "
+                             "negative_prompt; images go to --out-dir with a manifest.jsonl, and a rerun skips what "
+                             "is done")
+    parser.add_argument("--out-dir", default=None, help="output folder of --prompts-file (images + manifest.jsonl)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="--prompts-file: images per batch, a multiple of the mesh's data x fsdp (default: "
+                             "that product, 1 without --mesh); lines are grouped by prompt bucket, size and CFG")
     parser.add_argument("--config", default=None, help="sampling preset, e.g. configs/sampling.py:turbo")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (preset: 40)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=None, help="custom sigma grid (no terminal 0)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="noise seed (--prompts-file: the seed of line 1, line n gets seed + n - 1 unless it "
+                             "has one)")
     parser.add_argument("--batch", type=int, default=1, help="images per prompt")
     parser.add_argument("--cfg", type=float, default=None, help="true CFG scale (>1 with a negative prompt)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for CFG")
@@ -104,28 +127,41 @@ def _mesh(spec: str | None, settings: dict):
                      tensor=int(sizes.get("tensor", 1)))
 
 
-def run(args):
+def _check_mode(args):
+    """Exactly one of --prompt/--out and --prompts-file/--out-dir, with the flags that go with it."""
+    if args.prompts_file is None:
+        missing = [flag for flag, value in (("--prompt", args.prompt), ("--out", args.out)) if not value]
+        if missing:
+            raise InputValueError(f"{' and '.join(missing)} missing; pass --prompt TEXT --out FILE.png, or "
+                                  "--prompts-file FILE.jsonl --out-dir DIR for batch sampling")
+        for flag, value in (("--out-dir", args.out_dir), ("--batch-size", args.batch_size)):
+            if value is not None:
+                raise InputValueError(f"{flag} goes with --prompts-file; with --prompt use --out (and --batch for "
+                                      "images per prompt)")
+        return
+    if not args.out_dir:
+        raise InputValueError("--prompts-file needs --out-dir DIR (the images and manifest.jsonl go there)")
+    for flag, value in (("--prompt", args.prompt), ("--out", args.out), ("--image", args.image)):
+        if value:
+            raise InputValueError(f"{flag} cannot be combined with --prompts-file (prompts, seeds and sizes come from "
+                                  "the file; editing is not batched from a file)")
+    if args.batch != 1:
+        raise InputValueError(f"--batch {args.batch} with --prompts-file; each line is one image (repeat a line with "
+                              "another seed for more), and --batch-size sets the batch")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputValueError(f"--batch-size {args.batch_size}; it must be >= 1")
+    if args.save_individual or args.grid_cols is not None or args.overwrite:
+        raise InputValueError("--save-individual, --grid-cols and --overwrite are for --out; --prompts-file writes "
+                              "each image to --out-dir and a rerun skips what the manifest says is done")
+
+
+def _load_pipeline(args, settings, mesh):
     import jax
     import jax.numpy as jnp
-    from PIL import Image
 
-    from qwenimage_jax.sampling import images as image_utils
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
-    settings = _settings(args)
-    if args.batch < 1:
-        raise InputValueError(f"--batch {args.batch}; it must be >= 1")
-    from qwenimage_jax.sampling.checks import MAX_STEPS
-    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        raise InputValueError(f"--steps {args.steps}; use 1 to {MAX_STEPS} (leave it out to run a distilled "
-                              "model's own grid)")
-    for flag in ("height", "width"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise InputValueError(f"--{flag} {value}; it must be a positive multiple of 32 (leave it out for the "
-                                  "default)")
     dtype = getattr(jnp, settings["dtype"])
-    mesh = _mesh(args.mesh, settings)
     runtime = {} if settings.get("attention", "xla") == "xla" else {"attention": settings["attention"]}
     start = time.perf_counter()
     pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, transformer_subfolder=args.transformer,
@@ -138,6 +174,31 @@ def run(args):
             weights.append(float(weight or 1.0))
         pipe.set_adapters(names, weights)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f}s on {jax.device_count()} device(s)")
+    return pipe
+
+
+def run(args):
+    from PIL import Image
+
+    from qwenimage_jax.sampling import images as image_utils
+
+    _check_mode(args)
+    settings = _settings(args)
+    if args.batch < 1:
+        raise InputValueError(f"--batch {args.batch}; it must be >= 1")
+    from qwenimage_jax.sampling.checks import MAX_STEPS
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise InputValueError(f"--steps {args.steps}; use 1 to {MAX_STEPS} (leave it out to run a distilled "
+                              "model's own grid)")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise InputValueError(f"--{flag} {value}; it must be a positive multiple of 32 (leave it out for the "
+                                  "default)")
+    if args.prompts_file is not None:
+        return run_prompts_file(args, settings)
+    mesh = _mesh(args.mesh, settings)
+    pipe = _load_pipeline(args, settings, mesh)
     condition = [Image.open(p) for p in args.image] if args.image else None
     if condition is not None:
         for img in condition:
@@ -176,6 +237,70 @@ def run(args):
             save_png_atomic(img, f"{stem}-{i}{ext or '.png'}", dict(metadata, index=i))
     print(f"wrote {out}: {len(images)} image(s) {metadata['size']} in {elapsed:.1f}s "
           f"({elapsed / len(images):.2f}s per image, including compilation on the first call)")
+    return 0
+
+
+def run_prompts_file(args, settings) -> int:
+    """`--prompts-file FILE --out-dir DIR`: see qwenimage_jax/sampling/batch.py."""
+    from qwenimage_jax.sampling import batch as batch_sampling
+
+    resolution = int(settings["resolution"])
+    height = int(settings.get("height") or 0) or resolution
+    width = int(settings.get("width") or 0) or resolution
+    cfg = float(settings["cfg"])
+    entries = batch_sampling.read_prompts_file(
+        args.prompts_file, seed=args.seed, height=height, width=width,
+        negative_prompt=settings.get("negative_prompt") or None, cfg=cfg)
+    mesh = _mesh(args.mesh, settings)
+    parts = 1
+    if mesh is not None:
+        shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+        parts = int(shape.get("data", 1)) * int(shape.get("fsdp", 1))
+    batch_size = parts if args.batch_size is None else args.batch_size
+    if batch_size % parts:
+        raise InputValueError(f"--batch-size {batch_size} is not a multiple of the mesh's data x fsdp = {parts} "
+                              f"(the batch is split over them); use {parts * max(1, round(batch_size / parts))}")
+    # everything that decides an image besides its line: a change samples the line again on a rerun
+    image_settings = {"model": os.path.abspath(args.model), "transformer": args.transformer, "lora": args.lora,
+                      "steps": args.steps, "preset_steps": int(settings["steps"]), "sigmas": args.sigmas,
+                      "cfg": cfg, "resolution": resolution, "dtype": settings["dtype"],
+                      "quantize": settings.get("quantize") or "none"}
+    entries = batch_sampling.with_keys(entries, image_settings)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        from qwenimage_jax.errors import OutputError
+        raise OutputError(f"cannot create --out-dir {args.out_dir!r}: {e.strerror}") from None
+    manifest = batch_sampling.Manifest(args.out_dir)
+    unique, seen = [], set()
+    for entry in entries:
+        if entry.key not in seen:
+            seen.add(entry.key)
+            unique.append(entry)
+    todo = [e for e in unique if not manifest.done(e)]
+    notes = [f"{len(entries)} line(s) in {args.prompts_file}", f"{len(unique) - len(todo)} already done in "
+             f"{manifest.path}"]
+    if len(unique) < len(entries):
+        notes.append(f"{len(entries) - len(unique)} duplicate(s) sampled once")
+    if manifest.unreadable:
+        notes.append(f"{manifest.unreadable} unreadable manifest line(s) ignored")
+    print("; ".join(notes))
+    if not todo:
+        print(f"nothing to sample: every image is in {args.out_dir}")
+        return 0
+    pipe = _load_pipeline(args, settings, mesh)
+    steps = args.steps if args.steps is not None else (None if pipe.sample_sigmas else int(settings["steps"]))
+    if args.sigmas:
+        steps = None
+    metadata = {"steps": len(args.sigmas or pipe.sample_sigmas) if steps is None else steps,
+                "true_cfg_scale": settings["cfg"], "model": os.path.abspath(args.model), "generator": "qwenimage-jax"}
+    start = time.perf_counter()
+    written = batch_sampling.run(pipe, todo, manifest, prompts_file=args.prompts_file, batch_size=batch_size,
+                                 cfg=cfg, steps=steps, sigmas=args.sigmas, resolution=resolution,
+                                 settings=image_settings, metadata=metadata, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {written} image(s) to {args.out_dir} in {elapsed:.1f}s ({written / elapsed:.3g} images/s, "
+          f"including compilation); manifest: {manifest.path}")
     return 0
 
 

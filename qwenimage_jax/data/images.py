@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from qwenimage_jax.errors import InputKeyError, InputNotFoundError
+from qwenimage_jax.errors import InputKeyError, InputNotFoundError, MissingPackageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -85,7 +85,8 @@ class SkimageSource:
         try:
             import skimage.data  # noqa: F401
         except ImportError as e:
-            raise ImportError("the 'skimage' image source needs scikit-image: pip install scikit-image") from e
+            raise MissingPackageError("the 'skimage' image source needs scikit-image: pip install scikit-image "
+                                      "(or pip install -e '.[test]')") from e
         chosen = list(names or SKIMAGE_IMAGES)
         unknown = [n for n in chosen + list(exclude) if n.split(":")[0] not in {m.split(":")[0] for m in SKIMAGE_IMAGES}]
         if unknown:
@@ -172,7 +173,8 @@ class TfdsSource:
     def __getitem__(self, index):
         record = self.source[index]
         if self.image_key not in record:
-            raise KeyError(f"TFDS record has no {self.image_key!r}; its features are {sorted(record)}")
+            raise InputKeyError(f"TFDS record has no {self.image_key!r}; its features are {sorted(record)}: set the "
+                                "source's image_key to one of them")
         return _to_rgb_uint8(record[self.image_key])
 
 

@@ -103,11 +103,11 @@ def load_expander(model_dir: str):
 
 
 def evaluate(pipe, model_dir: str, split: str, num: int, steps: int, size: int = 64, cfg: float = 4.0,
-             seed: int = 0, batch_size: int = 16, expand: bool = False, log=print, prompt_seed: int = EVAL_SEED) -> dict:
+             seed: int = 0, batch_size: int = 16, expand: bool = False, log=print, prompt_seed: int = EVAL_SEED,
+             keep_stated: bool = True, constrain: bool = True) -> dict:
     """Judge scores of generated images vs ground truth on `num` world prompts (of `prompt_seed`; `seed` seeds the
-    noise); optionally the expansion gain."""
-    from qwenimage_jax.text.expand import expand_prompts
-
+    noise); optionally the expansion gain (`expansion_report`: constrained decoding and rejection of an expansion
+    that contradicts its short prompt, on by default)."""
     items = world_prompts(split, num, size, seed=prompt_seed)
     t0 = time.time()
     images = generate(pipe, [r["caption"] for r in items], steps, size, cfg, seed, batch_size)
@@ -117,21 +117,46 @@ def evaluate(pipe, model_dir: str, split: str, num: int, steps: int, size: int =
               "generate_seconds": round(time.time() - t0, 1)}
     result["images"] = images
     if expand:
-        expander = load_expander(model_dir)
         shorts = [r["short_caption"] for r in items]
-        expanded = expand_prompts(expander, shorts)
         short_records = [r["short_record"] for r in items]
+        expanded, report = expansion_report(load_expander(model_dir), shorts, short_records, keep_stated, constrain)
         result["short"] = judge_images(generate(pipe, shorts, steps, size, cfg, seed, batch_size), short_records)
         result["expanded"] = judge_images(generate(pipe, expanded, steps, size, cfg, seed, batch_size),
                                           short_records)
-        result["expansion_examples"] = list(zip(shorts[:3], expanded[:3]))
-        # how often the expander changes what the short prompt stated (a colour/shape, a count, the background)
-        from qwenimage_jax.data import prompts as world_prompts_text
-
-        changed = [world_prompts_text.contradictions(e, r) for e, r in zip(expanded, short_records)]
-        result["expansion_contradiction_rate"] = float(np.mean([bool(c) for c in changed]))
-        result["expansion_contradictions"] = [c for c in changed if c][:5]
+        result.update(report)
     return result
+
+
+def expansion_report(expander, shorts: list[str], short_records, keep_stated: bool = True,
+                     constrain: bool = True) -> tuple[list[str], dict]:
+    """(the texts to draw, the figures) of expanding `shorts` (greedy) with each prompt's partial record:
+
+    expansion_contradiction_rate / expansion_contradictions_by_attribute: of the expander's answers (constrained
+    decoding when `constrain`, before any rejection), the fraction of prompts with a contradiction
+    (`data.prompts.contradictions`), overall and per attribute; expansion_contradictions_when_stated: per
+    attribute among the prompts that state it; expansion_fallback_rate: the fraction replaced by the prompt as
+    written (`keep_stated`; 0 without it); expansion_used_contradiction_rate: of the texts drawn;
+    expansion_contradictions: the first few contradicting answers with what they change."""
+    from qwenimage_jax.data import prompts as world_prompts_text
+    from qwenimage_jax.text.expand import expand_checked
+
+    checked = expand_checked(expander, shorts, constrain=constrain, stated=short_records)
+    used = checked.texts if keep_stated else checked.first
+    first = world_prompts_text.contradiction_rates(checked.first_contradictions, short_records)
+    after = world_prompts_text.contradiction_rates(
+        [world_prompts_text.contradictions(t, r) for t, r in zip(used, short_records)], short_records)
+    report = {
+        "expansion_settings": {"keep_stated": keep_stated, "constrain": constrain, "decoding": "greedy"},
+        "expansion_examples": list(zip(shorts[:3], used[:3])),
+        "expansion_contradiction_rate": first["rate"],
+        "expansion_contradictions_by_attribute": first["by_attribute"],
+        "expansion_contradictions_when_stated": first["by_attribute_when_stated"],
+        "expansion_fallback_rate": checked.fallback_rate if keep_stated else 0.0,
+        "expansion_used_contradiction_rate": after["rate"],
+        "expansion_contradictions": [[s, t, found] for s, t, found in
+                                     zip(shorts, checked.first, checked.first_contradictions) if found][:5],
+    }
+    return used, report
 
 
 def sampling_defaults(pipe, steps: int | None, cfg: float | None) -> tuple[int, float]:
@@ -169,6 +194,13 @@ def format_table(result: dict) -> str:
     for short, long in result.get("expansion_examples", []):
         lines.append(f"expansion: {short!r} -> {long!r}")
     if "expansion_contradiction_rate" in result:
-        lines.append(f"expansions that change a stated colour/shape, count or background: "
-                     f"{result['expansion_contradiction_rate']:.3f}")
+        settings = result.get("expansion_settings", {})
+        how = "constrained decoding" if settings.get("constrain") else "unconstrained decoding"
+        by = result.get("expansion_contradictions_by_attribute", {})
+        lines.append(f"expansions that change or drop what the short prompt states ({how}): "
+                     f"{result['expansion_contradiction_rate']:.3f} ("
+                     + ", ".join(f"{k} {v:.3f}" for k, v in by.items()) + ")")
+        if settings.get("keep_stated", False):
+            lines.append(f"fell back to the prompt as written: {result['expansion_fallback_rate']:.3f}; "
+                         f"contradictions in the prompts drawn: {result['expansion_used_contradiction_rate']:.3f}")
     return "\n".join(lines)

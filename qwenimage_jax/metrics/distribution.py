@@ -30,3 +30,23 @@ def image_features(images: np.ndarray, size: int = 16) -> np.ndarray:
     if h % size or w % size:
         raise ValueError(f"image size {h}x{w} is not a multiple of {size}")
     return images.reshape(n, size, h // size, size, w // size, c).mean(axis=(2, 4)).reshape(n, -1)
+
+
+def foreground_features(images: np.ndarray, size: int = 32, threshold: float = 0.25) -> np.ndarray:
+    """uint8 (n, h, w, 3) -> float (n, size * size): box-downsampled foreground masks, the pixels farther than
+    `threshold` (RGB in [0, 1], Euclidean) from the image's most common colour (its plain background). Colour
+    blind, so a distance in this space sees where objects are and what outline they have: shape, count, size."""
+    images = np.asarray(images)[..., :3]
+    n, h, w, _ = images.shape
+    if h % size or w % size:
+        raise ValueError(f"image size {h}x{w} is not a multiple of {size}")
+    masks = np.empty((n, h, w), np.float64)
+    for i, image in enumerate(images):
+        # the mode over 16 levels per channel (a decoded flat background is not one exact RGB value), then the
+        # mean colour of the pixels in that bin
+        pixels = image.reshape(-1, 3)
+        bins = (pixels // 16).astype(np.int64) @ np.array([256, 16, 1])
+        in_mode = bins == np.bincount(bins).argmax()
+        background = pixels[in_mode].mean(axis=0) / 255.0
+        masks[i] = np.linalg.norm(image.astype(np.float64) / 255.0 - background, axis=-1) > threshold
+    return masks.reshape(n, size, h // size, size, w // size).mean(axis=(2, 4)).reshape(n, -1)

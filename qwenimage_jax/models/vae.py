@@ -28,10 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenimage_jax.errors import ConfigError, WeightsError
 from qwenimage_jax.models.component import Component
 from qwenimage_jax.models.vae_blocks import Conv2d, Decoder, Encoder
 
 DIFFUSERS_CLASS = "AutoencoderKLQwenImage21"
+
+
+class VAEConfigError(ConfigError, ValueError):
+    """A VAE config (a trainer config's `vae` fields or a config.json) this port cannot build; still a ValueError."""
+
+
+class VAEComponentError(WeightsError, ValueError):
+    """A config.json of another component (a transformer, a text encoder) handed to the VAE."""
 
 # Class defaults of `AutoencoderKLQwenImage21` (the released per-channel latent statistics).
 DEFAULT_LATENTS_MEAN = (
@@ -102,7 +111,7 @@ class VAEConfig:
     # ---------------------------------------------------------------------------------------------- validation
     def _validate(self):
         def fail(msg):
-            raise ValueError(f"unsupported VAE config: {msg}")
+            raise VAEConfigError(f"unsupported VAE config: {msg}")
 
         if self.attn_scales and not self.is_residual:
             fail(f"attn_scales={list(self.attn_scales)} with is_residual=False: the reference encoder cannot run "
@@ -162,12 +171,12 @@ class VAEConfig:
         raw = dict(raw)
         class_name = raw.get("_class_name")
         if class_name is not None and class_name != DIFFUSERS_CLASS:
-            raise ValueError(f"config is for {class_name!r}, not {DIFFUSERS_CLASS!r}; this loader only handles the "
-                             "Qwen-Image-2 VAE")
+            raise VAEComponentError(f"config is for {class_name!r}, not {DIFFUSERS_CLASS!r}; this loader only "
+                                    "handles the Qwen-Image-2 VAE: point at the model's vae/ directory")
         known = set(_DIFFUSERS_FIELDS) | set(_EXTENSION_FIELDS)
         unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
         if unknown:
-            raise ValueError(f"unknown VAE config field(s) {unknown}; supported fields: {sorted(known)}")
+            raise VAEConfigError(f"unknown VAE config field(s) {unknown}; supported fields: {sorted(known)}")
         kwargs = {k: raw[k] for k in known if k in raw}
         bad = sorted(set(overrides) - set(_RUNTIME_FIELDS) - known)
         if bad:

@@ -98,8 +98,8 @@ def devices(topology: Topology | str):
     try:
         import libtpu  # noqa: F401
     except ImportError as e:
-        raise RuntimeError("compiling for a TPU topology needs libtpu on this host: pip install -e '.[aot]' "
-                           "(jax[tpu] of the installed jax version; no TPU needed)") from e
+        raise ImportError("compiling for a TPU topology needs libtpu on this host: pip install -e '.[aot]' "
+                          "(jax[tpu] of the installed jax version; no TPU needed)") from e
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.jax_name)

@@ -152,6 +152,18 @@ def _pad_branch(text, mask, image_pad_mask, length: int):
             np.pad(image_pad_mask, ((0, 0), (0, extra))))
 
 
+def _row_lengths(lengths, name: str, prompts: int, per_prompt: int, longest: int):
+    """`lengths` (one per prompt) checked and repeated per image as an int32 numpy array, or None."""
+    if lengths is None:
+        return None
+    values = np.asarray(lengths)
+    if values.shape != (prompts,) or not np.issubdtype(values.dtype, np.integer) \
+            or values.min() < 1 or values.max() > longest:
+        raise ValueError(f"{name}={np.ravel(lengths).tolist()!r}; give one length per prompt ({prompts}), each from 1 "
+                         f"to the states' length {longest}")
+    return np.repeat(values.astype(np.int32), per_prompt)
+
+
 class QwenImagePipeline(LoraMixin):
     """Loaded Qwen-Image-2 components + the jitted sampler. Build with `from_pretrained` or from components.
 
@@ -289,6 +301,29 @@ class QwenImagePipeline(LoraMixin):
             raise ValueError(f"image_pad_mask has {image_pad_mask.shape[-1]} positions but prompt_embeds has {length}")
         return _repeat_rows(prompt_embeds, num_images_per_prompt), _repeat_rows(mask, num_images_per_prompt), \
             image_pad_mask
+
+    def text_state_lengths(self, prompts: Sequence[str], chunk: int = 256) -> list[int]:
+        """For each text-to-image prompt, the length of its states when encoded alone (text tokens after the
+        dropped system turn, rounded up to `text_pad_tokens`): its `prompt_lengths` entry, and what its bucket is
+        chosen from (`prompt_bucket`). Tokenizes only; needs the text encoder's tokenizer."""
+        from qwenimage_jax.text import templates
+
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder to tokenize prompts with")
+        drop = templates.drop_index(self.text_encoder.tokenizer)
+        out = []
+        for i in range(0, len(prompts), chunk):
+            texts = [templates.build_prompt(p, 0) for p in prompts[i:i + chunk]]
+            mask = np.asarray(self.text_encoder.prepare_inputs(texts)["attention_mask"])
+            out.extend(int(n) - drop for n in mask.sum(1))
+        if self.text_pad_tokens:
+            out = [-(-n // self.text_pad_tokens) * self.text_pad_tokens for n in out]
+        return out
+
+    def prompt_bucket(self, length: int) -> int:
+        """The padded length a call whose longest (text-to-image) states are `length` long runs at: its bucket,
+        or `length` itself without buckets. A ValueError naming the fix when no bucket holds it."""
+        return text_bucket(length, self.text_buckets) if self.text_buckets else int(length)
 
     # ------------------------------------------------------------------------------------- jitted programs
     def _denoise(self, variables, latents, image_latents, text, text_mask, neg_text, neg_mask, sigmas, timesteps,
@@ -440,11 +475,19 @@ class QwenImagePipeline(LoraMixin):
                  negative_prompt_embeds=None, negative_prompt_embeds_mask=None, output_type: str = "pil",
                  return_dict: bool = True, output_resolution: int = 1024, seed: int | None = None,
                  rng: jax.Array | None = None, progress: bool = True, image_pad_mask=None,
-                 negative_image_pad_mask=None):
+                 negative_image_pad_mask=None, prompt_lengths: Sequence[int] | None = None,
+                 negative_prompt_lengths: Sequence[int] | None = None):
         """Generates images; arguments as diffusers' `QwenImage21Pipeline.__call__` plus `seed`/`rng` (noise when
         `latents` is None; default seed 0), `progress` (tqdm bar over steps) and, for editing from pre-computed
         embeddings, `image_pad_mask`/`negative_image_pad_mask`. Returns `QwenImagePipelineOutput(images)` or
         `(images,)`.
+
+        prompt_lengths / negative_prompt_lengths: one int per prompt (repeated over num_images_per_prompt), the
+        length of that prompt's states alone (what `encode_prompt` returns for it by itself: text tokens, image
+        slots and `text_pad_tokens` padding). The target's RoPE frame starts after the text, so by default it
+        follows the batch's longest prompt (as in diffusers); with these it follows each row's own prompt, and
+        every row is the image a call with that prompt alone gives (`qwenimage-jax sample --prompts-file` uses it:
+        per-prompt seeds through `latents`).
 
         num_inference_steps: None runs the model's own grid (model_index.json `sample_sigmas`, a distilled model)
         or 40 steps; another count runs the generic schedule (with a warning on a distilled model). Bad arguments
@@ -523,12 +566,26 @@ class QwenImagePipeline(LoraMixin):
                                  f"the prompt batch {batch_size}; pass one negative prompt or one per prompt")
         if text.shape[0] != total:
             raise ValueError(f"prompt embeddings hold {text.shape[0]} rows, expected {total}")
+        own = _row_lengths(prompt_lengths, "prompt_lengths", batch_size, num_images_per_prompt, text.shape[1])
+        neg_own = None
+        if do_cfg:
+            neg_own = _row_lengths(negative_prompt_lengths, "negative_prompt_lengths", batch_size,
+                                   num_images_per_prompt, neg_text.shape[1])
         text_shift = neg_shift = None
         if self.text_buckets:
             (text, text_mask, pad_mask, text_shift), neg = self._bucket_prompts(
                 (text, text_mask, pad_mask), (neg_text, neg_mask, neg_pad_mask) if do_cfg else None)
             if neg is not None:
                 neg_text, neg_mask, neg_pad_mask, neg_shift = neg
+        if own is not None or neg_own is not None:   # each row's frame after its own prompt (see the docstring)
+            def shift_for(rows, length, current):
+                if rows is not None:
+                    return jnp.asarray(length - rows, jnp.int32)
+                return current if current is not None else jnp.zeros((total,), jnp.int32)
+
+            text_shift = shift_for(own, text.shape[1], text_shift)
+            if do_cfg:
+                neg_shift = shift_for(neg_own, neg_text.shape[1], neg_shift)
 
         # 3. latents
         h, w = latent_utils.latent_grid(height, width)

@@ -286,14 +286,16 @@ class TextEncoder(Component):
 
     def generate(self, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_token_ids: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None,
-                 pixel_values=None, image_grid_thw=None):
+                 pixel_values=None, image_grid_thw=None, constrain=None, constrain_data=None):
         """New token ids (B, max_new_tokens) int32 for left-padded prompts (rows padded after a stop token);
-        prompts may hold images (pixel_values + image_grid_thw as the processor gives them)."""
+        prompts may hold images (pixel_values + image_grid_thw as the processor gives them); constrain /
+        constrain_data: constrained decoding (`text.generate`)."""
         from qwenimage_jax.text.generate import generate
         ids, mask, extra, offset = self._generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
         with self._context():
             return generate(self.decoder, self.params, ids, mask, max_new_tokens, temperature, top_p, seed,
-                            stop_token_ids, pad_token_id, prefill_extra=extra, position_offset=offset)
+                            stop_token_ids, pad_token_id, prefill_extra=extra, position_offset=offset,
+                            constrain=constrain, constrain_data=constrain_data)
 
     def stream(self, input_ids, attention_mask, max_new_tokens: int, chunk: int = 8, pixel_values=None,
                image_grid_thw=None, **kwargs):

@@ -7,6 +7,11 @@ Any decoder plugs in through `Decoder` (two pure functions), so the loop is shar
                       cache_index, extra: (logits, cache))
     new_ids = generate(decoder, params, input_ids, attention_mask, max_new_tokens=64)          # (B, 64)
     for chunk in stream(decoder, params, input_ids, attention_mask, max_new_tokens=64): ...    # (B, <=chunk) arrays
+
+A `constrain` function may replace each chosen token before it is emitted (constrained decoding, e.g.
+`text.expand.attribute_constraint`): constrain(data, tokens (B, max_new_tokens) emitted so far (pads from `step` on),
+step () int32, logits (B, vocab) float32, token (B,) int32) -> token (B,) int32, jitted inside the loop with
+`constrain_data` (a pytree of arrays, traced).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ class SamplingConfig:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    constrain: Optional[Callable] = None  # see the module docstring; None = emit the sampled token
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -79,7 +85,7 @@ def _check_left_padded(attention_mask: np.ndarray) -> None:
 
 
 def _prefill(decoder: Decoder, sampling: SamplingConfig, params, input_ids, attention_mask, seed, prefill_extra,
-             position_offset):
+             position_offset, constrain_data=None):
     """Runs the prompt through the model; returns the loop state (a dict pytree)."""
     batch, prompt_len = input_ids.shape
     max_length = prompt_len + sampling.max_new_tokens
@@ -100,6 +106,7 @@ def _prefill(decoder: Decoder, sampling: SamplingConfig, params, input_ids, atte
         "done": jnp.zeros((batch,), bool),
         "rng": jax.random.PRNGKey(seed),
         "prompt_len": jnp.int32(prompt_len),
+        "constrain_data": constrain_data,
     }
 
 
@@ -114,6 +121,8 @@ def _decode(decoder: Decoder, sampling: SamplingConfig, params, state, num_steps
     def body(s):
         rng, key = jax.random.split(s["rng"])
         token = sample_next(s["logits"], key, sampling.temperature, sampling.top_p)
+        if sampling.constrain is not None:
+            token = sampling.constrain(s["constrain_data"], s["tokens"], s["step"], s["logits"], token)
         token = jnp.where(s["done"], sampling.pad_token_id, token)
         tokens = jax.lax.dynamic_update_slice(s["tokens"], token[:, None], (0, s["step"]))
         done = s["done"] | jnp.isin(token, stop_ids)
@@ -127,38 +136,55 @@ def _decode(decoder: Decoder, sampling: SamplingConfig, params, state, num_steps
     return jax.lax.while_loop(cond, body, state)
 
 
-def _sampling(max_new_tokens, temperature, top_p, stop_token_ids, pad_token_id) -> SamplingConfig:
+def _sampling(max_new_tokens, temperature, top_p, stop_token_ids, pad_token_id, constrain=None) -> SamplingConfig:
     stops = tuple(int(t) for t in (stop_token_ids or ()))
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
-    return SamplingConfig(int(max_new_tokens), float(temperature), float(top_p), stops, int(pad_token_id))
+    return SamplingConfig(int(max_new_tokens), float(temperature), float(top_p), stops, int(pad_token_id),
+                          constrain)
+
+
+def _constraint_arrays(constrain, constrain_data):
+    if constrain is None:
+        if constrain_data is not None:
+            raise ValueError("constrain_data was given without a constrain function")
+        return None
+    return jax.tree_util.tree_map(jnp.asarray, constrain_data)
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "sampling"))
-def _generate_jit(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset):
-    state = _prefill(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset)
+def _generate_jit(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset,
+                  constrain_data):
+    state = _prefill(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset,
+                     constrain_data)
     return _decode(decoder, sampling, params, state, sampling.max_new_tokens)["tokens"]
 
 
 def generate(decoder: Decoder, params, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_token_ids: Optional[Sequence[int]] = None,
              pad_token_id: Optional[int] = None, prefill_extra: Any = None,
-             position_offset: Optional[jax.Array] = None) -> jax.Array:
+             position_offset: Optional[jax.Array] = None, constrain: Optional[Callable] = None,
+             constrain_data: Any = None) -> jax.Array:
     """New token ids (B, max_new_tokens) int32 for left-padded prompts input_ids/attention_mask (B, S).
 
     After a row emits a stop token, the rest of its row is `pad_token_id` (default: the first stop token, else 0).
     position_offset (B,): added to decode positions (Qwen3-VL's rope_deltas for prompts with images).
-    One compiled program per (shapes, decoder, sampling settings); `seed` is traced.
+    constrain / constrain_data: constrained decoding (module docstring); the function must be hashable (a
+    module-level function), it is part of the compiled program.
+    One compiled program per (shapes, decoder, sampling settings); `seed` and `constrain_data` are traced.
     """
     _check_left_padded(attention_mask)
-    sampling = _sampling(max_new_tokens, temperature, top_p, stop_token_ids, pad_token_id)
+    sampling = _sampling(max_new_tokens, temperature, top_p, stop_token_ids, pad_token_id, constrain)
     return _generate_jit(decoder, sampling, params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                         jnp.uint32(seed), prefill_extra, position_offset)
+                         jnp.uint32(seed), prefill_extra, position_offset,
+                         _constraint_arrays(constrain, constrain_data))
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "sampling"))
-def _prefill_jit(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset):
-    return _prefill(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset)
+def _prefill_jit(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset,
+                 constrain_data):
+    return _prefill(decoder, sampling, params, input_ids, attention_mask, seed, prefill_extra, position_offset,
+                    constrain_data)
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "sampling", "chunk"), donate_argnames=("state",))
@@ -169,12 +195,14 @@ def _decode_jit(decoder, sampling, chunk, params, state):
 def stream(decoder: Decoder, params, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, seed: int = 0, stop_token_ids: Optional[Sequence[int]] = None,
            pad_token_id: Optional[int] = None, chunk: int = 8, prefill_extra: Any = None,
-           position_offset: Optional[jax.Array] = None) -> Iterator[np.ndarray]:
+           position_offset: Optional[jax.Array] = None, constrain: Optional[Callable] = None,
+           constrain_data: Any = None) -> Iterator[np.ndarray]:
     """Same tokens as `generate`, yielded as they come: numpy (B, n) blocks of n <= chunk new ids (pads included)."""
     _check_left_padded(attention_mask)
-    sampling = _sampling(max_new_tokens, temperature, top_p, stop_token_ids, pad_token_id)
+    sampling = _sampling(max_new_tokens, temperature, top_p, stop_token_ids, pad_token_id, constrain)
     state = _prefill_jit(decoder, sampling, params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                         jnp.uint32(seed), prefill_extra, position_offset)
+                         jnp.uint32(seed), prefill_extra, position_offset,
+                         _constraint_arrays(constrain, constrain_data))
     emitted = 0
     while emitted < sampling.max_new_tokens:
         state = _decode_jit(decoder, sampling, chunk, params, state)

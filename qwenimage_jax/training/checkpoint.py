@@ -9,7 +9,10 @@ further signals while that save runs are logged and ignored.
 Failures (docs/reliability.md): a save is committed by an atomic rename of its temporary directory, so a process
 killed mid-save leaves the earlier steps as they were and the next run resumes from the last complete one. A save
 that fails (disk full, permissions) raises `CheckpointSaveError` naming the step, the cause and the last complete
-step, which stays intact; with async saves it surfaces at the next save or at the end of the run.
+step, which stays intact; with async saves it surfaces at the next save or at the end of the run. A restore reads
+the newest step and, if it cannot (truncated or missing TensorStore files, broken metadata), logs one line naming
+it, moves it aside to `<step>.damaged` and takes the next older step; when no step can be read it raises
+`CheckpointRestoreError` listing each step and why.
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ class CheckpointSaveError(CheckpointError, RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A restore was asked of a directory that holds no complete checkpoint."""
+
+
+class CheckpointRestoreError(CheckpointError, ValueError):
+    """No checkpoint step in the directory could be read back (damaged files, or another config's state)."""
 
 
 class Checkpointer:
@@ -91,18 +98,55 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> tuple[Any, int]:
         """Restores (state, step) into `abstract_state`'s shapes/dtypes/shardings; sets `data_iterator`'s
-        position in place. `step` defaults to the latest one."""
+        position in place. `step` defaults to the newest step that can be read: a damaged newer one is logged,
+        moved aside and skipped."""
         import grain
 
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}; train from scratch or pass another "
                                           "workdir")
-        items = {"state": self._ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=self._ocp.args.Composite(**items))
-        return restored["state"], step
+        failed: list[tuple[int, BaseException]] = []
+        for candidate in steps:
+            items = {"state": self._ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:   # a failed attempt may have moved it; the next one sets it again
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self.manager.restore(candidate, args=self._ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - TensorStore, JSON and missing-item errors all mean "unreadable"
+                failed.append((candidate, e))
+                continue
+            if failed:
+                self._set_aside(failed, candidate)
+            return restored["state"], candidate
+        raise self._unreadable(failed)
+
+    def _set_aside(self, failed: list[tuple[int, BaseException]], good: int) -> None:
+        """Renames each unreadable step to `<step>.damaged`: left in place it would stay the latest step, so Orbax
+        would refuse to save any step up to it and the next run would meet it again. Renamed, nothing is lost."""
+        for bad, error in failed:
+            src = os.path.join(self.directory, str(bad))
+            dst = src + ".damaged"
+            n = 1
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.damaged{n}"
+            if jax.process_index() == 0:   # one shared directory: one host renames
+                os.rename(src, dst)
+            log.warning("checkpoint step %d in %s is damaged (%s); moved it to %s, resuming from step %d", bad,
+                        self.directory, _first_line(error), dst, good)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("checkpoint_set_aside")
+        self.manager.reload()   # forget the renamed steps
+
+    def _unreadable(self, failed: list[tuple[int, BaseException]]) -> CheckpointRestoreError:
+        reasons = "\n".join(f"  - step {s}: {_first_line(e)}" for s, e in failed)
+        return CheckpointRestoreError(
+            f"no checkpoint step in {self.directory} can be restored (steps found: "
+            f"{', '.join(str(s) for s, _ in failed)}):\n{reasons}\nIf every step fails the same way, the config "
+            "differs from the one that wrote them: rerun with that config. Otherwise they are damaged: move the "
+            "directory aside (or pass another --workdir) to train from scratch")
 
     def reached_preemption(self, step: int) -> bool:
         """True when a multi-host preemption notice says every host must save at `step` (jax.distributed)."""
@@ -168,6 +212,12 @@ class PreemptionGuard:
 
     def __exit__(self, *exc):
         self.restore()
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (TensorStore errors run to kilobytes)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def all_hosts_agree(flag: bool) -> bool:

@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import flax
@@ -54,6 +55,7 @@ from qwenimage_jax.training.loop import Task, run
 from qwenimage_jax.training.state import TrainState, apply_gradients, make_optimizer, param_count, state_shardings
 
 log = logging.getLogger("qwenimage_jax.training.distill")
+STEPS_FILE = "distilled_steps.json"  # in an export: the student update it was written at
 
 
 @flax.struct.dataclass
@@ -193,9 +195,10 @@ def make_distill_step(config, layout, mesh):
 
 def _step_key(config) -> str:
     """The config as JSON without the fields that cannot change the compiled step (run length, logging,
-    checkpointing, export, data location), so a resumed or longer run reuses the program."""
+    checkpointing, export, data location, what to do on a NaN/Inf step), so a resumed or longer run reuses the
+    program."""
     key = ml_collections.ConfigDict(config.to_dict())
-    for name in ("steps", "checkpoint", "log_every", "progress", "export", "data"):
+    for name in ("steps", "checkpoint", "log_every", "progress", "export", "data", "on_nonfinite"):
         if name in key:
             del key[name]
     return key.to_json()
@@ -401,12 +404,26 @@ def export_student(config, state: DistillState, dst: str) -> str:
 
     cfg, _ = model_configs(config)
     params = state.student.ema_params if state.student.ema_params is not None else state.student.params
+    step = int(state.step)
+    record = os.path.join(dst, STEPS_FILE)
     if os.path.exists(os.path.join(dst, "model_index.json")):
-        log.warning("%s already holds an export; leaving it unchanged", dst)
-        return dst
+        exported = json.load(open(record))["steps"] if os.path.exists(record) else None
+        if exported is None or exported >= step:
+            # not ours to replace: another run's export, or this run's at the same step
+            log.warning("%s already holds an export%s; leaving it unchanged", dst,
+                        f" of update {exported}" if exported is not None else "")
+            return dst
+    # a continued run replaces its earlier export: written beside it, then swapped in
+    tmp = dst.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
     components = {k: v for k, v in dict(config.export.get("components", None) or {}).items() if v}
-    write_pipeline_dir(dst, params, cfg, sample_sigmas=student_sample_sigmas(config), components=components,
+    write_pipeline_dir(tmp, params, cfg, sample_sigmas=student_sample_sigmas(config), components=components,
                        scheduler_config=scheduler_config(config), dtype=config.export.get("dtype", "float32"),
                        link=bool(config.export.get("link", False)))
-    log.info("student exported to %s (sample_sigmas %s)", dst, student_sample_sigmas(config))
+    with open(os.path.join(tmp, STEPS_FILE), "w") as f:
+        json.dump({"steps": step}, f)
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    log.info("student (update %d) exported to %s (sample_sigmas %s)", step, dst, student_sample_sigmas(config))
     return dst

@@ -257,7 +257,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     def to_global(local):
         batch = _global_batch(local, batch_sharding)
         if config.get("record_batch_checksums", False):  # multi-host tests: global vs this host's data
-            batch_checksums.append((float(jnp.sum(batch["latents"])), float(np.sum(local["latents"]))))
+            # summed after the run: this runs on the loop's prefetch thread, where a global sum (a collective)
+            # could interleave differently with the steps on each host
+            batch_checksums.append((batch["latents"], float(np.sum(local["latents"]))))
         return batch
 
     def extra_scalars(layout, scalars):
@@ -286,7 +288,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                                                         shardings, mesh),
                 layout_of=batch_layout, to_global=to_global, key=key, export=export, extra_scalars=extra_scalars)
     result = run(task, config, workdir, mesh, rules, proc)
-    result.update(export_dir=export_dir, batch_checksums=batch_checksums, mesh=mesh)
+    # the batches the steps used, in order (the prefetch thread may have made more)
+    used = batch_checksums[:result["final_step"] - result["start_step"]]
+    result.update(export_dir=export_dir, batch_checksums=[(float(jnp.sum(g)), l) for g, l in used], mesh=mesh)
     return result
 
 

@@ -4,7 +4,8 @@ Inside the jitted step, `keep_finite(old, new, loss, grad_norm)` returns the old
 norm is NaN/Inf, so a bad batch never reaches the parameters, the optimizer moments or a checkpoint. On the host,
 `NonFiniteMonitor.check` reads the step's flag (one scalar per step) and, as `config.on_nonfinite` says, either
 stops with an error naming the step, the batch index and the last complete checkpoint ("stop", the default) or
-logs, counts and goes on ("skip"; the step's update was not applied).
+logs, counts and goes on ("skip"; the step's update was not applied) until `MAX_IN_A_ROW` steps in a row were
+non-finite: then the run stops the same way, naming that step (a run whose every step is skipped trains nothing).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from qwenimage_jax.errors import TrainingError
 log = logging.getLogger("qwenimage_jax.training")
 
 MODES = ("stop", "skip")
+# "skip" stops a run after this many non-finite steps in a row: past a few, the cause is not one bad batch but the
+# learning rate, the data or the weights, and skipping on would only burn the machine time.
+MAX_IN_A_ROW = 10
 
 
 def keep_finite(old_state: Any, new_state: Any, loss, grad_norm) -> tuple[Any, jax.Array]:
@@ -34,29 +38,38 @@ class NonFiniteError(TrainingError, FloatingPointError):
 class NonFiniteMonitor:
     """Host side: `check(step, batch_index, metrics)` after every step; `skipped` lists the skipped steps."""
 
-    def __init__(self, mode: str, checkpointer=None, what: str = "loss"):
+    def __init__(self, mode: str, checkpointer=None, what: str = "loss", max_in_a_row: int | None = None):
         if mode not in MODES:
             raise ValueError(f"on_nonfinite={mode!r}; choose one of {MODES}")
         self.mode, self.checkpointer, self.what = mode, checkpointer, what
+        self.max_in_a_row = MAX_IN_A_ROW if max_in_a_row is None else int(max_in_a_row)
         self.skipped: list[int] = []
+        self.in_a_row = 0
 
     def check(self, step: int, batch_index: int, metrics: dict) -> bool:
         """True when the step was finite. `metrics` holds device scalars `finite`, `loss` and `grad_norm`."""
         if bool(jax.device_get(metrics["finite"])):
+            self.in_a_row = 0
             return True
         loss, grad = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
         where = f"step {step} (data batch {batch_index}, counted from 0 at the start of the data stream)"
-        if self.mode == "skip":
+        self.in_a_row += 1
+        if self.mode == "skip" and self.in_a_row < self.max_in_a_row:
             self.skipped.append(step)
             log.warning("non-finite %s %s / gradient norm %s at %s: update skipped (%d skipped so far)", self.what,
                         loss, grad, where, len(self.skipped))
             return False
+        if self.mode == "skip":
+            where += (f", {self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1} to {step}; "
+                      f"{len(self.skipped)} skipped in all)")
         last = "no checkpoint yet"
         if self.checkpointer is not None:
             self.checkpointer.wait()
             steps = self.checkpointer.complete_steps()
             if steps:
                 last = f"step {steps[-1]} in {self.checkpointer.directory}"
+        fix = ("pass --config.on_nonfinite=skip to skip such steps" if self.mode == "stop" else
+               "skipping does not help when step after step is non-finite")
         raise NonFiniteError(f"non-finite {self.what} {loss} / gradient norm {grad} at {where}; the update was not "
                              f"applied. Last good checkpoint: {last}. Lower the learning rate or check that batch "
-                             "of the data for NaN/Inf, or pass --config.on_nonfinite=skip to skip such steps")
+                             f"of the data for NaN/Inf; {fix}")

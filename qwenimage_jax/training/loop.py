@@ -10,6 +10,18 @@ owns what every trainer shares, configured by one schema (docs/configuration.md,
 so resuming, SIGTERM handling (save, then stop; the guard is held through the final save), the NaN/Inf guard
 (a non-finite step never reaches the state; `training/guards.py`), the progress bar and metrics.jsonl /
 TensorBoard work the same in every trainer.
+
+No host stall per step: the loop dispatches step N, then reads step N-1's finite flag (by then the device has step
+N queued), so the host waits on the device only at log steps, checkpoint steps, a stop request, the first step of
+a call and the last step. Non-finite steps are handled as `NonFiniteMonitor` says (skipped and counted, too many
+in a row or any one under "stop" ending the run with the step and its batch named), each at most one step later
+and always before a checkpoint could be written after it. The
+next global batches (`data_iter` -> `layout_of` -> `to_global`) are made on a background thread
+(`training/prefetch.py`: bounded queue, the iterator's order, joined on any exit); checkpoints record the data
+iterator's state after the last batch a step used, so batches read ahead are read again on resume. `to_global`
+therefore runs on that thread and must not start collectives. Two optional config keys restore the old
+behaviour, for measurements (bench/train_bench.py --loop): `prefetch_batches` (default 2; 0 = read each batch in
+the loop) and `sync_every_step` (default False; True = read every step's flag right after it).
 """
 from __future__ import annotations
 
@@ -24,8 +36,11 @@ import jax
 from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from qwenimage_jax.training.guards import NonFiniteMonitor
 from qwenimage_jax.training.metrics_writer import MetricsWriter
+from qwenimage_jax.training.prefetch import BatchPrefetcher
 
 log = logging.getLogger("qwenimage_jax.training")
+
+PREFETCH_BATCHES = 2   # global batches made ahead on the prefetch thread (config key prefetch_batches)
 
 
 @dataclasses.dataclass
@@ -66,7 +81,8 @@ def checkpointer(config, workdir: str) -> Checkpointer:
 
 def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: int = 0) -> dict[str, Any]:
     """Trains `task` to config.steps (resuming from workdir/checkpoints); returns {"losses": {step: loss},
-    "metrics": {step: scalars}, "final_step", "state", "export_dir", "skipped_steps"}."""
+    "metrics": {step: scalars}, "start_step" (the step resumed from, 0 for a fresh run), "final_step", "state",
+    "export_dir", "skipped_steps"}."""
     import contextlib
 
     import flax.linen as nn
@@ -92,39 +108,67 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
     # time_budget_s: stop at a checkpoint once this call has trained that long (a run that must fit a slot of
     # machine time; the next call resumes it exactly), as a SIGTERM would
     budget, started = float(config.get("time_budget_s", 0) or 0), time.monotonic()
+    log_every = int(config.log_every)
+    sync_every_step = bool(config.get("sync_every_step", False))
+    save_every = int(config.checkpoint.get("every", 1000))   # Orbax saves these steps and the first one
+    batches = BatchPrefetcher(task.data_iter, lambda local: (task.layout_of(local), task.to_global(local)),
+                              depth=int(config.get("prefetch_batches", PREFETCH_BATCHES)), name=f"{task.name}-data")
+    start_step = step
+    first_step = step + 1
+    # (step, time) when a step was last seen complete by waiting on it: a log's step_time_s is the wall time per
+    # step since then (data, dispatch and checkpoints included)
+    last_seen = [step, time.perf_counter()]
+
+    def settle(done_step, metrics, layout, just_ran: bool) -> None:
+        """Reads `done_step`'s finite flag (waits for it), then logs it if it is a log step. `just_ran`: it is the
+        step dispatched last, so the time now is its completion time."""
+        finite = monitor.check(done_step, done_step - 1, metrics)   # one batch per step: batch index = step - 1
+        now = time.perf_counter()
+        if finite and (done_step % log_every == 0 or done_step == total):
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+            scalars["step_time_s"] = (now - last_seen[1]) / max(1, done_step - last_seen[0])
+            if task.extra_scalars is not None:
+                scalars.update(task.extra_scalars(layout, scalars))
+            losses[done_step] = scalars["loss"]
+            all_metrics[done_step] = scalars
+            writer.write_scalars(done_step, scalars)
+            progress.set_postfix(**(task.postfix(scalars) if task.postfix else {"loss": f"{scalars['loss']:.4f}"}))
+        if just_ran:
+            last_seen[:] = [done_step, now]
+
+    pending = None   # (step, metrics, layout) of the step dispatched last, its flag not read yet
     # the guard stays installed through the final save: a second SIGTERM must not kill it half-written
-    with PreemptionGuard() as guard, mesh_ctx, rules_ctx:
+    with PreemptionGuard() as guard, mesh_ctx, rules_ctx, batches:
         while step < total:
-            local = next(task.data_iter)
-            layout = task.layout_of(local)
+            layout, batch = next(batches)
             if layout not in steps_cache:
                 steps_cache[layout] = task.step_for(layout)
-            batch = task.to_global(local)
-            t0 = time.perf_counter()
             state, metrics = steps_cache[layout](state, batch, jax.random.fold_in(task.key, step))
             step += 1
             if "finite" not in metrics:
                 raise KeyError(f"{task.name}: the step's metrics lack 'finite'; guard it with "
                                "training.guards.keep_finite (a NaN/Inf step must not reach the state)")
-            finite = monitor.check(step, step - 1, metrics)   # one batch per step: batch index = step - 1
-            if finite and (step % int(config.log_every) == 0 or step == total):
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-                scalars["step_time_s"] = time.perf_counter() - t0
-                if task.extra_scalars is not None:
-                    scalars.update(task.extra_scalars(layout, scalars))
-                losses[step] = scalars["loss"]
-                all_metrics[step] = scalars
-                writer.write_scalars(step, scalars)
-                progress.set_postfix(**(task.postfix(scalars) if task.postfix else {"loss": f"{scalars['loss']:.4f}"}))
-            progress.update(1)
+            if pending is not None:   # the previous step, read while this one runs
+                settle(*pending, just_ran=False)
+            pending = (step, metrics, layout)
             out_of_time = budget > 0 and time.monotonic() - started > budget
-            if ckpt.save_or_stop(step, state, task.data_iter, guard.requested or out_of_time):
+            stop = guard.requested or out_of_time
+            # wait for this step now when it is logged, about to be checkpointed (no checkpoint is written before
+            # its step's flag was read), the last one or the first (its time includes the compile)
+            if (sync_every_step or stop or step == first_step or step % log_every == 0 or step == total
+                    or step % save_every == 0 or ckpt.latest_step() is None):
+                settle(*pending, just_ran=True)
+                pending = None
+            progress.update(1)
+            if ckpt.save_or_stop(step, state, batches.checkpointable(), stop):
                 break
-        ckpt.finish(step, state, task.data_iter)
+        if pending is not None:
+            settle(*pending, just_ran=True)
+        ckpt.finish(step, state, batches.checkpointable())
     writer.close()
     progress.close()
     export_dir = None
     if task.export is not None and export_enabled(config) and step >= total:
         export_dir = task.export(state)
-    return {"losses": losses, "metrics": all_metrics, "final_step": step, "state": state, "export_dir": export_dir,
-            "skipped_steps": monitor.skipped}
+    return {"losses": losses, "metrics": all_metrics, "start_step": start_step, "final_step": step, "state": state,
+            "export_dir": export_dir, "skipped_steps": monitor.skipped}

@@ -29,6 +29,7 @@ from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.training import losses
 from qwenimage_jax.training import state as train_state
 from qwenimage_jax.training.checkpoint import Checkpointer, PreemptionGuard, all_hosts_agree
+from qwenimage_jax.training.guards import NonFiniteMonitor, keep_finite
 from qwenimage_jax.training.metrics_writer import MetricsWriter, image_grid
 from qwenimage_jax.training.schedules import make_schedule, make_schedules, schedule_values
 
@@ -244,7 +245,10 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
                     k: (old["vae"][k] if k in frozen_names else v) for k, v in updated["vae"].items()}}
             new = new.replace(params=keep_frozen(new.params, state.params),
                               ema_params=keep_frozen(new.ema_params, state.ema_params))
-        return new, metrics
+        # a NaN/Inf loss or gradient leaves params, optimizer and EMA as they were (training/guards.py); the step
+        # still counts, because the loop takes its position (resume, checkpoint numbering) from state.step
+        new, metrics["finite"] = keep_finite(state, new, metrics["loss"], metrics["grad_norm"])
+        return new.replace(step=state.step + 1), metrics
 
     return train_step
 
@@ -442,7 +446,8 @@ def build(config: ml_collections.ConfigDict, devices=None, abstract: bool = Fals
 def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[int, dict], None] | None = None,
           show_progress: bool = True) -> dict[str, Any]:
     """Trains until config.total_steps (resuming from workdir's latest checkpoint); returns
-    {"history": [(step, metrics)] of the steps run in this call, "state": final state, "stopped_early": bool}.
+    {"history": [(step, metrics)] of the steps run in this call, "state": final state, "stopped_early": bool,
+    "skipped_steps": the steps whose loss was NaN/Inf, not applied (config.on_nonfinite="skip")}.
 
     `on_step(step, metrics)` runs after every step (tests use it to send SIGTERM mid-run).
     """
@@ -491,6 +496,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     if show_progress and jax.process_index() == 0:
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=start_step, desc="train-vae", dynamic_ncols=True)
+    monitor = NonFiniteMonitor(config.get("on_nonfinite", "stop"), ckpt)
     with PreemptionGuard() as guard:
         step = start_step
         while step < total_steps:
@@ -498,12 +504,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
             state, metrics = step_fn(state, batch, frozen)
             step += 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            history.append((step, metrics))
-            writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+            # one batch per step: batch index = step - 1; "stop" raises here, "skip" returns False
+            finite = monitor.check(step, step - 1, metrics)
+            del metrics["finite"]
+            if finite:   # a skipped step's NaN/Inf scalars are not logged
+                history.append((step, metrics))
+                writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                     **{k: f"{metrics[k]:.4f}" for k in ("l1", "patch_l2") if k in metrics})
+                if finite:
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                         **{k: f"{metrics[k]:.4f}" for k in ("l1", "patch_l2") if k in metrics})
             image_every = int(config.get("image_every", 0))
             if image_every and step % image_every == 0 and eval_images is not None and decodes:
                 shown = eval_images[:4]
@@ -538,7 +549,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     writer.close()
     if not stopped_early and config.get("export_ema", True):
         export_vae(state, vae_cfg, os.path.join(workdir, "vae_export"))
-    return {"history": history, "state": state, "stopped_early": stopped_early}
+    return {"history": history, "state": state, "stopped_early": stopped_early, "skipped_steps": monitor.skipped}
 
 
 def export_vae(state: train_state.TrainState, vae_cfg, dst: str) -> str:
@@ -590,6 +601,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoint = True
     c.donate_state = True
+    c.on_nonfinite = "stop"   # NaN/Inf loss or gradients: "stop" (error) or "skip" the update (training/guards.py)
     c.export_ema = True
     c.init_from = ""          # an Orbax VAE export to start from (fresh optimizer)
     c.init_from_parts = "all"  # or "encoder": only encoder and quant_conv from init_from, the decoder fresh
