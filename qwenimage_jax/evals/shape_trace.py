@@ -16,15 +16,13 @@ Prompts: held-out compositions of the validation seed (t2i.VALIDATION_SEED), nev
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 
 import numpy as np
 
 from qwenimage_jax.data import judge
 from qwenimage_jax.evals import t2i
 from qwenimage_jax.evals import vae as vae_evals
-from qwenimage_jax.evals.vae_readout import FIT_SEED, world_images
+from qwenimage_jax.evals.vae_readout import FIT_SEED, world_images, write_result
 
 # how many of the 40 grid steps are skipped for each SDEdit start (0: from pure noise)
 SKIPPED_STEPS = (0, 8, 16, 24, 32, 36)
@@ -103,13 +101,8 @@ def main(argv=None) -> int:
 
     pipe = QwenImagePipeline.from_pretrained(args.model, transformer_subfolder=args.transformer)
     result = trace(pipe, args.num, t2i.model_size(args.model))
-    try:
-        result["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        result["commit"] = "unknown"
     result["model"] = args.model
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_result(result, args.out)
     for row in result["from_real"]:
         print(f"from real latents at sigma {row['start_sigma']:.3f} ({row['steps']} steps): "
               + " ".join(f"{k} {row['judge'][k]:.3f}" for k in ("shape", "count", "size", "overall")))

@@ -59,14 +59,19 @@ def main(argv=None):
     from qwenimage_jax import checkpoints
 
     result = report(checkpoints.load("vae", args.vae), args.fit, args.test)
+    write_result(dict(result, vae=args.vae), args.out)
+    print(json.dumps(result, indent=1))
+
+
+def write_result(result: dict, out: str) -> None:
+    """`result` + the checkout's commit (so a reader can tell a stale figure) -> OUT as JSON, written atomically."""
+    from qwenimage_jax.io_utils import write_json
+
     try:
         result["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         result["commit"] = "unknown"
-    result["vae"] = args.vae
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_json(out, result, indent=1)
 
 
 if __name__ == "__main__":
