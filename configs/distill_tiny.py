@@ -55,7 +55,11 @@ def get_config(arg=None):
     c.ema_decay = 0.99
     # Paired regression to the teacher's ODE solution from the same noise (DMD1); weight 0 disables it. On the
     # tiny model it keeps DMD's mode-seeking in check (see the docstring's figures) for ~1.7x the step time.
-    c.regression = dict(weight=1.0, teacher_steps=40, cfg_scale=None)
+    # pairs: "" solves the target online every update (teacher_steps CFG Euler steps from the update's noise); a
+    # store written by `qwenimage-jax distill-pairs` (training/distill_pairs.py) is read as the data instead of
+    # data.path, and its precomputed (noise, solution) pairs replace the online solve. num_pairs: how many pairs
+    # distill-pairs solves (the step itself does not read it).
+    c.regression = dict(weight=1.0, teacher_steps=40, cfg_scale=None, pairs="", num_pairs=2048)
     c.data = dict(path="", max_text_tokens=48, seed=0, bucket_weights={})
     c.checkpoint = dict(every=100, keep=2, async_save=True)
     c.export = dict(enabled=True, dtype="float32", components={}, link=False)

@@ -28,7 +28,7 @@ def get_config(arg=None):
                                           decay_steps=500, end_value=3e-5),
                        b1=0.9, b2=0.999, weight_decay=0.001, grad_clip_norm=1.0)
     c.ema_decay = 0.999
-    c.flow = dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens")
+    c.flow = dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens", whiten=0.0, whiten_cap=10.0)
     c.cfg_dropout = 0.1
     c.data = dict(path="", max_text_tokens=48, seed=0, bucket_weights={})
     c.checkpoint = dict(every=100, keep=2, async_save=True)

@@ -6,15 +6,21 @@ WORKDIR/distill_N). The teacher is `WORKDIR/transformer` of `python -m qwenimage
 (configs/world_dit.py) and the data its cached world latents; both paths are filled in by the `distill` stage:
 
     python -m qwenimage_jax.world_assets --workdir /tmp/world --stage distill --stage assemble --stage figures
-    # which runs, in process, for N in student_steps:
+    # which runs, in process, once (resumable; skipped when complete):
+    qwenimage-jax distill-pairs --config configs/world_distill.py --out /tmp/world/distill_pairs \
+        --config.teacher=/tmp/world/transformer --config.data.path=/tmp/world/latents
+    # then for N in student_steps:
     qwenimage-jax distill --config configs/world_distill.py --workdir /tmp/world/distill_N \
-        --config.teacher=/tmp/world/transformer --config.data.path=/tmp/world/latents --config.student.num_steps=N
+        --config.teacher=/tmp/world/transformer --config.data.path=/tmp/world/latents --config.student.num_steps=N \
+        --config.regression.pairs=/tmp/world/distill_pairs
 
 The real score is the teacher with true CFG 4 inside it (the guidance the 40-step teacher samples with), so the
 student samples with CFG off; DMD2's two time-scale rule (2 fake-score updates per student update) plus DMD1's
-paired regression to the teacher's CFG-4 ODE solution from the same noise (`regression.teacher_steps` = 10 Euler
-steps: 40 would quadruple the teacher's cost per update on 2 CPU cores; the teacher at 8 steps is judged 0.658
-against 0.685 at 40 on the test prompts, so this target sits a little below the teacher). The regression term is
+paired regression to the teacher's CFG-4 ODE solution from the same noise. As in DMD1 the pairs are solved once,
+offline, at the teacher's own 40 steps (`regression.num_pairs` pairs; training/distill_pairs.py) rather than every
+update: 40 online steps would quadruple the teacher's cost per update on 2 CPU cores, and a shorter online target
+sits below the teacher (the teacher at 8 steps is judged 0.658 against 0.685 at 40 on the test prompts). Without
+`regression.pairs` this config would solve 40 steps online in every update. The regression term is
 kept beside DMD as in DMD1, to anchor a 1-2 step student to the teacher's own noise-to-image map where DMD alone is
 mode-seeking (not ablated here). The assemble stage ships the fewest-step student whose validation judge (64
 prompts of the validation seed, recorded in times.json as distill_N) is within `ship_tolerance` of the teacher's,
@@ -28,6 +34,7 @@ position 0.78-0.81, size 0.62-0.67, count 0.46-0.48, shape 0.13, background 1.0)
 (the bar is 0.03). Sliced-W2 to the teacher's 40-step images: student@2 0.0250 (pixels) / 0.0535 (foreground
 masks) against teacher@2's 0.1041 / 0.1856; student@1 0.0246 / 0.0530 against teacher@1's 0.1042 / 0.1878. At 500
 updates the test figures were student@2 0.611, student@1 0.623 (world_build/levers/distill_500/).
+The recipe now regresses to precomputed 40-step pairs; the figures above were measured with the 10-step online target.
 """
 import importlib.util
 import os
@@ -51,7 +58,9 @@ def get_config(arg=None):
     c.fake.optimizer.learning_rate = 2e-4
     c.optimizer.learning_rate = 1e-4
     c.ema_decay = 0.9
-    c.regression = dict(weight=1.0, teacher_steps=10, cfg_scale=4.0)
+    # teacher_steps: the pairs' solver (world_assets builds WORKDIR/distill_pairs and sets `pairs` to it); num_pairs
+    # pairs of the cached world latents' batch stream, each with its own noise (see configs/distill_tiny.py)
+    c.regression = dict(weight=1.0, teacher_steps=40, cfg_scale=4.0, pairs="", num_pairs=2048)
     c.data.max_text_tokens = 64
     c.checkpoint = dict(every=50, keep=1, async_save=False)
     c.time_budget_s = 0.0            # > 0: stop at a checkpoint after this many seconds (re-running resumes)
@@ -61,6 +70,7 @@ def get_config(arg=None):
         c.batch_size, c.steps = 2, 1
         c.student_steps = (2, 1)
         c.regression.teacher_steps = 2
+        c.regression.num_pairs = 4
         c.checkpoint.every = 1
         c.log_every = 1
     return c

@@ -40,7 +40,7 @@ def get_config(arg=None):
     c.optimizer = dict(learning_rate=dict(name="warmup_constant", peak_value=1e-3, warmup_steps=100),
                        b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0)
     c.ema_decay = 0.995
-    c.flow = dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens")
+    c.flow = dict(distribution="logit_normal", mean=0.0, std=1.0, shift="tokens", whiten=0.0, whiten_cap=10.0)
     c.cfg_dropout = 0.1
     # the last phase: from the stable phase's EMA weights, a fresh optimizer warmed up over 20 steps, then the
     # learning rate annealed by a cosine to end_value over `steps`

@@ -36,6 +36,8 @@ COMMANDS = {
     "train-dit": ("qwenimage_jax.commands.train_dit", "train the DiT with flow matching"),
     "train-lora": ("qwenimage_jax.commands.train_lora", "train a LoRA adapter on a frozen DiT (diffusers format out)"),
     "distill": ("qwenimage_jax.commands.distill", "DMD step distillation of the DiT"),
+    "distill-pairs": ("qwenimage_jax.commands.distill_pairs", "precompute the teacher's (noise, solution) pairs "
+                      "that distillation regresses to"),
     "eval-t2i": ("qwenimage_jax.commands.eval_t2i", "small-world GenEval: judge accuracy of generated images"),
     "aot": ("qwenimage_jax.commands.aot", "compile a step for a TPU topology here (v5p-512, v6e-256, v5e-4, ...): "
             "per-chip HBM and FLOPs"),
@@ -50,7 +52,7 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EEX
 # Argument names that hold outputs: an OSError on a path under one of them is an output error.
 OUTPUT_ARGS = ("out", "dst", "workdir", "save", "json")
 # Commands whose compiles are worth keeping across processes: `--compilation-cache DIR` (parallel/compile_cache.py).
-COMPILE_CACHE_COMMANDS = ("sample", "train-dit", "train-vae", "train-lora", "distill")
+COMPILE_CACHE_COMMANDS = ("sample", "train-dit", "train-vae", "train-lora", "distill", "distill-pairs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,3 +95,19 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def git_commit(repo: str | None = None) -> str:
+    """The checkout's short commit (+ "-dirty" with uncommitted changes to tracked files), or "unknown" outside a
+    git checkout: what a written figure records so a reader can tell which code made it."""
+    import subprocess
+
+    repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -283,15 +283,9 @@ def snapshot(workdir: str, dst: str) -> str:
 
 
 def _git_commit() -> str:
-    """The checkout's commit (+ "-dirty" with uncommitted changes), or "unknown" outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from qwenimage_jax.io_utils import git_commit
+
+    return git_commit(REPO)
 
 
 def _write_snapshot_readme(dst: str) -> None:
@@ -310,6 +304,11 @@ def _write_snapshot_readme(dst: str) -> None:
     for stage, info in times.items():
         extra = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
         lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
+    stable_seconds = logged_step_seconds(os.path.join(workdir, "dit"))
+    if stable_seconds:
+        lines.append(f"- the stable DiT phase ran over several resumed calls (`dit` above is the last one's wall "
+                     f"time): its steps took {stable_seconds[1]:.0f} s in all to step {stable_seconds[0]} "
+                     "(logged step times x steps between logs, dit/metrics.jsonl)")
     probe = os.path.join(dst, "text_probe.json")
     if os.path.exists(probe):
         lines += ["", "## Text encoder probes (text_probe.json, `evals.text_probe.report`)", ""]
@@ -640,8 +639,9 @@ def _cooldown(workdir: str, suffix: str, latents: str) -> None:
 
 
 def stage_distill(workdir: str, arm: str = SHIPPED_ARM, budget_s: float = 0.0) -> None:
-    """configs/world_distill.py once per `student_steps` entry N -> WORKDIR/distill_N/export, then the student's
-    and the teacher's judge on the validation prompts (times.json distill_N), which assemble ships by."""
+    """configs/world_distill.py's regression pairs once (WORKDIR/distill_pairs, times.json distill_pairs), then the
+    config once per `student_steps` entry N -> WORKDIR/distill_N/export, then the student's and the teacher's judge
+    on the validation prompts (times.json distill_N), which assemble ships by."""
     import logging
 
     from qwenimage_jax.evals import t2i as eval_t2i
@@ -652,16 +652,17 @@ def stage_distill(workdir: str, arm: str = SHIPPED_ARM, budget_s: float = 0.0) -
     suffix = ARMS[arm][0]
     num = 2 if CONFIG_ARG == "smoke" else 64
     teacher_judge = None
+    pairs = stage_distill_pairs(workdir, arm)
     for num_steps in tuple(_config("world_distill").student_steps):
-        config = _config("world_distill")
+        config = _distill_config(workdir, arm)
         config.student.num_steps = int(num_steps)
-        config.teacher = os.path.join(workdir, "transformer" + suffix)
-        config.data.path = os.path.join(workdir, "latents" + suffix)
+        config.regression.pairs = pairs
         if budget_s:
             config.time_budget_s = float(budget_s)
         run_dir = os.path.join(workdir, f"distill_{num_steps}")
         print(f"[run] distill --config configs/world_distill.py --workdir {run_dir} --config.teacher={config.teacher} "
-              f"--config.data.path={config.data.path} --config.student.num_steps={num_steps}  (in process)", flush=True)
+              f"--config.data.path={config.data.path} --config.student.num_steps={num_steps} "
+              f"--config.regression.pairs={pairs}  (in process)", flush=True)
         t0 = time.time()
         result = distill(config, run_dir)
         if result["export_dir"] is None:
@@ -687,6 +688,31 @@ def stage_distill(workdir: str, arm: str = SHIPPED_ARM, budget_s: float = 0.0) -
         _record(workdir, f"distill_{num_steps}", seconds, final_step=result["final_step"],
                 final_loss=round(float(sum(last) / len(last)), 4) if last else previous.get("final_loss"),
                 validation_judge=round(judged["overall"], 4), teacher_40_validation_judge=round(teacher_judge, 4))
+
+
+def _distill_config(workdir: str, arm: str):
+    """configs/world_distill.py on this workdir's teacher (the arm's transformer) and cached latents."""
+    suffix = ARMS[arm][0]
+    config = _config("world_distill")
+    config.teacher = os.path.join(workdir, "transformer" + suffix)
+    config.data.path = os.path.join(workdir, "latents" + suffix)
+    return config
+
+
+def stage_distill_pairs(workdir: str, arm: str = SHIPPED_ARM) -> str:
+    """WORKDIR/distill_pairs: the teacher's `regression.teacher_steps`-step solutions from `regression.num_pairs`
+    fixed noises, shared by every student's regression term; resumes an interrupted build, reuses a complete one.
+    Returns its path."""
+    from qwenimage_jax.training.distill_pairs import make_pairs
+
+    config = _distill_config(workdir, arm)
+    out = os.path.join(workdir, "distill_pairs")
+    print(f"[run] distill-pairs --config configs/world_distill.py --out {out} --config.teacher={config.teacher} "
+          f"--config.data.path={config.data.path}  (in process)", flush=True)
+    manifest = make_pairs(config, out)
+    _record(workdir, "distill_pairs", manifest["seconds"], num_pairs=manifest["num_pairs"],
+            teacher_steps=manifest["teacher_steps"], cfg_scale=manifest["cfg_scale"])
+    return out
 
 
 def shipped_student(workdir: str) -> int | None:
@@ -869,21 +895,24 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "which runs, in order:",
         "",
         "1. `text` (configs/world_text_lm.py, seed 0): BPE tokenizer on world captions + Qwen specials; text encoder",
-        "   = tiny Qwen3-VL decoder pretrained by next-token prediction on rich captions in the encoder template;",
-        "   expander = that model fine-tuned on (short prompt -> rich caption) chats (`expander` re-runs only this).",
-        "2. `vae`: `qwenimage-jax train-vae --config configs/world_vae.py --workdir /tmp/world/vae` (seed 0) and the",
-        "   ablation's control with `--config.losses.align.probe_only=True` (`/tmp/world/vae_noalign`); each exported",
-        "   to diffusers format with per-channel latent mean/std measured on 256 train scenes.",
+        "   = tiny Qwen3-VL decoder pretrained by next-token prediction on rich captions in the encoder template, with",
+        "   untied embeddings and linear heads reading every scene field from its states; expander = that model",
+        "   fine-tuned on (short prompt -> rich caption) chats (`expander` re-runs only this).",
+        "2. `vae_encoder`, `vae`, `vae_decoder`: the Qwen-Image-2 f16 VAE in three phases (configs/world_vae_encoder.py,",
+        "   configs/world_vae.py, configs/world_vae_decoder.py, seed 0): the encoder (and a linear per-cell head) on",
+        "   each latent's read-out of its own 16 px patch; the whole VAE (L1 + L2 + salient L1 + the VGG16 alignment,",
+        "   no discriminator); the decoder alone with the latents frozen (+ an edge L1). Exported to diffusers format with per-channel latent mean/std measured on 256 train scenes.",
         f"3. `cache`: `qwenimage-jax cache-latents --source world:{_config('world_dit').num_scenes}:train:"
         f"{_image_size()} --vae /tmp/world/vae_diffusers",
-        "   --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents` (and",
-        "   the same for the control's VAE).",
-        "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0), then a high-noise fine-tune (its",
-        "   `high_noise_finetune`, see the config); the EMA weights are exported (`teacher/transformer/` here); the",
-        "   same budget again on the control's latents. 5. `ablation`: the judge on both arms.",
+        "   --text-encoder /tmp/world/text_encoder --tokenizer /tmp/world/tokenizer --out /tmp/world/latents`.",
+        "4. `dit`: the DiT trainer with configs/world_dit.py on those latents (seed 0): a warmup-stable phase at a",
+        "   constant learning rate to `steps` (resumable across runs), then `cooldown` (the learning rate annealed to",
+        "   ~0); the EMA weights are exported (`teacher/transformer/` here, its loss curve in",
+        "   `teacher/loss_curve.json`). 5. `ablation`: the alignment ablation's arms judged at `ablation_steps`.",
         "6. `distill`: configs/world_distill.py (DMD: real score = teacher with CFG 4, fake score, 2- and 1-step",
-        "   students, regression to the teacher's 10-step CFG-4 ODE), each student's EMA weights exported with",
-        "   sample_sigmas; the fewest-step student within 0.03 of the teacher on the validation prompts ships.",
+        "   students, plus DMD1's regression to the teacher's CFG-4 ODE from the same noise), each student's EMA",
+        "   weights exported with sample_sigmas; the fewest-step student within 0.03 of the teacher on the validation",
+        "   prompts ships, else the best-judged one.",
         "7. `assemble`: this directory; 8. `figures`: the tables below.",
         "",
         "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
@@ -892,6 +921,11 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
     for stage, info in times.items():
         extra = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
         lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
+    stable_seconds = logged_step_seconds(os.path.join(workdir, "dit"))
+    if stable_seconds:
+        lines.append(f"- the stable DiT phase ran over several resumed calls (`dit` above is the last one's wall "
+                     f"time): its steps took {stable_seconds[1]:.0f} s in all to step {stable_seconds[0]} "
+                     "(logged step times x steps between logs, dit/metrics.jsonl)")
     lines += ["", "## Sizes", ""]
     counts = _param_counts(out)
     for name, size in sizes.items():
@@ -916,6 +950,20 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return os.path.join(out, "README.md")
+
+
+def logged_step_seconds(run_dir: str) -> tuple[int, float] | None:
+    """(last logged step, the run's step time in all) of a resumable run: each logged `step_time_s` times the
+    steps since the previous log; None without a metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = sorted({int(r["step"]): float(r["step_time_s"]) for r in map(json.loads, open(path))
+                   if "step_time_s" in r}.items())
+    total, previous = 0.0, 0
+    for step, seconds in rows:
+        total, previous = total + seconds * (step - previous), step
+    return (previous, total) if rows else None
 
 
 def write_loss_curve(workdir: str, out: str, arm: str = SHIPPED_ARM) -> str | None:

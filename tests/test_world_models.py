@@ -220,19 +220,22 @@ def test_text_lm_training_lowers_the_caption_loss(tmp_path):
 
 
 def test_distilled_student_is_the_default_and_the_teacher_ships_beside_it():
-    """The demo's default is the 4-step student (sample_sigmas in model_index.json, sampled without CFG); the
-    40-step teacher loads from teacher/transformer with the scheduler's own grid."""
+    """The demo's default is the shipped few-step student (one of configs/world_distill.py's student_steps; its
+    grid is sample_sigmas in model_index.json, sampled without CFG); the 40-step teacher loads from
+    teacher/transformer with the scheduler's own grid."""
+    from qwenimage_jax.config_cli import load_config
     from qwenimage_jax.evals import t2i as eval_t2i
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     index = json.load(open(os.path.join(MODEL, "model_index.json")))
-    assert index["sample_sigmas"] is not None and len(index["sample_sigmas"]) == 4
-    assert index["sample_sigmas"][0] == 1.0 and all(a > b for a, b in zip(index["sample_sigmas"],
-                                                                          index["sample_sigmas"][1:]))
+    sigmas = index["sample_sigmas"]
+    recipe = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "world_distill.py"))
+    assert sigmas is not None and len(sigmas) in tuple(recipe.student_steps), sigmas
+    assert sigmas[0] == 1.0 and all(a > b for a, b in zip(sigmas, sigmas[1:]))
     student = QwenImagePipeline.from_pretrained(MODEL, load_text_encoder=False)
     teacher = QwenImagePipeline.from_pretrained(MODEL, load_text_encoder=False,
                                                 transformer_subfolder="teacher/transformer")
-    assert eval_t2i.sampling_defaults(student, None, None) == (4, 1.0)
+    assert eval_t2i.sampling_defaults(student, None, None) == (len(sigmas), 1.0)
     assert teacher.sample_sigmas is None and eval_t2i.sampling_defaults(teacher, None, None) == (40, 4.0)
     import jax
 
@@ -242,7 +245,7 @@ def test_distilled_student_is_the_default_and_the_teacher_ships_beside_it():
     with pytest.raises(FileNotFoundError, match="no nowhere/ directory"):
         QwenImagePipeline.from_pretrained(MODEL, load_text_encoder=False, transformer_subfolder="nowhere")
     # an explicit step count other than the student's grid runs the scheduler's grid with that many steps
-    assert eval_t2i.sampling_defaults(student, 2, None) == (2, 1.0) and student.sample_sigmas is None
+    assert eval_t2i.sampling_defaults(student, 3, None) == (3, 1.0) and student.sample_sigmas is None
 
 
 # Seeds of the two tests below are used nowhere else (not for tuning, not for the shipped figures).
@@ -256,16 +259,18 @@ def _heldout_items(num: int):
 
 
 def test_shipped_vae_keeps_every_object(pipe):
-    """The judge on the shipped VAE's reconstructions of 16 held-out scenes: every object is kept with its colour
-    and place (>= 0.9) and most counts (>= 0.6). Shapes and sizes are not kept yet (the shipped VAE draws blobs;
-    the issue's bar of 0.9 on every attribute is not met: see configs/world_vae.py), so they are not asserted."""
+    """The judge on the shipped VAE's reconstructions of 16 held-out scenes: every object is kept with its colour,
+    place and size (>= 0.9, size >= 0.8) and most counts (>= 0.8). Shapes are not kept yet (the decoder draws round
+    blobs; the issue's bar of 0.9 on every attribute is not met: see configs/world_vae_decoder.py), so shape is
+    not asserted."""
     from qwenimage_jax.data import judge
 
     items = _heldout_items(16)
     images = np.stack([r["image"] for r in items]).astype(np.float32) / 127.5 - 1.0
     recon = np.asarray(pipe.vae.decode(pipe.vae.encode(images)))
     scores = judge.evaluate(np.clip(recon[..., :3], -1, 1), [r["record"] for r in items])
-    assert scores["colour"] >= 0.9 and scores["position"] >= 0.9 and scores["count"] >= 0.6, scores
+    assert scores["colour"] >= 0.9 and scores["position"] >= 0.9 and scores["size"] >= 0.8, scores
+    assert scores["count"] >= 0.8, scores
 
 
 def test_shipped_teacher_follows_the_prompt():
@@ -285,6 +290,59 @@ def test_shipped_teacher_follows_the_prompt():
     right = judge.evaluate(both[:16], records)["overall"]
     wrong = judge.evaluate(both[16:], records)["overall"]
     assert right >= wrong + 0.2, (right, wrong)
+
+
+def _swapped(record, attribute: str, rng):
+    """`record` with one attribute of its first object group (or its background) changed to another valid value."""
+    import dataclasses
+
+    from qwenimage_jax.data import world
+
+    if attribute == "background":
+        return dataclasses.replace(record, background=str(rng.choice(
+            [b for b in world.BACKGROUNDS if b != record.background])))
+    first = record.groups[0]
+    taken = {g.colour for g in record.groups}
+    options = {"colour": [c for c in world.COLOURS if c not in taken], "size": list(world.SIZES),
+               "position": [p for p in world.POSITIONS if p not in {g.position for g in record.groups}],
+               "count": [1, 2, 3], "shape": list(world.SHAPES)}[attribute]
+    value = rng.choice([o for o in options if o != getattr(first, attribute)])
+    value = int(value) if attribute == "count" else str(value)
+    return dataclasses.replace(record, groups=(dataclasses.replace(first, **{attribute: value}),) + record.groups[1:])
+
+
+def test_shipped_teacher_takes_each_attribute_from_the_prompt():
+    """Per attribute: 24 held-out scenes, each prompted as written and with that one attribute of its first group
+    (or the background) swapped, from the same noise (teacher, 4 steps, CFG 4). Judged against the scene's own first
+    group, the attribute is drawn right clearly more often from the right prompt: it comes from the prompt.
+    Colour, background, position, size and count are asserted; shape is not yet learnt (the world's README: held-out
+    shape 0.13), so it is measured beside them but not asserted."""
+    from qwenimage_jax.data import judge, world
+    from qwenimage_jax.evals import t2i as eval_t2i
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    teacher = QwenImagePipeline.from_pretrained(MODEL, transformer_subfolder="teacher/transformer")
+    size = eval_t2i.model_size(MODEL)
+    records = [r["record"] for r in _heldout_items(24)]
+    rng = np.random.default_rng(_TEST_SEED)
+    attributes = ("colour", "background", "position", "size", "count", "shape")
+    prompts, targets = [], []
+    for attribute in attributes:
+        for record in records:
+            phrase_rng = int(rng.integers(1 << 30))
+            prompts += [world.rich_caption(record, np.random.default_rng(phrase_rng)),
+                        world.rich_caption(_swapped(record, attribute, rng), np.random.default_rng(phrase_rng))]
+            targets.append(world.Scene(groups=record.groups[:1], background=record.background))
+    images = eval_t2i.generate(teacher, prompts, 4, size, 4.0, 0, batch_size=48)
+    gaps = {}
+    for i, attribute in enumerate(attributes):
+        rows = range(i * len(records), (i + 1) * len(records))
+        right = np.mean([judge.judge(images[2 * r], targets[r])[attribute] for r in rows])
+        wrong = np.mean([judge.judge(images[2 * r + 1], targets[r])[attribute] for r in rows])
+        gaps[attribute] = (round(float(right), 3), round(float(wrong), 3))
+    for attribute in ("colour", "background", "position", "size", "count"):
+        right, wrong = gaps[attribute]
+        assert right >= wrong + 0.2, (attribute, gaps)
 
 
 LORA = os.path.join(MODEL, "lora_purple")

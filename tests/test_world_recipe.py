@@ -16,7 +16,7 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     assert world_assets.main(["--workdir", str(workdir), "--out", str(out), "--config-arg", "smoke"]) == 0
     times = json.load(open(workdir / "times.json"))
     for stage in ("text", "text_check", "vae_encoder", "vae", "vae_decoder", "vae_noalign", "vae_decoder_noalign",
-                  "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill_2",
+                  "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill_pairs", "distill_2",
                   "distill_1", "figures"):
         assert stage in times and times[stage]["seconds"] >= 0, stage
     # both VAE arms were judged on held-out reconstructions, both teachers on generated images

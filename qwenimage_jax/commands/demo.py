@@ -37,7 +37,7 @@ def add_arguments(parser):
     parser.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     parser.add_argument("--model", default=None, help=f"model directory (default: {TINY_WORLD_DIR})")
     parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps (default: the model's own grid, 4 for the shipped distilled student; "
+                        help="sampling steps (default: the model's own grid, sample_sigmas of a distilled student; "
                              "40 for a model without sample_sigmas)")
     parser.add_argument("--num-prompts", type=int, default=6, help="world captions to generate (default 6)")
     parser.add_argument("--cfg", type=float, default=None,

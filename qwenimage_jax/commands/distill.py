@@ -20,7 +20,7 @@ def run(args):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
-    if not config.data.path:
+    if not config.data.path and not config.regression.get("pairs", ""):
         raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
                           "cache-latents` (--config.data.path=DIR)")
     if not config.teacher:

@@ -6,6 +6,8 @@ One record = one training example, serialised with msgpack (flax.serialization):
     image_pad_mask (L,)     bool       VLM image-slot positions (editing), all False for text-to-image
     cond_latents   (hc, wc, C) float16 normalised latents of the condition image (editing only; absent otherwise)
     caption        str
+Other fields travel through unchanged (the distillation pairs of training/distill_pairs.py add `noise`); a writer
+may keep named float fields in float32 (`float32_fields`) where float16 rounding would matter.
 A dataset directory holds `shard-XXXXX-of-YYYYY.array_record` files and `meta.json` with the layout buckets and the
 empty-prompt embedding used for classifier-free-guidance dropout (`null_text_embeds.npy`).
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -30,14 +32,17 @@ META = "meta.json"
 NULL_EMBEDS = "null_text_embeds.npy"
 
 
-def encode_record(example: dict) -> bytes:
+def encode_record(example: dict, float32_fields: Collection[str] = ()) -> bytes:
+    """msgpack bytes of one example; float arrays are stored as float16 except the `float32_fields`."""
     out = {}
     for k, v in example.items():
         if isinstance(v, str):
             out[k] = v
         elif v is not None:
             v = np.asarray(v)
-            out[k] = v.astype(np.float16) if v.dtype.kind == "f" else v
+            if v.dtype.kind == "f":
+                v = v.astype(np.float32 if k in float32_fields else np.float16)
+            out[k] = v
     return serialization.msgpack_serialize(out)
 
 
@@ -56,7 +61,8 @@ def bucket_key(example: dict) -> str:
 
 
 def write_dataset(examples: Iterable[dict], out_dir: str, *, num_shards: int = 1, null_text_embeds=None,
-                  extra_meta: dict | None = None, shard_offset: int = 0, total_shards: int | None = None) -> dict:
+                  extra_meta: dict | None = None, shard_offset: int = 0, total_shards: int | None = None,
+                  float32_fields: Collection[str] = ()) -> dict:
     """Writes examples round-robin into `num_shards` ArrayRecord files and returns the metadata written.
 
     Multi-host preprocessing: host i passes `shard_offset=i * num_shards, total_shards=hosts * num_shards`, and
@@ -75,7 +81,7 @@ def write_dataset(examples: Iterable[dict], out_dir: str, *, num_shards: int = 1
             shard = n % num_shards
             key = bucket_key(example)
             buckets.setdefault(key, [[] for _ in range(num_shards)])[shard].append(counts[shard])
-            writers[shard].write(encode_record(example))
+            writers[shard].write(encode_record(example, float32_fields))
             counts[shard] += 1
     finally:
         for w in writers:
@@ -150,6 +156,8 @@ def _pad_text(example: dict, max_text_tokens: int) -> dict:
     out["latents"] = np.asarray(example["latents"], np.float32)
     if example.get("cond_latents") is not None:
         out["cond_latents"] = np.asarray(example["cond_latents"], np.float32)
+    if example.get("noise") is not None:
+        out["noise"] = np.asarray(example["noise"], np.float32)
     out.pop("caption", None)
     return out
 

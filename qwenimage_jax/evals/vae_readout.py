@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 
 import numpy as np
 
@@ -65,12 +64,9 @@ def main(argv=None):
 
 def write_result(result: dict, out: str) -> None:
     """`result` + the checkout's commit (so a reader can tell a stale figure) -> OUT as JSON, written atomically."""
-    from qwenimage_jax.io_utils import write_json
+    from qwenimage_jax.io_utils import git_commit, write_json
 
-    try:
-        result["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        result["commit"] = "unknown"
+    result["commit"] = git_commit()
     write_json(out, result, indent=1)
 
 

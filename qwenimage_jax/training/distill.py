@@ -14,6 +14,11 @@ samples, then one student update:
   t ~ [t_min, t_max];  x_t = (1 - t) sg(x0) + t eps
   grad = (x0_fake(x_t) - x0_real(x_t)) / mean|x0 - x0_real|;   L = w_dmd 0.5 |x0 - sg(x0 - grad)|^2
        (+ w_reg |x0 - teacher_ODE(z)|^2, the teacher's own many-step solution from the same noise, when enabled)
+The regression target is either solved online every update (`regression.teacher_steps` CFG Euler steps of the
+teacher from z) or, as DMD1 does, read from a precomputed pairs store (`regression.pairs`, written by
+training/distill_pairs.py): its batches carry `noise` (z) beside `latents` (the teacher's solution from z), the
+student update starts from that z, and no teacher ODE runs in the step. Which one is decided at trace time by the
+batch's keys. The fake score always trains on fresh noise: it models the student's whole output distribution.
 The student grid is exactly what the exported pipeline samples with: `student.sample_sigmas` (pre-shift, the
 model_index.json `sample_sigmas`; default linspace(1, 1/n, n)) through the scheduler's mu shift and terminal
 stretch at the batch's token count; the network reads the pipeline's `timestep / 1000` at each grid point.
@@ -184,6 +189,85 @@ def init_from_teacher(config, mesh, teacher_params):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Velocities and the teacher's ODE (shared by the step and the pairs builder, training/distill_pairs.py)
+
+
+def target_tokens(layout) -> int:
+    """Token count of the target image of a layout bucket (the last entry of img_shapes)."""
+    img_shapes, _ = layout
+    return img_shapes[-1][1] * img_shapes[-1][2]
+
+
+def is_text_to_image(layout) -> bool:
+    """One target image and no VLM image slots: the layouts where true CFG (an empty-prompt branch) applies."""
+    img_shapes, img_mask = layout
+    return len(img_shapes) == 1 and not any(img_mask[:len(img_mask) - target_tokens(layout) // 4])
+
+
+def regression_cfg_scale(config, layout) -> float:
+    """The CFG scale of the regression target's teacher ODE (`regression.cfg_scale`, else the real score's)."""
+    if not is_text_to_image(layout):
+        return 1.0
+    return float(config.regression.get("cfg_scale", None) or config.dmd.real_cfg_scale)
+
+
+def is_pairs_batch(batch) -> bool:
+    """A batch of precomputed (noise, teacher solution) pairs (training/distill_pairs.py): it carries `noise`."""
+    return "noise" in batch
+
+
+def batch_conditions(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(text embeds, text mask, condition-image tokens (B, N_cond, C) or None) of a batch."""
+    cond = batch.get("cond_latents")
+    if cond is not None:
+        cond = cond.reshape(cond.shape[0], -1, cond.shape[-1])
+    return batch["text_embeds"], batch["text_mask"], cond
+
+
+def dit_velocity(module, params, x, t, text, text_mask, cond, layout):
+    """x: (B, N_tgt, C) target latents; t: (B,) model time -> v (B, N_tgt, C) float32."""
+    img_shapes, img_mask = layout
+    n_target = target_tokens(layout)
+    hidden = x if cond is None else jnp.concatenate([cond, x.astype(cond.dtype)], axis=1)
+    out = module.apply({"params": params}, hidden.astype(module.config.dtype), text.astype(module.config.dtype),
+                       t, img_shapes, img_mask, encoder_hidden_states_mask=text_mask)
+    return out[:, -n_target:].astype(jnp.float32)
+
+
+def teacher_velocity(module, tparams, x, t, batch, null_text, scale, layout):
+    """The teacher's velocity with true CFG `scale` against the empty prompt `null_text` (scale 1: conditional)."""
+    text, mask, cond = batch_conditions(batch)
+    if scale == 1.0:
+        return dit_velocity(module, tparams, x, t, text, mask, cond, layout)
+    # conditional and empty-prompt branches as one doubled batch (same layout: text-to-image only)
+    bsz = x.shape[0]
+    null_embeds = jnp.broadcast_to(null_text[0][None].astype(text.dtype), (bsz,) + null_text[0].shape)
+    null_mask = jnp.broadcast_to(null_text[1][None], (bsz,) + null_text[1].shape).astype(mask.dtype)
+    both = dit_velocity(module, tparams, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                        jnp.concatenate([text, null_embeds]), jnp.concatenate([mask, null_mask]), None, layout)
+    return dmd.guided_velocity(both[:bsz], both[bsz:], scale)
+
+
+def teacher_ode(module, tparams, z, batch, null_text, scale, sigmas, model_t, layout):
+    """The teacher's CFG Euler solution from noise z (B, N_tgt, C) along (sigmas, model_t); no gradient."""
+    def body(j, x):
+        t = jnp.broadcast_to(jnp.asarray(model_t)[j], (x.shape[0],))
+        v = teacher_velocity(module, tparams, x, t, batch, null_text, scale, layout)
+        return x + (jnp.asarray(sigmas)[j + 1] - jnp.asarray(sigmas)[j]) * v
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, len(model_t), body, z))
+
+
+def regression_target_fn(config, layout):
+    """(tparams, z, batch, null_text) -> the regression target from z: the teacher's ODE on its own grid
+    (`regression.teacher_steps`) with the regression's CFG."""
+    _, teacher_cfg = model_configs(config)
+    module = DiT(teacher_cfg)
+    sigmas, model_t = teacher_grid(config, target_tokens(layout))
+    scale = regression_cfg_scale(config, layout)
+    return functools.partial(teacher_ode, module, sigmas=sigmas, model_t=model_t, layout=layout, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The step
 
 
@@ -196,11 +280,15 @@ def make_distill_step(config, layout, mesh):
 def _step_key(config) -> str:
     """The config as JSON without the fields that cannot change the compiled step (run length, logging,
     checkpointing, export, data location, what to do on a NaN/Inf step), so a resumed or longer run reuses the
-    program."""
+    program. The pairs store's location and size are data too: whether the step reads its regression target from
+    the batch is decided by the batch's keys when it is traced."""
     key = ml_collections.ConfigDict(config.to_dict())
     for name in ("steps", "checkpoint", "log_every", "progress", "export", "data", "on_nonfinite"):
         if name in key:
             del key[name]
+    for name in ("pairs", "num_pairs"):
+        if "regression" in key and name in key.regression:
+            del key.regression[name]
     return key.to_json()
 
 
@@ -210,16 +298,12 @@ def _make_distill_step(config_json: str, layout, mesh):
     cfg, teacher_cfg = model_configs(config)
     student_mod, teacher_mod = DiT(cfg), DiT(teacher_cfg)
     (tx_s, lr_s), (tx_f, lr_f) = optimizers(config)
-    img_shapes, img_mask = layout
-    n_target = img_shapes[-1][1] * img_shapes[-1][2]
+    n_target = target_tokens(layout)
     sigmas, model_t = student_grid(config, n_target)
     n_steps = len(model_t)
-    is_t2i = len(img_shapes) == 1 and not any(img_mask[:len(img_mask) - n_target // 4])
-    real_cfg = float(config.dmd.real_cfg_scale) if is_t2i else 1.0
+    real_cfg = float(config.dmd.real_cfg_scale) if is_text_to_image(layout) else 1.0
     reg_weight = float(config.regression.weight)
-    reg_cfg = float(config.regression.get("cfg_scale", None) or config.dmd.real_cfg_scale) if is_t2i else 1.0
-    if reg_weight > 0:
-        t_sigmas, t_model_t = teacher_grid(config, n_target)
+    online_target = regression_target_fn(config, layout) if reg_weight > 0 else None
     n_fake = int(config.fake.updates)
     sim_mode = config.student.get("backward_sim", "euler")
     mu = sched.mu_for(n_target, sched.SchedulerConfig.from_dict(scheduler_config(config))) \
@@ -230,37 +314,22 @@ def _make_distill_step(config_json: str, layout, mesh):
     fake_times = dict(times, **dict(config.fake.get("times", None) or {}))
 
     def velocity(module, params, x, t, text, text_mask, cond):
-        # x: (B, N_tgt, C) target latents; t: (B,) model time; returns v (B, N_tgt, C) float32
-        hidden = x if cond is None else jnp.concatenate([cond, x.astype(cond.dtype)], axis=1)
-        out = module.apply({"params": params}, hidden.astype(module.config.dtype), text.astype(module.config.dtype),
-                           t, img_shapes, img_mask, encoder_hidden_states_mask=text_mask)
-        return out[:, -n_target:].astype(jnp.float32)
-
-    def conditions(batch):
-        cond = batch.get("cond_latents")
-        if cond is not None:
-            cond = cond.reshape(cond.shape[0], -1, cond.shape[-1])
-        return batch["text_embeds"], batch["text_mask"], cond
+        return dit_velocity(module, params, x, t, text, text_mask, cond, layout)
 
     def real_velocity(tparams, x, t, batch, null_text, scale):
-        text, mask, cond = conditions(batch)
-        if scale == 1.0:
-            return velocity(teacher_mod, tparams, x, t, text, mask, cond)
-        # conditional and empty-prompt branches as one doubled batch (same layout: text-to-image only)
-        bsz = x.shape[0]
-        null_embeds = jnp.broadcast_to(null_text[0][None].astype(text.dtype), (bsz,) + null_text[0].shape)
-        null_mask = jnp.broadcast_to(null_text[1][None], (bsz,) + null_text[1].shape).astype(mask.dtype)
-        both = velocity(teacher_mod, tparams, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                        jnp.concatenate([text, null_embeds]), jnp.concatenate([mask, null_mask]), None)
-        return dmd.guided_velocity(both[:bsz], both[bsz:], scale)
+        return teacher_velocity(teacher_mod, tparams, x, t, batch, null_text, scale, layout)
 
-    def student_state(sparams, batch, key):
-        """Backward simulation: (z, x_k, sigma_k, t_k) for a random grid index k (one per batch)."""
+    def student_state(sparams, batch, key, noise=None):
+        """Backward simulation: (z, x_k, sigma_k, t_k) for a random grid index k (one per batch); z is `noise`
+        when given (a pairs batch), else drawn from `key`."""
         k_k, k_z, k_sim = jax.random.split(key, 3)
         k = jax.random.randint(k_k, (), 0, n_steps)
         x0_shape = batch["latents"].shape
-        z = jax.random.normal(k_z, (x0_shape[0], n_target, x0_shape[-1]), jnp.float32)
-        text, mask, cond = conditions(batch)
+        if noise is None:
+            z = jax.random.normal(k_z, (x0_shape[0], n_target, x0_shape[-1]), jnp.float32)
+        else:
+            z = noise.astype(jnp.float32)
+        text, mask, cond = batch_conditions(batch)
         frozen = jax.lax.stop_gradient(sparams)
         fn = lambda x, t: velocity(student_mod, frozen, x, t, text, mask, cond)  # noqa: E731
         x_k, sigma_k, t_k = dmd.backward_simulate(fn, z, sigmas, model_t, k, mode=sim_mode, key=k_sim)
@@ -269,7 +338,7 @@ def _make_distill_step(config_json: str, layout, mesh):
     def fake_update(fake: TrainState, sparams, batch, key):
         k_state, k_t, k_eps = jax.random.split(key, 3)
         _, x_k, sigma_k, t_k, _ = student_state(sparams, batch, k_state)
-        text, mask, cond = conditions(batch)
+        text, mask, cond = batch_conditions(batch)
         x0 = jax.lax.stop_gradient(dmd.x0_from_velocity(
             x_k, velocity(student_mod, sparams, x_k, t_k, text, mask, cond), sigma_k))
         t = dmd.sample_times(k_t, x0.shape[0], **fake_times)
@@ -282,18 +351,18 @@ def _make_distill_step(config_json: str, layout, mesh):
         loss, grads = jax.value_and_grad(loss_fn)(fake.params)
         return apply_gradients(fake, grads, tx_f, 0.0), loss, optax.global_norm(grads)
 
-    def teacher_ode(tparams, z, batch, null_text):
-        def body(j, x):
-            t = jnp.broadcast_to(jnp.asarray(t_model_t)[j], (x.shape[0],))
-            v = real_velocity(tparams, x, t, batch, null_text, reg_cfg)
-            return x + (jnp.asarray(t_sigmas)[j + 1] - jnp.asarray(t_sigmas)[j]) * v
-        return jax.lax.stop_gradient(jax.lax.fori_loop(0, len(t_model_t), body, z))
+    def regression_target(tparams, z, batch, null_text):
+        if is_pairs_batch(batch):  # the precomputed teacher solution from the batch's own noise
+            latents = batch["latents"]
+            return jax.lax.stop_gradient(latents.reshape(latents.shape[0], n_target, latents.shape[-1])
+                                         .astype(jnp.float32))
+        return online_target(tparams, z, batch, null_text)
 
     def student_loss(sparams, fparams, tparams, batch, null_text, key):
         k_state, k_t, k_eps = jax.random.split(key, 3)
         fparams, tparams = jax.lax.stop_gradient(fparams), jax.lax.stop_gradient(tparams)
-        z, x_k, sigma_k, t_k, k = student_state(sparams, batch, k_state)
-        text, mask, cond = conditions(batch)
+        z, x_k, sigma_k, t_k, k = student_state(sparams, batch, k_state, noise=batch.get("noise"))
+        text, mask, cond = batch_conditions(batch)
         x0 = dmd.x0_from_velocity(x_k, velocity(student_mod, sparams, x_k, t_k, text, mask, cond), sigma_k)
         t = dmd.sample_times(k_t, x0.shape[0], **times)
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
@@ -306,7 +375,7 @@ def _make_distill_step(config_json: str, layout, mesh):
         aux = {"dmd_loss": dmd_term, "dmd_grad_abs": jnp.mean(jnp.abs(grad)), "k": k.astype(jnp.float32),
                "student_x0_std": jnp.std(x0)}
         if reg_weight > 0:
-            reg = dmd.regression_loss(x0, teacher_ode(tparams, z, batch, null_text))
+            reg = dmd.regression_loss(x0, regression_target(tparams, z, batch, null_text))
             loss = loss + reg_weight * reg
             aux["regression_loss"] = reg
         return loss, aux
@@ -342,6 +411,20 @@ def _make_distill_step(config_json: str, layout, mesh):
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
+def pairs_data_config(config):
+    """`config` itself, or, with `regression.pairs` set, a copy whose data.path is that (complete) pairs store,
+    checked to hold the regression target this config asks for."""
+    pairs = config.regression.get("pairs", "")
+    if not pairs:
+        return config
+    from qwenimage_jax.training.distill_pairs import check_pairs_match
+
+    check_pairs_match(config, pairs)
+    data_config = ml_collections.ConfigDict(config.to_dict())
+    data_config.data.path = pairs
+    return data_config
+
+
 def null_text_for(config) -> tuple[jax.Array, jax.Array]:
     """(embeds (L, D), mask (L,)) of the empty prompt padded to data.max_text_tokens; zeros when the dataset has
     none (then CFG inside the real score is refused)."""
@@ -372,9 +455,11 @@ def distill(config, workdir: str) -> dict[str, Any]:
     with nn.logical_axis_rules(LOGICAL_RULES):
         teacher_params = load_teacher(config, mesh, teacher_shardings)
 
-    dataset = latent_dataset(config, global_batch, n_proc, proc)
+    # with a pairs store its records are the data: the same text conditions, plus each pair's noise and target
+    data_config = pairs_data_config(config)
+    dataset = latent_dataset(data_config, global_batch, n_proc, proc)
     data_iter = latent_records.iterate(dataset)
-    null_text = null_text_for(config)
+    null_text = null_text_for(data_config)
 
     log.info("DMD: student/fake/teacher of %.2fM parameters each on mesh %s; %d fake updates per student update",
              param_count(teacher_params) / 1e6, dict(mesh.shape), int(config.fake.updates))

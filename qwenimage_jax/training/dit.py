@@ -90,6 +90,13 @@ def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
     shift = float(config.flow.shift) if config.flow.shift not in ("tokens", "none") else 1.0
     is_t2i = len(img_shapes) == 1 and not any(img_mask[:len(img_mask) - n_target // 4])
     dropout = float(config.cfg_dropout) if (is_t2i and null_text is not None) else 0.0
+    metric = None
+    if float(config.flow.get("whiten", 0.0)) > 0:  # training/latent_metric.py: why and what it changes
+        from qwenimage_jax.training.latent_metric import whitening_matrix
+
+        metric = whitening_matrix(str(config.data.path), float(config.flow.whiten),
+                                  float(config.flow.get("whiten_cap", 10.0)),
+                                  max_text_tokens=int(config.data.max_text_tokens))
 
     def loss_fn(params, batch, key, *frozen):
         x0 = batch["latents"]                                   # (B, h, w, C)
@@ -113,6 +120,10 @@ def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
         pred = module.apply(variables_of(params, *frozen), hidden.astype(module.config.dtype),
                             text.astype(module.config.dtype), sigmas, img_shapes, img_mask,
                             encoder_hidden_states_mask=text_mask, rngs={"dropout": jax.random.fold_in(key, 1)})
+        if metric is not None:
+            from qwenimage_jax.training.latent_metric import metric_loss
+
+            return metric_loss(pred[:, -n_target:], target, metric)
         return fm.flow_matching_loss(pred[:, -n_target:], target)
 
     return loss_fn
