@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.checkpoint = dict(every=1000, keep=3, async_save=True)
     c.log_every = 50
     c.on_nonfinite = "stop"          # NaN/Inf loss or gradients: "stop" (error) or "skip" the update
+    c.nonfinite_in_a_row = 10        # "skip" still stops after this many non-finite steps in a row
     c.peak_flops_per_device = 459e12   # TPU v5p bf16; 989e12 for H100/H200
     c.init_from = ""
     c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end

@@ -34,6 +34,7 @@ def get_config(arg=None):
     c.checkpoint = dict(every=100, keep=2, async_save=True)
     c.log_every = 10
     c.on_nonfinite = "stop"          # NaN/Inf loss or gradients: "stop" (error) or "skip" the update
+    c.nonfinite_in_a_row = 10        # "skip" still stops after this many non-finite steps in a row
     c.peak_flops_per_device = 0.0    # e.g. 989e12 for an H100/H200 in bf16; 0 disables MFU
     c.init_from = ""
     c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end

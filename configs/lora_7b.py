@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.checkpoint = dict(every=250, keep=2, async_save=True)
     c.log_every = 10
     c.on_nonfinite = "stop"
+    c.nonfinite_in_a_row = 10
     c.export = True
     c.progress = True
     return c

@@ -33,6 +33,7 @@ def get_config(arg=None):
     c.checkpoint = dict(every=10, keep=2, async_save=False)
     c.log_every = 1
     c.on_nonfinite = "stop"
+    c.nonfinite_in_a_row = 10
     c.export = True                  # write WORKDIR/export/lora (diffusers format) at the end
     c.progress = True
     return c

@@ -27,14 +27,14 @@ prompts of the validation seed, recorded in times.json as distill_N) is within `
 else the best-judged one; the figures stage reports every student on the test prompts beside the teacher at
 40/8/4/2/1 steps, with two distances to the teacher's 40-step images from the same noise.
 
-Expected (world_build/figures.json, figures_README.md; test prompts of seed 1000, 64 held-out compositions; each
-student 1200 updates of batch 8, ~29 min on 2 CPU cores; the teacher: configs/world_dit.py at 6300 steps):
-teacher@40 CFG 4 held-out 0.685; teacher@2 0.467, teacher@1 0.468; student@2 0.644, student@1 0.637 (colour 0.89,
-position 0.78-0.81, size 0.62-0.67, count 0.46-0.48, shape 0.13, background 1.0), so 0.04-0.05 below the teacher
-(the bar is 0.03). Sliced-W2 to the teacher's 40-step images: student@2 0.0250 (pixels) / 0.0535 (foreground
-masks) against teacher@2's 0.1041 / 0.1856; student@1 0.0246 / 0.0530 against teacher@1's 0.1042 / 0.1878. At 500
-updates the test figures were student@2 0.611, student@1 0.623 (world_build/levers/distill_500/).
-The recipe now regresses to precomputed 40-step pairs; the figures above were measured with the 10-step online target.
+Expected (world_build/figures.json and qwenimage_jax/assets/tiny_world/README.md; test prompts of seed 1000, 64
+per split; the teacher: configs/world_dit.py at 6300 steps, held-out 0.685; teacher@2 0.467, teacher@1 0.468):
+2048 pairs in 515 s, then each student 1200 updates of batch 8 in ~900 s on 2 CPU cores; student@2 held-out 0.631,
+train 0.650; student@1 held-out 0.604, train 0.642 (colour 0.87-0.88, position 0.78-0.79, size 0.59-0.60, count
+0.38-0.45, shape 0.12-0.16, background 1.0). Sliced-W2 to the teacher's 40-step images: 0.0256 (pixels) / 0.055
+(foreground masks) for both, against teacher@2's 0.1041 / 0.1856 and teacher@1's 0.1042 / 0.1878. On 256
+validation prompts (world_build/levers/distill_pairs40/) the students are 0.05-0.06 below the teacher (the bar is
+0.03) and within about a standard error of the same recipe with a 10-step online target (1.45 s/update).
 """
 import importlib.util
 import os

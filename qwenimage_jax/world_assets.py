@@ -297,14 +297,14 @@ def _write_snapshot_readme(dst: str) -> None:
              f"    python -m qwenimage_jax.world_assets --workdir /tmp/world --resume-from {os.path.basename(dst)} "
              "--stage cache --stage dit --dit-budget-min 60 --snapshot " + os.path.basename(dst), "",
              "The stable DiT phase continues from `transformer_base/` (its step count in `trained_steps.json`); "
-             "cached latents are recomputed from the VAE and the text encoder (`cache`, ~3 min). Once the stages "
-             "reach their targets, `--stage ablation --stage distill --stage assemble --stage figures` ships the "
-             "world into qwenimage_jax/assets/tiny_world.", "", f"Written at commit {_git_commit()}.", "",
+             "cached latents are recomputed from the VAE and the text encoder (`cache`, ~3 min). `--stage distill "
+             "--stage assemble --stage figures` (re)ships the world into qwenimage_jax/assets/tiny_world; "
+             "`levers/` records the levers tried on this build.", "", f"Written at commit {_git_commit()}.", "",
              "## Stages recorded (times.json: wall seconds on 2 CPU cores and each stage's figures)", ""]
     for stage, info in times.items():
         extra = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
         lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
-    stable_seconds = logged_step_seconds(os.path.join(workdir, "dit"))
+    stable_seconds = logged_step_seconds(os.path.join(dst, "dit"))
     if stable_seconds:
         lines.append(f"- the stable DiT phase ran over several resumed calls (`dit` above is the last one's wall "
                      f"time): its steps took {stable_seconds[1]:.0f} s in all to step {stable_seconds[0]} "
@@ -941,6 +941,10 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
             train, held = entry["teacher_40_train"]["generated"], entry["teacher_40_heldout"]["generated"]
             lines.append(f"| {arm} | {vae.get('heldout_psnr', '-')} dB | {vae.get('heldout_judge_on_reconstructions', '-')} "
                          f"| {train['overall']:.3f} | {held['overall']:.3f} | {held['all_correct']:.3f} |")
+    else:
+        lines += ["", "## Alignment ablation", "", "Not run on this build: the control arm (`--arm noalign`: its VAE "
+                  "without the alignment term, cached latents and a DiT of the same budget) and `--stage ablation` "
+                  "would add the table here."]
     if figures and figures.get("summary"):
         lines += ["", f"## Steps (judge accuracy on {figures.get('num_prompts')} prompts "
                   "per split; every sampler from the same noise)", "", figures["summary"]]

@@ -121,3 +121,15 @@ def test_each_image_is_its_prompt_alone_and_a_rerun_skips_what_is_done(pipe_dir,
         text = f.read().splitlines()
     assert text[4] == '{"file": "000009-' and [json.loads(t)["line"] for t in text[5:]] == [1, 6]
     assert np.abs(_pixels(files[0]) - before).max() <= 1
+
+
+def test_a_line_too_large_for_the_free_memory_is_named_before_any_batch_runs(pipe_dir, tmp_path, capsys):
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "a red fox", "seed": 1},
+                                                  {"prompt": "a lighthouse", "height": 16384, "width": 16384}])
+    out = str(tmp_path / "out")
+    assert cli.main(["sample", "--model", pipe_dir, "--prompts-file", prompts, "--out-dir", out, "--no-progress",
+                     *FLAGS]) == InputError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{prompts}:2: sampling 1 image(s) of 16384x16384 needs about" in err[0], err
+    assert "the largest square size that fits 1 image(s) is" in err[0] and "--no-memory-check" in err[0], err
+    assert not [f for f in os.listdir(out) if f.endswith(".png")], "line 1 was sampled before line 2 was refused"

@@ -1,7 +1,8 @@
 """The CLI's one error boundary (`qwenimage_jax.cli.main`, docs/reliability.md "Errors through the CLI"): an error
 the user can fix is one stderr line and its kind's exit code, `--debug` adds the traceback, a bug names a saved
 traceback file. Every case runs in-process and fails before any model is loaded, except `convert`'s own output rows
-(a replaced destination, a write that fails half-way), which convert the shipped tiny world's VAE."""
+(a replaced destination, a write that fails half-way), which convert the shipped tiny world's VAE, and `sample`'s
+memory check, which loads the tiny world and is refused before anything is sampled."""
 from __future__ import annotations
 
 import errno
@@ -63,6 +64,25 @@ def test_missing_model_directory_is_a_weights_error(tmp_path, capsys):
     assert cli.main(["sample", "--model", absent, "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 5
     line = _error_line(capsys, "sample")
     assert absent in line and "does not exist; pass a diffusers-format Qwen-Image-2 directory" in line
+
+
+def test_sample_size_beyond_the_free_memory_is_an_input_error_before_sampling(tmp_path, capsys, monkeypatch):
+    """16384 px is inside the RoPE range (32768) but far beyond any machine for the tiny world's XLA attention
+    (about 10^6 target tokens): refused with the real free-memory figure, before the text encoder or the sampler run."""
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the pipeline encoded the prompt before refusing the size")
+
+    monkeypatch.setattr(QwenImagePipeline, "encode_prompt", must_not_run)
+    out = tmp_path / "x.png"
+    assert cli.main(["sample", "--model", TINY_WORLD, "--prompt", "a", "--out", str(out), "--height", "16384",
+                     "--width", "16384", "--no-progress"]) == InputError.exit_code
+    line = _error_line(capsys, "sample")
+    for part in ("1 image(s) of 16384x16384", "is free in", "the largest square size that fits 1 image(s) is ",
+                 "not even one image of 16384x16384 fits", "--no-memory-check"):
+        assert part in line, line
+    assert not out.exists()
 
 
 def test_convert_with_a_missing_source(tmp_path, capsys):

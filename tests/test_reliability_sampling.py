@@ -1,5 +1,6 @@
 """Reliability matrix, sampling rows (docs/reliability.md): hostile pipeline and CLI inputs are one clear error or a
 documented conversion, decided before any noise is drawn; two processes sampling into one folder keep both files."""
+import json
 import os
 import subprocess
 import sys
@@ -43,14 +44,15 @@ def test_steps_zero_negative_absurd_or_fractional_are_errors(pipe):
 
 
 def test_distilled_grid_by_default_explicit_steps_win_with_a_warning(pipe):
-    assert pipe.sample_sigmas == [1.0, 0.75, 0.5, 0.25]
+    grid = json.load(open(os.path.join(TINY_WORLD, "model_index.json")))["sample_sigmas"]
+    assert pipe.sample_sigmas == grid and grid[0] == 1.0
     default = _latent(pipe)
     np.testing.assert_array_equal(default, _latent(pipe, sigmas=pipe.sample_sigmas))
-    np.testing.assert_array_equal(default, _latent(pipe, num_inference_steps=4))
-    with pytest.warns(UserWarning, match="own 4-step grid"):
-        two = _latent(pipe, num_inference_steps=2)
+    np.testing.assert_array_equal(default, _latent(pipe, num_inference_steps=len(grid)))
+    with pytest.warns(UserWarning, match=f"own {len(grid)}-step grid"):
+        three = _latent(pipe, num_inference_steps=3)
     generic = QwenImagePipeline(pipe.transformer, pipe.vae)          # same weights, no model grid
-    np.testing.assert_array_equal(two, _latent(generic, num_inference_steps=2))
+    np.testing.assert_array_equal(three, _latent(generic, num_inference_steps=3))
 
 
 def test_custom_sigmas_must_decrease_inside_0_1(pipe):
@@ -80,6 +82,45 @@ def test_sizes_zero_not_multiples_or_beyond_rope_range(pipe):
                             (dict(height=32, width=32800), "width 32800 is beyond the DiT's RoPE range")):
         with pytest.raises(ValueError, match=pattern):
             pipe(prompt_embeds=embeds, output_type="latent", progress=False, **kwargs)
+
+
+def test_a_size_over_the_free_memory_is_refused_before_anything_compiles(pipe, monkeypatch):
+    from qwenimage_jax.errors import InputError
+    from qwenimage_jax.sampling import latents as latent_utils
+    from qwenimage_jax.sampling import memory
+
+    # what the device has free: exactly what 2 images of 256x256 with CFG need (64 text tokens: the first bucket)
+    budget = memory.estimate(pipe.transformer.dit_config, pipe.vae.vae_config, batch=2, height=256, width=256,
+                             cfg=True, text_tokens=64, platform="cpu").total
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (budget, "a test budget"))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the pipeline compiled or allocated before refusing the size")
+
+    traces = pipe.num_traces
+    for owner, name in ((pipe, "_denoise_jit"), (pipe, "_decode_jit"), (pipe, "encode_prompt"),
+                        (latent_utils, "initial_noise")):
+        monkeypatch.setattr(owner, name, must_not_run)
+    cfg = dict(negative_prompt_embeds=_embeds(pipe, seed=1), true_cfg_scale=4.0)
+    with pytest.raises(memory.MemoryBudgetError) as info:
+        pipe(prompt_embeds=_embeds(pipe), height=256, width=256, num_images_per_prompt=3, output_type="latent",
+             progress=False, **cfg)
+    message = str(info.value)
+    assert isinstance(info.value, InputError) and isinstance(info.value, ValueError) and "\n" not in message
+    for part in ("3 image(s) of 256x256 with CFG", "at 256x256 at most 2 image(s) fit", "--no-memory-check",
+                 "the largest square size that fits 3 image(s) is "):
+        assert part in message, message
+    side = int(message.split("fits 3 image(s) is ")[1].split("x")[0])
+    assert side % 32 == 0 and 32 <= side < 256
+    assert pipe.num_traces == traces
+    # two images fit; memory_check=False skips the estimate (here: straight into the patched-out encoder)
+    with pytest.raises(AssertionError, match="compiled or allocated"):
+        pipe(prompt_embeds=_embeds(pipe), height=256, width=256, num_images_per_prompt=2, output_type="latent",
+             progress=False, **cfg)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1, "a test budget"))
+    with pytest.raises(AssertionError, match="compiled or allocated"):
+        pipe(prompt_embeds=_embeds(pipe), height=256, width=256, output_type="latent", progress=False,
+             memory_check=False)
 
 
 def test_batch_zero_empty_or_mixed_prompt_lists(pipe):

@@ -166,9 +166,6 @@ def test_nan_loss_stops_naming_step_batch_and_last_good_checkpoint(data, tmp_pat
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, monkeypatch):
-    from qwenimage_jax.training import guards
-
-    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 3)
     original = dit_trainer._global_batch
     calls = []
 
@@ -180,11 +177,42 @@ def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, 
 
     monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_second)
     with pytest.raises(NonFiniteError) as info:
-        dit_trainer.train(_config(data, on_nonfinite="skip"), str(tmp_path / "run"))
+        dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=3), str(tmp_path / "run"))
     message = str(info.value)
     for part in ("at step 4", "3 non-finite steps in a row (steps 2 to 4; 2 skipped in all)",
                  "Last good checkpoint: step 1 in", "step after step"):
         assert part in message, message
+
+
+def test_nonfinite_in_a_row_config_key_sets_how_many_stop_a_skipping_run(data, tmp_path, monkeypatch):
+    from qwenimage_jax.training import guards
+
+    assert guards.MAX_IN_A_ROW == 10 and load_config(os.path.join(REPO, "configs", "dit_train_tiny.py"),
+                                                    ["--config.nonfinite_in_a_row=2"]).nonfinite_in_a_row == 2
+    original, calls = dit_trainer._global_batch, []
+
+    def nan_from_the_second(batch, sharding):
+        calls.append(1)
+        if len(calls) >= 2:
+            batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
+        return original(batch, sharding)
+
+    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_second)
+    with pytest.raises(NonFiniteError) as info:
+        dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=2), str(tmp_path / "run"))
+    message = str(info.value)
+    for part in ("at step 3 (data batch 2", "2 non-finite steps in a row (steps 2 to 3; 1 skipped in all)",
+                 "Last good checkpoint: step 1 in", "step after step"):
+        assert part in message, message
+    for bad in (0, -1):   # refused before the run starts (no checkpoint directory holds a step)
+        with pytest.raises(ValueError, match=f"nonfinite_in_a_row={bad}; pass a whole number of steps >= 1"):
+            dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=bad), str(tmp_path / "bad"))
+        ckpt = Checkpointer(os.path.join(tmp_path, "bad", "checkpoints"))
+        assert not ckpt.complete_steps()
+        ckpt.close()
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match=f"nonfinite_in_a_row={bad!r}"):
+            guards.NonFiniteMonitor("skip", max_in_a_row=bad)
 
 
 def test_inf_loss_is_skipped_when_configured(data, full, tmp_path, monkeypatch):
@@ -258,10 +286,7 @@ def test_a_nan_read_one_step_late_stops_before_any_later_checkpoint_or_is_skippe
     params = [np.asarray(x) for x in __import__("jax").tree.leaves(run["state"].params)]
     assert all(np.isfinite(p).all() for p in params), "a skipped step reached the parameters"
     # skipping, three in a row (5, 6, 7: each read one step late) still stop the run at the third
-    from qwenimage_jax.training import guards
-
     monkeypatch.undo()
-    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 3)
     original, calls = dit_trainer._global_batch, []
 
     def nan_from_the_fifth(batch, sharding):
@@ -273,7 +298,7 @@ def test_a_nan_read_one_step_late_stops_before_any_later_checkpoint_or_is_skippe
     monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_fifth)
     workdir = str(tmp_path / "in_a_row")
     with pytest.raises(NonFiniteError) as info:
-        dit_trainer.train(_config(data, log_every=8, on_nonfinite="skip"), workdir)
+        dit_trainer.train(_config(data, log_every=8, on_nonfinite="skip", nonfinite_in_a_row=3), workdir)
     for part in ("at step 7", "3 non-finite steps in a row (steps 5 to 7; 2 skipped in all)",
                  "Last good checkpoint: step 4 in"):
         assert part in str(info.value), str(info.value)

@@ -309,7 +309,6 @@ def _poison_batches(monkeypatch, calls, value):
 
 
 def test_non_finite_steps_stop_or_are_skipped_and_counted_and_too_many_in_a_row_stop(tmp_path, monkeypatch):
-    from qwenimage_jax.training import guards
     from qwenimage_jax.training.guards import NonFiniteError
 
     short = ("--config.total_steps=5", "--config.export_ema=False", "--config.eval_every=0",
@@ -331,10 +330,10 @@ def test_non_finite_steps_stop_or_are_skipped_and_counted_and_too_many_in_a_row_
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves), "a skipped step reached the state"
     assert all(np.isfinite(m["loss"]) for _, m in run["history"])
 
-    monkeypatch.undo()
-    monkeypatch.setattr(guards, "MAX_IN_A_ROW", 2)
+    monkeypatch.undo()   # the VAE trainer reads the shared key nonfinite_in_a_row (default guards.MAX_IN_A_ROW)
     _poison_batches(monkeypatch, {2, 3, 4, 5}, np.nan)
     with pytest.raises(NonFiniteError) as info:
-        vae_trainer.train(_config(*short, "--config.on_nonfinite=skip"), str(tmp_path / "row"), show_progress=False)
+        vae_trainer.train(_config(*short, "--config.on_nonfinite=skip", "--config.nonfinite_in_a_row=2"),
+                          str(tmp_path / "row"), show_progress=False)
     assert "at step 3 (data batch 2" in str(info.value)
     assert "2 non-finite steps in a row (steps 2 to 3; 1 skipped in all)" in str(info.value)

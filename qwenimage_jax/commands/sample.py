@@ -11,6 +11,8 @@ tiled into a grid PNG (`--save-individual` also writes out-0.png, out-1.png, ...
 negative prompt, seed, steps, guidance and size as text metadata. An existing --out is never overwritten unless
 `--overwrite`: the PNG goes to out_2.png, out_3.png, ... (claimed atomically, so several processes writing to one
 folder never clobber each other) and each file appears complete or not at all (written aside, then renamed).
+A size or batch whose estimated peak memory exceeds what the device has free is refused before anything
+compiles, naming the largest square size and batch that fit (`sampling/memory.py`; `--no-memory-check` skips it).
 `--steps` left out runs a distilled model's own grid (model_index.json sample_sigmas), else the preset's steps. A tqdm bar counts the denoising steps (from a host
 callback inside the one jitted loop); `--no-progress` removes it. Flags override the `--config` preset.
 
@@ -79,6 +81,9 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out (default: write out_2.png, out_3.png, ... beside it)")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="skip the check that refuses a size/batch whose estimated peak memory exceeds what the "
+                             "device has free (sampling/memory.py)")
 
 
 def _settings(args):
@@ -214,7 +219,7 @@ def run(args):
                   height=settings.get("height") or None, width=settings.get("width") or None,
                   num_inference_steps=steps, sigmas=args.sigmas, num_images_per_prompt=args.batch,
                   output_resolution=int(settings["resolution"]), seed=args.seed, output_type="pil",
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, memory_check=not args.no_memory_check)
     images = result.images
     elapsed = time.perf_counter() - start
     metadata = {"prompt": " | ".join(args.prompt), "negative_prompt": negative or "", "seed": args.seed,
@@ -297,7 +302,8 @@ def run_prompts_file(args, settings) -> int:
     start = time.perf_counter()
     written = batch_sampling.run(pipe, todo, manifest, prompts_file=args.prompts_file, batch_size=batch_size,
                                  cfg=cfg, steps=steps, sigmas=args.sigmas, resolution=resolution,
-                                 settings=image_settings, metadata=metadata, progress=not args.no_progress)
+                                 settings=image_settings, metadata=metadata, progress=not args.no_progress,
+                                 memory_check=not args.no_memory_check)
     elapsed = time.perf_counter() - start
     print(f"wrote {written} image(s) to {args.out_dir} in {elapsed:.1f}s ({written / elapsed:.3g} images/s, "
           f"including compilation); manifest: {manifest.path}")

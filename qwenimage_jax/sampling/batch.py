@@ -21,7 +21,9 @@ longest. Each image is written atomically as `DIR/<line>-<key>.png` (PNG text me
 when its batch finishes, then one line is appended to `DIR/manifest.jsonl`: the line, prompt, seed, height,
 width, negative prompt, settings, file and `key`, a hash of everything that decides the image. A rerun skips every
 line whose key the manifest lists with its file present, so a killed run continues where it stopped and a changed
-line or setting is sampled again; lines with the same key are sampled once.
+line or setting is sampled again; lines with the same key are sampled once. Before the first batch runs, each
+distinct (bucket, size, CFG) batch is checked against the device's free memory (`sampling/memory.py`; off with
+`memory_check=False`, `--no-memory-check`): a batch that cannot fit is a `MemoryBudgetError` naming its first line.
 """
 from __future__ import annotations
 
@@ -239,14 +241,36 @@ def sample_batch(pipe, encoder: _Encoder, batch: Sequence[Entry], batch_size: in
     result = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, prompt_lengths=own,
                   true_cfg_scale=cfg if first.negative_prompt is not None else 1.0, height=first.height,
                   width=first.width, num_inference_steps=steps, sigmas=sigmas, latents=noise,
-                  output_resolution=resolution, output_type="pil", progress=False, **kwargs)
+                  output_resolution=resolution, output_type="pil", progress=False, memory_check=False, **kwargs)
     return result.images[:len(batch)]
+
+
+def _check_memory(pipe, batches, lengths: dict[str, int], batch_size: int, prompts_file: str) -> None:
+    """`pipe.check_memory` once per distinct (bucket, height, width, CFG) of `batches`, naming the first line of a
+    batch that cannot fit."""
+    from qwenimage_jax.sampling.memory import MemoryBudgetError
+
+    seen = set()
+    for batch in batches:
+        first = batch[0]
+        texts = [t for e in batch for t in (e.prompt, e.negative_prompt) if t is not None]
+        key = (pipe.prompt_bucket(max(lengths[t] for t in texts)), first.height, first.width,
+               first.negative_prompt is not None)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            pipe.check_memory(batch_size, first.height, first.width, cfg=key[3], text_tokens=key[0])
+        except MemoryBudgetError as err:
+            raise MemoryBudgetError(f"{prompts_file}:{first.line}: {err}") from None
 
 
 def run(pipe, entries: Sequence[Entry], manifest: Manifest, *, prompts_file: str, batch_size: int, cfg: float,
         steps: int | None, sigmas, resolution: int, settings: dict, metadata: dict, progress: bool = True,
-        log: Callable[[str], None] = print) -> int:
-    """Samples every entry `manifest` does not list as done; returns how many images were written."""
+        log: Callable[[str], None] = print, memory_check: bool = True) -> int:
+    """Samples every entry `manifest` does not list as done; returns how many images were written. With
+    `memory_check`, every batch's size is checked against the device's free memory before the first one runs
+    (the per-call check is then skipped: memory the earlier batches leave cached must not refuse a later one)."""
     from tqdm.auto import tqdm
 
 
@@ -260,6 +284,8 @@ def run(pipe, entries: Sequence[Entry], manifest: Manifest, *, prompts_file: str
                 except ValueError as err:
                     raise InputValueError(f"{prompts_file}:{e.line}: key {key!r}: {err}") from None
     batches = plan(entries, lengths, pipe.prompt_bucket, batch_size)
+    if memory_check:
+        _check_memory(pipe, batches, lengths, batch_size, prompts_file)
     log(f"{len(entries)} image(s) to sample in {len(batches)} batch(es) of up to {batch_size}")
     encoder = _Encoder(pipe)
     bar = tqdm(total=len(entries), desc="sampling", unit="img", dynamic_ncols=True, disable=not progress)

@@ -47,6 +47,7 @@ import numpy as np
 from qwenimage_jax.sampling import checks
 from qwenimage_jax.sampling import images as image_utils
 from qwenimage_jax.sampling import latents as latent_utils
+from qwenimage_jax.sampling import memory
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.errors import WeightsNotFoundError
 from qwenimage_jax.sampling.lora import LoraMixin
@@ -325,6 +326,26 @@ class QwenImagePipeline(LoraMixin):
         or `length` itself without buckets. A ValueError naming the fix when no bucket holds it."""
         return text_bucket(length, self.text_buckets) if self.text_buckets else int(length)
 
+    def check_memory(self, batch: int, height: int, width: int, *, cfg: bool = False, text_tokens: int = 0,
+                     condition_sizes: Sequence[tuple[int, int]] = ()) -> None:
+        """Raises `memory.MemoryBudgetError` when sampling `batch` images of height x width (CFG: a doubled
+        denoising batch) is estimated to need more memory than the device running it has free (`sampling/memory.py`
+        says what is counted). text_tokens: the prompt states' length when known (else the smallest bucket is
+        assumed: a lower bound); condition_sizes: (height, width) of each resized condition image."""
+        text = int(text_tokens)
+        if self.text_buckets:
+            text = next((b for b in self.text_buckets if b >= text), text)
+        if self.text_pad_tokens:
+            text = -(-text // self.text_pad_tokens) * self.text_pad_tokens
+        device, shards = jax.devices()[0], 1
+        if self.mesh is not None:
+            device = self.mesh.devices.flat[0]
+            sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+            shards = int(sizes.get("data", 1)) * int(sizes.get("fsdp", 1))
+        memory.check(self.transformer.dit_config, self.vae.vae_config, batch=int(batch), height=int(height),
+                     width=int(width), device=device, cfg=bool(cfg), text_tokens=text,
+                     condition_sizes=tuple(condition_sizes), batch_shards=shards)
+
     # ------------------------------------------------------------------------------------- jitted programs
     def _denoise(self, variables, latents, image_latents, text, text_mask, neg_text, neg_mask, sigmas, timesteps,
                  num_steps, guidance, text_shift=None, neg_shift=None, *, spec: SamplerSpec):
@@ -476,7 +497,7 @@ class QwenImagePipeline(LoraMixin):
                  return_dict: bool = True, output_resolution: int = 1024, seed: int | None = None,
                  rng: jax.Array | None = None, progress: bool = True, image_pad_mask=None,
                  negative_image_pad_mask=None, prompt_lengths: Sequence[int] | None = None,
-                 negative_prompt_lengths: Sequence[int] | None = None):
+                 negative_prompt_lengths: Sequence[int] | None = None, memory_check: bool = True):
         """Generates images; arguments as diffusers' `QwenImage21Pipeline.__call__` plus `seed`/`rng` (noise when
         `latents` is None; default seed 0), `progress` (tqdm bar over steps) and, for editing from pre-computed
         embeddings, `image_pad_mask`/`negative_image_pad_mask`. Returns `QwenImagePipelineOutput(images)` or
@@ -492,7 +513,11 @@ class QwenImagePipeline(LoraMixin):
         num_inference_steps: None runs the model's own grid (model_index.json `sample_sigmas`, a distilled model)
         or 40 steps; another count runs the generic schedule (with a warning on a distilled model). Bad arguments
         (steps outside 1..1000, non-decreasing sigmas, empty or non-string prompts, NaN/Inf latents or
-        embeddings, sizes beyond the RoPE range, ...) are a ValueError before anything runs."""
+        embeddings, sizes beyond the RoPE range, ...) are a ValueError before anything runs.
+
+        memory_check: estimate the call's peak memory (`sampling/memory.py`) and raise `MemoryBudgetError` (an
+        InputError) naming the largest size and batch that fit when it exceeds what the device has free, before
+        the text encoder, the noise or the sampler run; False skips it (`sample --no-memory-check`)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
         if prompt is not None and prompt_embeds is not None:
@@ -539,11 +564,18 @@ class QwenImagePipeline(LoraMixin):
         else:
             batch_size = prompt_embeds.shape[0]
         total = batch_size * num_images_per_prompt
+        has_neg = negative_prompt is not None or negative_prompt_embeds is not None
+        do_cfg = true_cfg_scale > 1 and has_neg
+        if memory_check and total > 0:   # before the text encoder, the noise or the sampler allocate or compile
+            # anything (0 rows of prompt_embeds: named by encode_prompt's shape check)
+            shapes = [tuple(getattr(e, "shape", np.shape(e))) for e in (prompt_embeds, negative_prompt_embeds
+                                                                        if do_cfg else None) if e is not None]
+            given = [int(shape[1]) for shape in shapes if len(shape) == 3]   # other shapes: encode_prompt names them
+            self.check_memory(total, height, width, cfg=do_cfg, text_tokens=max(given, default=0),
+                              condition_sizes=[(c.size[1], c.size[0]) for c in conditions])
 
         # 2. prompt embeddings
         vlm_images = [c.vlm for c in conditions] or None
-        has_neg = negative_prompt is not None or negative_prompt_embeds is not None
-        do_cfg = true_cfg_scale > 1 and has_neg
         if true_cfg_scale > 1 and not has_neg:
             warnings.warn(f"true_cfg_scale={true_cfg_scale} but no negative prompt was given, so classifier-free "
                           "guidance is off; pass negative_prompt (e.g. ' ') to enable it", stacklevel=2)

@@ -283,7 +283,8 @@ def _step_key(config) -> str:
     program. The pairs store's location and size are data too: whether the step reads its regression target from
     the batch is decided by the batch's keys when it is traced."""
     key = ml_collections.ConfigDict(config.to_dict())
-    for name in ("steps", "checkpoint", "log_every", "progress", "export", "data", "on_nonfinite"):
+    for name in ("steps", "checkpoint", "log_every", "progress", "export", "data", "on_nonfinite",
+                 "nonfinite_in_a_row"):
         if name in key:
             del key[name]
     for name in ("pairs", "num_pairs"):

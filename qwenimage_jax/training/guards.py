@@ -4,12 +4,15 @@ Inside the jitted step, `keep_finite(old, new, loss, grad_norm)` returns the old
 norm is NaN/Inf, so a bad batch never reaches the parameters, the optimizer moments or a checkpoint. On the host,
 `NonFiniteMonitor.check` reads the step's flag (one scalar per step) and, as `config.on_nonfinite` says, either
 stops with an error naming the step, the batch index and the last complete checkpoint ("stop", the default) or
-logs, counts and goes on ("skip"; the step's update was not applied) until `MAX_IN_A_ROW` steps in a row were
-non-finite: then the run stops the same way, naming that step (a run whose every step is skipped trains nothing).
+logs, counts and goes on ("skip"; the step's update was not applied) until `config.nonfinite_in_a_row` (default
+`MAX_IN_A_ROW`, 10) steps in a row were non-finite: then the run stops the same way, naming that step (a run whose
+every step is skipped trains nothing). `NonFiniteMonitor.from_config(config, checkpointer)` builds the monitor from
+those two shared trainer keys; every trainer calls it.
 """
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import jax
@@ -20,9 +23,11 @@ from qwenimage_jax.errors import TrainingError
 log = logging.getLogger("qwenimage_jax.training")
 
 MODES = ("stop", "skip")
-# "skip" stops a run after this many non-finite steps in a row: past a few, the cause is not one bad batch but the
-# learning rate, the data or the weights, and skipping on would only burn the machine time.
+# "skip" stops a run after this many non-finite steps in a row (the default of config.nonfinite_in_a_row): past a
+# few, the cause is not one bad batch but the learning rate, the data or the weights, and skipping on would only
+# burn the machine time.
 MAX_IN_A_ROW = 10
+IN_A_ROW_KEY = "nonfinite_in_a_row"
 
 
 def keep_finite(old_state: Any, new_state: Any, loss, grad_norm) -> tuple[Any, jax.Array]:
@@ -42,9 +47,19 @@ class NonFiniteMonitor:
         if mode not in MODES:
             raise ValueError(f"on_nonfinite={mode!r}; choose one of {MODES}")
         self.mode, self.checkpointer, self.what = mode, checkpointer, what
-        self.max_in_a_row = MAX_IN_A_ROW if max_in_a_row is None else int(max_in_a_row)
+        limit = MAX_IN_A_ROW if max_in_a_row is None else max_in_a_row
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+            raise ValueError(f"{IN_A_ROW_KEY}={limit!r}; pass a whole number of steps >= 1 (how many non-finite "
+                             f"steps in a row stop a run with on_nonfinite=skip; default {MAX_IN_A_ROW})")
+        self.max_in_a_row = int(limit)
         self.skipped: list[int] = []
         self.in_a_row = 0
+
+    @classmethod
+    def from_config(cls, config, checkpointer=None, what: str = "loss") -> "NonFiniteMonitor":
+        """The monitor the shared trainer keys `on_nonfinite` (default "stop") and `nonfinite_in_a_row` (default
+        MAX_IN_A_ROW) describe; configs without them keep the defaults."""
+        return cls(config.get("on_nonfinite", "stop"), checkpointer, what, max_in_a_row=config.get(IN_A_ROW_KEY))
 
     def check(self, step: int, batch_index: int, metrics: dict) -> bool:
         """True when the step was finite. `metrics` holds device scalars `finite`, `loss` and `grad_norm`."""

@@ -4,7 +4,7 @@ A trainer builds a `Task` (its initial state and the abstract state to restore i
 get_state/set_state, how to compile a step for a batch's layout, optionally an export) and calls `run`. The loop
 owns what every trainer shares, configured by one schema (docs/configuration.md, "shared trainer keys"):
 
-    steps, log_every, progress, on_nonfinite ("stop" | "skip"),
+    steps, log_every, progress, on_nonfinite ("stop" | "skip"), nonfinite_in_a_row (default 10),
     checkpoint.every / checkpoint.keep / checkpoint.async_save, export (bool, or a dict with `enabled`)
 
 so resuming, SIGTERM handling (save, then stop; the guard is held through the final save), the NaN/Inf guard
@@ -88,6 +88,7 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
     import flax.linen as nn
 
     ckpt = checkpointer(config, workdir)
+    monitor = NonFiniteMonitor.from_config(config, ckpt)   # a bad on_nonfinite / nonfinite_in_a_row: before any work
     if ckpt.latest_step() is not None:
         state, step = ckpt.restore(task.abstract_state, task.data_iter)
         log.info("%s: resumed from step %d", task.name, step)
@@ -99,7 +100,6 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
 
     progress = tqdm(total=total, initial=step, desc=task.name, dynamic_ncols=True,
                     disable=not (process_index == 0 and config.get("progress", True)))
-    monitor = NonFiniteMonitor(config.get("on_nonfinite", "stop"), ckpt)
     steps_cache: dict[Hashable, Callable] = {}
     losses: dict[int, float] = {}
     all_metrics: dict[int, dict] = {}

@@ -453,6 +453,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     """
     from qwenimage_jax.data import images as image_data
 
+    monitor = NonFiniteMonitor.from_config(config)   # a bad on_nonfinite / nonfinite_in_a_row fails before any work
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
     vae_cfg, reconstruct, frozen = setup.vae_cfg, setup.reconstruct, setup.frozen
@@ -461,6 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3)),
                         save_interval_steps=int(config.checkpoint_every),
                         async_save=bool(config.get("async_checkpoint", True)))
+    monitor.checkpointer = ckpt   # a stop names the last complete checkpoint
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(setup.abstract_state, data_iter)
         log.info("resumed from step %d", start)
@@ -496,7 +498,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
     if show_progress and jax.process_index() == 0:
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=start_step, desc="train-vae", dynamic_ncols=True)
-    monitor = NonFiniteMonitor(config.get("on_nonfinite", "stop"), ckpt)
     with PreemptionGuard() as guard:
         step = start_step
         while step < total_steps:
@@ -602,6 +603,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.async_checkpoint = True
     c.donate_state = True
     c.on_nonfinite = "stop"   # NaN/Inf loss or gradients: "stop" (error) or "skip" the update (training/guards.py)
+    c.nonfinite_in_a_row = 10  # "skip" still stops after this many non-finite steps in a row
     c.export_ema = True
     c.init_from = ""          # an Orbax VAE export to start from (fresh optimizer)
     c.init_from_parts = "all"  # or "encoder": only encoder and quant_conv from init_from, the decoder fresh
