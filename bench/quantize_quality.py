@@ -42,19 +42,27 @@ def random_dit_figures(modes) -> dict:
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
     from qwenimage_jax.testing.quantize import MASK, SHAPES, dit_inputs, psnr, seeded_dit
 
+    import dataclasses
+
+    from qwenimage_jax.testing.quantize import DIT
+
     vae = checkpoints.load("vae", os.path.join(TINY_WORLD_DIR, "vae"))
-    text = np.asarray(dit_inputs()[1])
+    # the seeded DiT reads and writes the shipped VAE's latent channels, so its samples decode with that VAE
+    z_dim = int(vae.vae_config.z_dim)
+    config = dataclasses.replace(DIT, in_channels=z_dim, out_channels=z_dim)
+    text = np.asarray(dit_inputs(config)[1])
 
     def run(mode):
-        transformer = quant.quantize_transformer(seeded_dit(), mode)
-        velocity = np.asarray(transformer(*dit_inputs(), SHAPES, MASK).sample)
+        transformer = quant.quantize_transformer(seeded_dit(config=config), mode)
+        velocity = np.asarray(transformer(*dit_inputs(config), SHAPES, MASK).sample)
         pipe = QwenImagePipeline(transformer, vae)
         images = pipe(prompt_embeds=text, height=64, width=64, num_inference_steps=4, seed=0, output_type="np",
                       progress=False).images
         return velocity, np.asarray(images), quant.param_bytes(transformer.params)
 
     ref_velocity, ref_images, ref_bytes = run(None)
-    out = {"config": "qwenimage_jax/testing/quantize.py DIT (2 layers, 2 heads x 128, mlp 768)",
+    out = {"config": f"qwenimage_jax/testing/quantize.py DIT (2 layers, 2 heads x 128, mlp 768), {z_dim} latent "
+                     "channels (the shipped tiny world VAE's)",
            "float_param_bytes": ref_bytes["float"], "modes": {}}
     for mode in modes:
         velocity, images, sizes = run(mode)

@@ -9,7 +9,7 @@ import numpy as np
 
 from qwenimage_jax.models.dit import DiTConfig, init_transformer
 
-# in_channels 16 = the shipped tiny world VAE's z_dim, so the bench can decode this DiT's latents with it
+# the tests' seeded DiT; bench/quantize_quality.py widens its in/out channels to the shipped VAE's z_dim
 DIT = DiTConfig(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=128, num_attention_heads=2,
                 context_in_dim=64, mlp_ratio=3, axes_dims_rope=(32, 48, 48))
 SHAPES, MASK = ((1, 6, 8),), (False,) * 9 + (True,) * 12   # a 6x8 target after 9 text tokens
