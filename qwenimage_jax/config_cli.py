@@ -125,3 +125,10 @@ def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     overrides = [a for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     return overrides, rest
+
+
+def require_data_path(config: ml_collections.ConfigDict) -> None:
+    """A trainer's cached-latent dataset must be named: ConfigError naming the key and the fix when it is empty."""
+    if not config.data.path:
+        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
+                          "cache-latents` (--config.data.path=DIR)")

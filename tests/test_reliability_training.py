@@ -165,9 +165,9 @@ def test_nan_loss_stops_naming_step_batch_and_last_good_checkpoint(data, tmp_pat
         assert part in message, message
 
 
-def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, monkeypatch):
-    original = dit_trainer._global_batch
-    calls = []
+def _nan_batches_from_the_second(monkeypatch):
+    """Every global batch of the DiT trainer from the second on has NaN latents."""
+    original, calls = dit_trainer._global_batch, []
 
     def nan_from_the_second(batch, sharding):
         calls.append(1)
@@ -176,6 +176,10 @@ def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, 
         return original(batch, sharding)
 
     monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_second)
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, monkeypatch):
+    _nan_batches_from_the_second(monkeypatch)
     with pytest.raises(NonFiniteError) as info:
         dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=3), str(tmp_path / "run"))
     message = str(info.value)
@@ -189,15 +193,7 @@ def test_nonfinite_in_a_row_config_key_sets_how_many_stop_a_skipping_run(data, t
 
     assert guards.MAX_IN_A_ROW == 10 and load_config(os.path.join(REPO, "configs", "dit_train_tiny.py"),
                                                     ["--config.nonfinite_in_a_row=2"]).nonfinite_in_a_row == 2
-    original, calls = dit_trainer._global_batch, []
-
-    def nan_from_the_second(batch, sharding):
-        calls.append(1)
-        if len(calls) >= 2:
-            batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
-        return original(batch, sharding)
-
-    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_second)
+    _nan_batches_from_the_second(monkeypatch)
     with pytest.raises(NonFiniteError) as info:
         dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=2), str(tmp_path / "run"))
     message = str(info.value)

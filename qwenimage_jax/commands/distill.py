@@ -1,7 +1,6 @@
 """`qwenimage-jax distill --config configs/<name>.py --workdir DIR [--config.key=value ...]`: DMD distillation."""
 from __future__ import annotations
 
-from qwenimage_jax.errors import ConfigError
 
 
 def add_arguments(parser):
@@ -15,14 +14,13 @@ def add_arguments(parser):
 def run(args):
     import logging
 
-    from qwenimage_jax.config_cli import load_config
+    from qwenimage_jax.config_cli import load_config, require_data_path
     from qwenimage_jax.training.distill import distill
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
-    if not config.data.path and not config.regression.get("pairs", ""):
-        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
-                          "cache-latents` (--config.data.path=DIR)")
+    if not config.regression.get("pairs", ""):  # a pairs store carries its own data
+        require_data_path(config)
     if not config.teacher:
         logging.getLogger("qwenimage_jax").warning("no --config.teacher given: the teacher is RANDOM (smoke test)")
     result = distill(config, args.workdir)

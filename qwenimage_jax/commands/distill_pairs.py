@@ -3,7 +3,6 @@
 (training/distill_pairs.py). Re-running with the same --out resumes an interrupted build."""
 from __future__ import annotations
 
-from qwenimage_jax.errors import ConfigError
 
 
 def add_arguments(parser):
@@ -22,14 +21,12 @@ def add_arguments(parser):
 def run(args):
     import logging
 
-    from qwenimage_jax.config_cli import load_config
+    from qwenimage_jax.config_cli import load_config, require_data_path
     from qwenimage_jax.training.distill_pairs import make_pairs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
-    if not config.data.path:
-        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
-                          "cache-latents` (--config.data.path=DIR)")
+    require_data_path(config)
     if not config.teacher:
         logging.getLogger("qwenimage_jax").warning("no --config.teacher given: the teacher is RANDOM (smoke test)")
     manifest = make_pairs(config, args.out, num_pairs=args.num_pairs, batch_size=args.batch, chunk_size=args.chunk,

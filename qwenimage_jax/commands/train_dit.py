@@ -1,7 +1,6 @@
 """`qwenimage-jax train-dit --config configs/<name>.py --workdir DIR [--config.key=value ...]`."""
 from __future__ import annotations
 
-from qwenimage_jax.errors import ConfigError
 
 
 def add_arguments(parser):
@@ -14,14 +13,12 @@ def add_arguments(parser):
 def run(args):
     import logging
 
-    from qwenimage_jax.config_cli import load_config
+    from qwenimage_jax.config_cli import load_config, require_data_path
     from qwenimage_jax.training.dit import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.config_overrides)
-    if not config.data.path:
-        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
-                          "cache-latents` (--config.data.path=DIR)")
+    require_data_path(config)
     result = train(config, args.workdir)
     losses = result["losses"]
     if losses:

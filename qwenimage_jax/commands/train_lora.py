@@ -16,7 +16,7 @@ def run(args):
     import logging
     import os
 
-    from qwenimage_jax.config_cli import load_config
+    from qwenimage_jax.config_cli import load_config, require_data_path
     from qwenimage_jax.training.lora import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -24,9 +24,7 @@ def run(args):
     if not config.base or not os.path.isdir(config.base):
         raise ConfigError(f"config.base is {config.base!r}: point it at the frozen model's transformer/ directory "
                           "(--config.base=DIR/transformer)")
-    if not config.data.path:
-        raise ConfigError("config.data.path is empty: point it at a dataset written by `qwenimage-jax "
-                          "cache-latents` (--config.data.path=DIR)")
+    require_data_path(config)
     result = train(config, args.workdir)
     if result["losses"]:
         print(f"finished at step {result['final_step']}; loss {result['losses'][max(result['losses'])]:.4f}; "
