@@ -22,9 +22,10 @@ update: 40 online steps would quadruple the teacher's cost per update on 2 CPU c
 sits below the teacher (the teacher at 8 steps is judged 0.658 against 0.685 at 40 on the test prompts). Without
 `regression.pairs` this config would solve 40 steps online in every update. The regression term is
 kept beside DMD as in DMD1, to anchor a 1-2 step student to the teacher's own noise-to-image map where DMD alone is
-mode-seeking (not ablated here). The assemble stage ships the fewest-step student whose validation judge (64
-prompts of the validation seed, recorded in times.json as distill_N) is within `ship_tolerance` of the teacher's,
-else the best-judged one; the figures stage reports every student on the test prompts beside the teacher at
+mode-seeking (not ablated here). The assemble stage ships the fewest-step student whose validation judge
+(`validation_prompts` held-out prompts of the validation seed, recorded in times.json as distill_N) is within
+`ship_tolerance` of the teacher's, else the best-judged one (at 64 prompts the judge moved by 0.03 between students
+that 256 prompts found equal); the figures stage reports every student on the test prompts beside the teacher at
 40/8/4/2/1 steps, with two distances to the teacher's 40-step images from the same noise.
 
 Expected (world_build/figures.json and qwenimage_jax/assets/tiny_world/README.md; test prompts of seed 1000, 64
@@ -52,6 +53,7 @@ def get_config(arg=None):
     c.steps = 1200
     c.student_steps = (2, 1)         # one distillation per entry (world_assets' distill stage)
     c.ship_tolerance = 0.03          # assemble ships the fewest steps within this of the teacher's validation judge
+    c.validation_prompts = 256       # held-out validation prompts of that judge (64 read +-0.03, the tolerance itself)
     c.student = dict(num_steps=2, sample_sigmas=None, backward_sim="euler")
     c.dmd.real_cfg_scale = 4.0
     c.fake.updates = 2

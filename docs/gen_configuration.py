@@ -182,6 +182,7 @@ G = {
  "regression.pairs": "A store of precomputed (noise, teacher ODE output) pairs (`distill-pairs`); set, the regression target is read from it and no ODE runs per update (empty: solved online).",
  "regression.num_pairs": "How many pairs `distill-pairs` solves (rows of the latent cache, each with its own seeded noise).",
  "student_steps": "One distillation per entry: the student step counts the world recipe trains (WORKDIR/distill_N).",
+ "validation_prompts": "Held-out validation prompts the world recipe judges each student and the teacher on (its ship choice).",
  "ship_tolerance": "The world recipe ships the fewest-step student whose validation judge is within this of the teacher's, else the best one.",
  "scheduler": "Overrides of the released scheduler config.",
  "export.enabled": "Write the student as a diffusers pipeline directory at the end.", "export.dtype": "Export dtype.",

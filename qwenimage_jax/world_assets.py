@@ -650,7 +650,8 @@ def stage_distill(workdir: str, arm: str = SHIPPED_ARM, budget_s: float = 0.0) -
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     suffix = ARMS[arm][0]
-    num = 2 if CONFIG_ARG == "smoke" else 64
+    # the ship choice compares judges 0.03 apart: 64 prompts a split read +-0.03 (world_build/levers/distill_pairs40)
+    num = 2 if CONFIG_ARG == "smoke" else int(_config("world_distill").get("validation_prompts", 64))
     teacher_judge = None
     pairs = stage_distill_pairs(workdir, arm)
     for num_steps in tuple(_config("world_distill").student_steps):
