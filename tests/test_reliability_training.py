@@ -165,21 +165,21 @@ def test_nan_loss_stops_naming_step_batch_and_last_good_checkpoint(data, tmp_pat
         assert part in message, message
 
 
-def _nan_batches_from_the_second(monkeypatch):
-    """Every global batch of the DiT trainer from the second on has NaN latents."""
+def _nan_batches_from(monkeypatch, first: int = 2):
+    """Every global batch of the DiT trainer from the `first`-th (counted from 1) on has NaN latents."""
     original, calls = dit_trainer._global_batch, []
 
-    def nan_from_the_second(batch, sharding):
+    def nan_from(batch, sharding):
         calls.append(1)
-        if len(calls) >= 2:
+        if len(calls) >= first:
             batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
         return original(batch, sharding)
 
-    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_second)
+    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from)
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_a_skipping_run(data, tmp_path, monkeypatch):
-    _nan_batches_from_the_second(monkeypatch)
+    _nan_batches_from(monkeypatch, first=2)
     with pytest.raises(NonFiniteError) as info:
         dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=3), str(tmp_path / "run"))
     message = str(info.value)
@@ -193,7 +193,7 @@ def test_nonfinite_in_a_row_config_key_sets_how_many_stop_a_skipping_run(data, t
 
     assert guards.MAX_IN_A_ROW == 10 and load_config(os.path.join(REPO, "configs", "dit_train_tiny.py"),
                                                     ["--config.nonfinite_in_a_row=2"]).nonfinite_in_a_row == 2
-    _nan_batches_from_the_second(monkeypatch)
+    _nan_batches_from(monkeypatch, first=2)
     with pytest.raises(NonFiniteError) as info:
         dit_trainer.train(_config(data, on_nonfinite="skip", nonfinite_in_a_row=2), str(tmp_path / "run"))
     message = str(info.value)
@@ -283,15 +283,7 @@ def test_a_nan_read_one_step_late_stops_before_any_later_checkpoint_or_is_skippe
     assert all(np.isfinite(p).all() for p in params), "a skipped step reached the parameters"
     # skipping, three in a row (5, 6, 7: each read one step late) still stop the run at the third
     monkeypatch.undo()
-    original, calls = dit_trainer._global_batch, []
-
-    def nan_from_the_fifth(batch, sharding):
-        calls.append(1)
-        if len(calls) >= 5:
-            batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
-        return original(batch, sharding)
-
-    monkeypatch.setattr(dit_trainer, "_global_batch", nan_from_the_fifth)
+    _nan_batches_from(monkeypatch, first=5)
     workdir = str(tmp_path / "in_a_row")
     with pytest.raises(NonFiniteError) as info:
         dit_trainer.train(_config(data, log_every=8, on_nonfinite="skip", nonfinite_in_a_row=3), workdir)
