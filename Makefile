@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv venv-test clean-venv
+.PHONY: demo test figures venv venv-test clean-venv
 
 $(VENV)/.base: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+
+# every figure in README.md and docs/ rewritten from its JSON artifact (docs/figures.py), the AOT table from
+# docs/aot/*.json and docs/configuration.md from configs/
+figures: $(VENV)/.base
+	$(PY) docs/gen_aot_table.py
+	$(PY) docs/gen_configuration.py
+	$(PY) docs/figures.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -131,7 +131,7 @@ def main(argv=None):
     import jax
     import qwix
 
-    from qwenimage_jax.io_utils import write_json
+    from qwenimage_jax.io_utils import provenance, write_json
 
     start = time.time()
     result = {"command": "python bench/quantize_quality.py" + (f" --num-prompts {args.num_prompts}"
@@ -140,7 +140,8 @@ def main(argv=None):
               "device": f"{jax.devices()[0].platform} x{jax.device_count()}", "jax": jax.__version__,
               "qwix": qwix.__version__,
               "random_dit": random_dit_figures(args.modes),
-              "tiny_world": tiny_world_figures(args.modes, args.num_prompts, args.split)}
+              "tiny_world": tiny_world_figures(args.modes, args.num_prompts, args.split),
+              "provenance": provenance()}
     result["seconds"] = round(time.time() - start, 1)
     write_json(args.out, result, indent=1)
     print(f"wrote {args.out}")

@@ -11,7 +11,9 @@ Each script runs in its own subprocess and measures ours AND the PyTorch referen
 same process, so every ratio compares two measurements taken minutes apart on the same machine. The table gives the
 reference's time, ours, the speed-up (reference time / our time: > 1 means ours is faster) and our one-off compile
 time. A script that fails or times out gets a row saying so, with its last error line; nothing is filled in by hand.
-The full stdout of every script is kept in the report's appendix.
+The full stdout of every script is kept in the report's appendix. The report names the commit it measured, and the
+same rows go to a JSON artifact, bench/results/report.json (`--json`), with the commit, versions, machine and command
+(`io_utils.provenance`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # qwenimage_jax.io_utils (commit, provenance, write_json) without an install
 DEFAULT_OUT = os.path.join(REPO, "docs", "benchmarks.md")
+DEFAULT_JSON = os.path.join(REPO, "bench", "results", "report.json")
 
 # name -> (script, small CPU arguments, --gpu arguments or None)
 BENCHES = {
@@ -168,7 +172,32 @@ def parse_train(out: str) -> list[dict]:
 PARSERS = dict(vae=parse_vae, dit=parse_dit, text_encoder=parse_text_encoder, sample=parse_sample, train=parse_train)
 
 
-def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
+def rows_of(name: str, run: dict) -> list[dict]:
+    """The table rows parsed from one script's run ([] when it failed or printed nothing parsable)."""
+    return PARSERS[name](run["stdout"]) if run["rc"] == 0 else []
+
+
+def record(machine_line: str, runs: dict, started: str, gpu_runs: dict, commit: str, command: str) -> dict:
+    """The JSON artifact of a report: every run's command, exit status, wall time and parsed rows (the strings the
+    markdown table shows), with the commit and `io_utils.provenance`."""
+    from qwenimage_jax.io_utils import provenance
+
+    def one(name, run):
+        if run is None:
+            return None
+        return {"command": run["cmd"], "rc": run["rc"], "wall_s": round(run["wall_s"], 1),
+                "rows": rows_of(name, run), "error": _last_error(run) if run["rc"] != 0 else ""}
+
+    record_ = provenance(command)
+    record_["commit"] = commit
+    return {"commit": commit, "started": started, "machine": machine_line,
+            "runs": {name: one(name, run) for name, run in runs.items()},
+            "gpu_runs": {name: one(name, run) for name, run in gpu_runs.items()},
+            "provenance": record_}
+
+
+def render(machine_line: str, runs: dict, started: str, gpu_runs: dict, commit: str = "unknown",
+           json_path: str = "bench/results/report.json") -> str:
     lines = [
         "# Benchmarks: qwenimage-jax vs the PyTorch reference",
         "",
@@ -176,7 +205,7 @@ def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
         "measured in the same process, one after the other, on the same machine and the same random weights.",
         "**Speed-up = reference time / our time (> 1: ours faster).** Compile time is our one-off `jit` compile.",
         "",
-        f"- Run: {started}",
+        f"- Run: {started}, commit {commit} (rows also in `{json_path}`)",
         f"- Machine: {machine_line}",
         "- Reference: diffusers (VAE, DiT, pipeline) and transformers (Qwen3-VL) in PyTorch eager, CPU build, fp32;",
         "  ours: jitted JAX on CPU, fp32, the same thread budget where the script sets one (see each command).",
@@ -194,7 +223,7 @@ def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
         if run is None:
             lines.append(f"| {name} | not run in this report | - | - | - | - | - |")
             continue
-        rows = PARSERS[name](run["stdout"]) if run["rc"] == 0 else []
+        rows = rows_of(name, run)
         if run["rc"] != 0:
             lines.append(f"| {name} | **FAILED** (exit {run['rc']}) | - | - | - | - | `{_last_error(run)}` |")
         elif not rows:
@@ -209,7 +238,7 @@ def render(machine_line: str, runs: dict, started: str, gpu_runs: dict) -> str:
         lines += ["", "## Accelerator (released shapes, random weights)", ""]
         lines += ["| benchmark | setting | reference | ours | speed-up | ours compile | notes |", "|---|---|---|---|---|---|---|"]
         for name, run in gpu_runs.items():
-            rows = PARSERS[name](run["stdout"]) if run["rc"] == 0 else []
+            rows = rows_of(name, run)
             if run["rc"] != 0:
                 lines.append(f"| {name} --gpu | **FAILED** (exit {run['rc']}) | - | - | - | - | `{_last_error(run)}` |")
             for r in rows:
@@ -284,13 +313,18 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=None,
                         help="seconds per script (default 1200) / for the whole GPU suite (default 480)")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--json", default=DEFAULT_JSON, help="the CPU report's rows as JSON, with the commit")
     args = parser.parse_args(argv)
     if args.gpu:
         args.timeout = args.timeout or 480
         return gpu_suite(args)
     args.timeout = args.timeout or 1200
     args.gpu = args.script_gpu_modes
+    from qwenimage_jax.io_utils import git_commit, write_json
+
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = git_commit(REPO)
+    command = " ".join(["python", "bench/report.py"] + list(sys.argv[1:] if argv is None else argv))
     machine_line = machine()
     runs, gpu_runs = {}, {}
     for name, (script, cpu_args, gpu_args) in BENCHES.items():
@@ -303,7 +337,7 @@ def main(argv=None) -> int:
         if args.gpu and gpu_args is not None:
             gpu_runs[name] = run_script(script, gpu_args, args.timeout)
             print(f"[report] {name} --gpu: exit {gpu_runs[name]['rc']}", flush=True)
-    text = render(machine_line, runs, started, gpu_runs)
+    text = render(machine_line, runs, started, gpu_runs, commit, os.path.relpath(os.path.abspath(args.json), REPO))
     start, end = "<!-- gpu-suite:start -->", "<!-- gpu-suite:end -->"
     if os.path.exists(args.out):  # keep the GPU suite's section (bench/gpu_suite.py) across CPU reports
         with open(args.out, encoding="utf-8") as f:
@@ -313,7 +347,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)
-    print(f"[report] wrote {args.out}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    write_json(args.json, record(machine_line, runs, started, gpu_runs, commit, command), indent=1)
+    print(f"[report] wrote {args.out} and {args.json}")
     return 0
 
 

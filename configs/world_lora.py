@@ -12,7 +12,8 @@ scenes (so the adapter keeps what the teacher already does), encoded by the ship
         --split novel --num-prompts 64 --lora /tmp/world_lora/run/export/lora
 
 Evaluation prompts are fresh seeds (eval seed 1000) of the novel split, never trained on. Measured figures:
-OUT/lora_figures.json (written by the recipe) and docs/lora.md.
+qwenimage_jax/assets/tiny_world/lora_figures.json (written by `python -m qwenimage_jax.recipes.world_lora`) and
+docs/lora.md.
 """
 import ml_collections
 

@@ -10,14 +10,16 @@
     python -m qwenimage_jax.world_assets --stage text --workdir /tmp/world     # writes tokenizer/, text_encoder/,
                                                                                  # expander/ under the workdir
 
-Expected (WORKDIR/text_probe.json, `evals.text_probe.report`; 2 CPU cores, ~2 min pretraining + ~2 min expander):
-one changed attribute word moves the state at the changed token by 0.45 (position, size) to 0.92 (colour) of its
-norm; a linear probe reads every attribute of held-out captions at 1.0; attribute words' embeddings have mean
-pairwise cosines 0.12-0.38. Next-token pretraining alone, with tied embeddings, gave 0.03 (size) / 0.045 (count) /
-0.067 (background), probe accuracy 0.12-0.49 for all but position, cosines up to 0.99: the world's attributes are
-independent and uniform, so predicting the next token never needs them. Then `--stage text_check` (WORKDIR/
-text_check.json): a fresh DiT, 150 steps on these states, predicts sigma = 0.98 latents 0.82 worse from a caption
-with the background word swapped (the next-token-only states: +0.002).
+Measured (world_build/text_probe.json, written by the stage through `evals.text_probe.report`; on 2 CPU cores
+~2 min pretraining + ~2 min expander: world_build/times.json "text"): one changed attribute word moves the state at
+the changed token by 0.45 (position, size) to 0.92 (colour) of its norm; a linear probe reads every attribute of
+held-out captions at 1.0; attribute words' embeddings have mean pairwise cosines 0.12-0.38. The same model
+pretrained on next-token prediction alone with tied embeddings (the encoder that commit 43e7d5c replaced; no JSON
+kept) gives 0.03 (size) / 0.045 (count) / 0.067 (background), probe accuracy 0.12-0.49 for all but position,
+cosines up to 0.99: the world's attributes are independent and uniform, so predicting the next token never needs
+them. Then `--stage text_check` (world_build/text_check.json): a fresh DiT, 150 steps on these states, predicts
+sigma = 0.98 latents 0.82 worse from a caption with the background word swapped (on the next-token-only states:
++0.002, commit 25d0c91).
 """
 import ml_collections
 

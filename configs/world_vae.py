@@ -8,15 +8,17 @@ salient-pixel L1 (weight 1: the objects are ~10% of the pixels) + `patch_l2` 1.0
 the latents do not fall back to cell means while the fresh decoder learns to use them), plus the seed's semantic
 alignment of the latents to a frozen VGG16 (relu4_3 of the offline LPIPS weights, fed a 64 px copy so its stride-8
 grid is the 8 x 8 latent grid), strong early (weight 0.1 held for 30% of training) and annealed by a cosine
-schedule to 0.01. 1200 steps of batch 8 (~23 min on 2 CPU cores).
+schedule to 0.01. 1200 steps of batch 8.
 
-Expected (WORKDIR/times.json "vae": the judge on 64 held-out-composition scenes of seed 6, whole scenes): colour
-1.0, position 1.0, background 1.0, count 0.95, size 0.70, shape 0.26, overall 0.81, PSNR 24.8 dB (~30 min), and
-the latents still read out linearly at eval/cell_readout_mse 0.0064 (the judge reads that linear read-out at shape
-0.86, overall 0.94: `python -m qwenimage_jax.evals.vae_readout`, world_build/vae_readout.json). The same recipe
-trained from scratch (no encoder phase, no patch_l2, 1500 steps) judged shape 0.125, overall 0.78, its latents no
-better than each cell's mean colour (read-out 0.0217 vs 0.0222: world_build/vae_readout_from_scratch.json).
-configs/world_vae_decoder.py then fine-tunes the decoder with the latents frozen.
+Measured (world_build/times.json "vae", written by the recipe's `vae` stage: 1800 s on 2 CPU cores, evals
+included; the judge on 64 held-out-composition scenes of seed 6, whole scenes): colour 1.0, position 1.0,
+background 1.0, count 0.95, size 0.70, shape 0.26, overall 0.81, PSNR 24.8 dB. Its latents read out linearly at
+eval/cell_readout_mse 0.0064, and the judge reads that linear read-out at shape 0.86, overall 0.94
+(world_build/vae_readout.json, written by `python -m qwenimage_jax.evals.vae_readout`). The same recipe trained
+from scratch (no encoder phase, no patch_l2, 1500 steps) gives a VAE judged shape 0.125, overall 0.78 (commit
+4c41308) whose latents hold no more than each cell's mean colour (read-out 0.0217 vs 0.0222:
+world_build/vae_readout_from_scratch.json). configs/world_vae_decoder.py then fine-tunes the decoder with the
+latents frozen.
 
     qwenimage-jax train-vae --config configs/world_vae.py --workdir /tmp/world/vae \
         --config.init_from=/tmp/world/vae_encoder/vae_export
@@ -44,8 +46,8 @@ def get_config(arg=None):
     c.compute_dtype = "float32"            # bf16 is slower than fp32 on CPU
     c.mesh = dict(data=1, fsdp=1)
     # z_dim 64 as released: a 16 px cell then keeps 64 floats, room for the 4 x 4 block means the space-to-channel
-    # shortcut carries (a 32 x 32 copy of the scene, which the judge still reads at 0.95; z_dim 16 holds an 8 x 8
-    # block summary, where shapes are lost: the judge gives shape 0.36 on such a copy)
+    # shortcut carries (a 32 x 32 copy of the scene, which the judge reads at 0.95; z_dim 16 holds an 8 x 8 block
+    # summary, where shapes are lost: the judge gives shape 0.36 on such a copy; both measured at commit 43e7d5c)
     c.vae = dict(base_dim=8, decoder_base_dim=16, z_dim=64, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
                  is_residual=True, in_channels=3, out_channels=3, mid_attention=True)
     # 20% of the world's compositions never appear in any training data (split="train"); a fresh stream of
@@ -64,7 +66,7 @@ def get_config(arg=None):
     c.optimizer.b2 = 0.99
     c.optimizer.weight_decay = 0.0
     c.ema_decay = 0.99
-    # edge_l1 stays off: at weight 0.5 from step 0 both arms collapsed to one flat colour per image by step 400
+    # edge_l1 off: at weight 0.5 from step 0 it collapses both arms to one flat colour per image within 400 steps
     # (a scene without edges is a local minimum of the edge term); salient 1.0 puts the objects' pixels first
     # patch_l2 kept from the encoder phase (configs/world_vae_encoder.py): the pixel losses alone let the latents
     # fall back to cell means while the fresh decoder cannot yet use their detail

@@ -41,6 +41,12 @@ def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
         json.dump(obj, f, **dump_kwargs)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` to `path` (UTF-8), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def save_image(image, path: str | os.PathLike, **save_kwargs) -> None:
     """`image.save(path)` (a PIL image), atomically; the format comes from `path`'s extension unless given."""
     from PIL import Image
@@ -111,3 +117,30 @@ def git_commit(repo: str | None = None) -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def provenance(command: str | None = None) -> dict:
+    """What a written figure records about how it was made: the commit (`git_commit`), the versions of python, jax,
+    jaxlib, flax and numpy that ran, the machine (platform, CPU count, jax's devices if jax is imported) and the
+    command (`command`, else this process's argv), with the UTC time."""
+    import datetime
+    import platform
+    import sys
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    if "jax" in sys.modules:
+        with contextlib.suppress(Exception):
+            devices = sys.modules["jax"].devices()
+            machine["devices"] = f"{len(devices)} x {devices[0].device_kind}"
+    if command is None:
+        argv = list(sys.argv)
+        argv[0] = os.path.basename(argv[0]) if argv else ""
+        command = " ".join(["python", "-m", sys.modules["__main__"].__spec__.name] + argv[1:]) \
+            if getattr(sys.modules.get("__main__"), "__spec__", None) else " ".join(["python"] + argv)
+    return {"commit": git_commit(), "versions": versions, "machine": machine, "command": command,
+            "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

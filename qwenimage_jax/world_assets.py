@@ -74,9 +74,13 @@ def _config(name: str, arg=None):
 def _record(workdir: str, stage: str, seconds: float, **extra) -> None:
     path = os.path.join(workdir, "times.json")
     data = json.load(open(path)) if os.path.exists(path) else {}
-    data[stage] = dict(seconds=round(seconds, 1), **extra)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    from qwenimage_jax.io_utils import provenance, write_json
+
+    # each stage keeps the commit that ran it; the top-level record is the latest write's
+    data["provenance"] = provenance()
+    data["commit"] = data["provenance"]["commit"]
+    data[stage] = dict(seconds=round(seconds, 1), **extra, commit=data["commit"])
+    write_json(path, data, indent=1)
 
 
 def stage_text(workdir: str, config_arg=None) -> dict:
@@ -140,8 +144,9 @@ def text_probe_report(workdir: str, small: bool = False) -> dict:
                                 tokenizer_path=os.path.join(workdir, "tokenizer"))
     sizes = dict(num_swaps=8, num_train=64, num_test=16) if small else {}
     report = text_probe.report(encoder, **sizes)
-    with open(os.path.join(workdir, "text_probe.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    from qwenimage_jax.io_utils import provenance, write_json
+
+    write_json(os.path.join(workdir, "text_probe.json"), dict(report, provenance=provenance()), indent=1)
     print(f"[text] probe {report}", flush=True)
     return report
 
@@ -301,8 +306,8 @@ def _write_snapshot_readme(dst: str) -> None:
              "--stage assemble --stage figures` (re)ships the world into qwenimage_jax/assets/tiny_world; "
              "`levers/` records the levers tried on this build.", "", f"Written at commit {_git_commit()}.", "",
              "## Stages recorded (times.json: wall seconds on 2 CPU cores and each stage's figures)", ""]
-    for stage, info in times.items():
-        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
+    for stage, info in recorded_stages(times):
+        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "commit"))
         lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
     stable_seconds = logged_step_seconds(os.path.join(dst, "dit"))
     if stable_seconds:
@@ -313,6 +318,8 @@ def _write_snapshot_readme(dst: str) -> None:
     if os.path.exists(probe):
         lines += ["", "## Text encoder probes (text_probe.json, `evals.text_probe.report`)", ""]
         for name, values in json.load(open(probe)).items():
+            if name == "provenance":
+                continue
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
     base = os.path.join(dst, "transformer_base", TRAINED_FILE)
     if os.path.exists(base):
@@ -414,6 +421,11 @@ def stage_vae_decoder(workdir: str, arm: str = SHIPPED_ARM) -> None:
     _cli(["train-vae", "--config", config, "--workdir", run, f"--config.init_from={first}"])
     stats = export_vae_diffusers(os.path.join(run, "vae_export"), os.path.join(workdir, f"vae{suffix}_diffusers"))
     _record(workdir, "vae_decoder" + suffix, time.time() - t0, **stats)
+
+
+def recorded_stages(times: dict) -> list[tuple[str, dict]]:
+    """times.json's stage entries (name, record), without its provenance keys."""
+    return [(k, v) for k, v in times.items() if isinstance(v, dict) and "seconds" in v]
 
 
 def _times(workdir: str) -> dict:
@@ -786,8 +798,10 @@ def stage_ablation(workdir: str, num_prompts: int = 64) -> dict:
             entry[f"teacher_40_{split}"] = judged
             print(f"[ablation] {arm} {split}\n" + eval_t2i.format_table(judged), flush=True)
         result[arm] = entry
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        from qwenimage_jax.io_utils import provenance, write_json
+
+        result["provenance"] = provenance()
+        write_json(path, result, indent=1)
     _record(workdir, "ablation", time.time() - t0, num_prompts=num_prompts)
     return result
 
@@ -919,8 +933,8 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
         "",
     ]
-    for stage, info in times.items():
-        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
+    for stage, info in recorded_stages(times):
+        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "commit"))
         lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
     stable_seconds = logged_step_seconds(os.path.join(workdir, "dit"))
     if stable_seconds:
@@ -938,6 +952,8 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
                   "| arm | VAE held-out PSNR | judge on VAE reconstructions | teacher judge, train | teacher judge, "
                   "held-out | held-out all_correct |", "|---|---|---|---|---|---|"]
         for arm, entry in json.load(open(ablation_path)).items():
+            if arm not in ARMS:  # its provenance record
+                continue
             vae = entry.get("vae", {})
             train, held = entry["teacher_40_train"]["generated"], entry["teacher_40_heldout"]["generated"]
             lines.append(f"| {arm} | {vae.get('heldout_psnr', '-')} dB | {vae.get('heldout_judge_on_reconstructions', '-')} "
@@ -1060,9 +1076,12 @@ def stage_figures(workdir: str, out: str, num_prompts: int = 64) -> dict:
                   f"{list(conditioning.SIGMAS)}]\n" + "\n".join(f"{k:<14}{v:>10.4f}" for k, v in gaps.items()))
     print(tables[-1], flush=True)
     write_loss_curve(workdir, out)
+    from qwenimage_jax.io_utils import provenance, write_json
+
+    figures["provenance"] = provenance()
+    figures["commit"] = figures["provenance"]["commit"]
     for path in (os.path.join(workdir, "figures.json"), os.path.join(out, "figures.json")):
-        with open(path, "w") as f:
-            json.dump(figures, f, indent=1)
+        write_json(path, figures, indent=1)
     _record(workdir, "figures", time.time() - t0, num_prompts=num_prompts)
     attributes = ("colour", "shape", "count", "position", "size", "background")
     summary = ["| sampler | train overall | held-out overall | " + " | ".join(attributes) +

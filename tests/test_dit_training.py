@@ -28,8 +28,42 @@ def _one_step(config, mesh, batch_np):
         step = dit_trainer.make_train_step(module, tx, lr, config, layout, None, shardings, mesh)
         batch = dit_trainer._global_batch(batch_np, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(dit_trainer.BATCH_AXES)))
-        state, metrics = step(state, batch, jax.random.key(1))
+        state, metrics = step(state, batch, jax.random.key(1), None)
     return jax.device_get(state.params), jax.device_get(metrics), state
+
+
+def test_the_empty_prompt_embedding_is_an_argument_of_the_train_step_not_a_constant(dataset):
+    """With CFG dropout the cached empty-prompt embedding enters the jitted step as an argument (no constant of
+    its shape in the program, which at 7B would be 8 MB baked into every compiled bucket): two different ones
+    give different losses from one compile."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from qwenimage_jax.parallel.rules import LOGICAL_RULES
+
+    config = tiny_config(dataset)
+    config.cfg_dropout = 1.0  # every example takes the empty prompt, so the loss depends on it alone
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    batch_np = next(latent_records.iterate(latent_records.bucketed_batches(dataset, 8, max_text_tokens=12)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        state, shardings, module, tx, lr = dit_trainer.init_state(config, mesh, jax.random.key(0))
+        width = module.config.context_in_dim
+        nulls = [(jnp.full((12, width), v, jnp.float32), jnp.arange(12) < 4) for v in (0.5, -2.0)]
+        step = dit_trainer.make_train_step(module, tx, lr, config, dit_trainer.batch_layout(batch_np), nulls[0],
+                                           shardings, mesh)
+        batch = dit_trainer._global_batch(batch_np, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(dit_trainer.BATCH_AXES)))
+        program = step.lower(state, batch, jax.random.key(1), nulls[0]).as_text()
+        shape = f"tensor<12x{width}xf32>"
+        (main,) = [line for line in program.splitlines() if "func.func public @main" in line]
+        assert shape in main  # among the entry function's arguments
+        assert not [line for line in program.splitlines() if "constant" in line and shape in line]
+        losses = []
+        for null in nulls:
+            fresh, *_ = dit_trainer.init_state(config, mesh, jax.random.key(0))
+            losses.append(float(step(fresh, batch, jax.random.key(1), null)[1]["loss"]))
+    assert abs(losses[0] - losses[1]) > 1e-3, losses
+    assert step._cache_size() == 1
 
 
 def test_sharded_train_step_matches_single_device(dataset):

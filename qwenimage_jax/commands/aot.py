@@ -41,7 +41,7 @@ def add_arguments(parser):
 
 def run(args):
     from qwenimage_jax.config_cli import load_config
-    from qwenimage_jax.io_utils import write_json
+    from qwenimage_jax.io_utils import provenance, write_json
     from qwenimage_jax.parallel import topology as topo
     from qwenimage_jax.training import aot
 
@@ -59,7 +59,9 @@ def run(args):
     report = aot.compile_program(program, target, save=args.save)
     print(report.summary(), flush=True)
     if args.json:
-        write_json(args.json, {"command": _command_line(args), "config": args.config,
+        record = provenance(_command_line(args))
+        write_json(args.json, {"command": record["command"], "commit": record["commit"], "provenance": record,
+                               "config": args.config,
                                "overrides": list(args.config_overrides), **report.as_dict()}, indent=1)
     return 0 if report.fits else 1
 

@@ -63,10 +63,12 @@ def main(argv=None):
 
 
 def write_result(result: dict, out: str) -> None:
-    """`result` + the checkout's commit (so a reader can tell a stale figure) -> OUT as JSON, written atomically."""
-    from qwenimage_jax.io_utils import git_commit, write_json
+    """`result` + the checkout's commit (so a reader can tell a stale figure) and the rest of its provenance
+    (versions, machine, command) -> OUT as JSON, written atomically."""
+    from qwenimage_jax.io_utils import provenance, write_json
 
-    result["commit"] = git_commit()
+    result["provenance"] = provenance()
+    result["commit"] = result["provenance"]["commit"]
     write_json(out, result, indent=1)
 
 

@@ -13,7 +13,6 @@ With --out, the adapter is copied to OUT/lora_purple/ and the figures to OUT/lor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -116,8 +115,11 @@ def main(argv=None) -> int:
                "splits": stage_eval(model, run["export_dir"], args.num_prompts)}
     if args.figure:
         figure(model, run["export_dir"], args.figure)
-    with open(os.path.join(args.workdir, "lora_figures.json"), "w") as f:
-        json.dump(figures, f, indent=1)
+    from qwenimage_jax.io_utils import provenance, write_json
+
+    figures["provenance"] = provenance()
+    figures["commit"] = figures["provenance"]["commit"]
+    write_json(os.path.join(args.workdir, "lora_figures.json"), figures, indent=1)
     if args.out:
         shutil.copytree(run["export_dir"], os.path.join(args.out, "lora_purple"), dirs_exist_ok=True)
         shutil.copy(os.path.join(args.workdir, "lora_figures.json"), os.path.join(args.out, "lora_figures.json"))

@@ -241,17 +241,18 @@ def build_train_dit(config, mesh, resolution: int = 1024) -> Program:
     batch, example = _dit_batch(config, mesh, resolution, cfg)
     layout = dit_train.batch_layout(example)
     length = int(config.data.max_text_tokens)
-    null_text = None
-    if float(config.get("cfg_dropout", 0.0)) > 0:  # the trainer closes over the cached empty-prompt embedding
-        null_text = (np.zeros((length, cfg.context_in_dim), np.float32), np.arange(length) < 8)
     replicated = NamedSharding(mesh, P())
+    null_text = None
+    if float(config.get("cfg_dropout", 0.0)) > 0:  # the cached empty-prompt embedding: an argument of the step
+        null_text = (_abstract((length, cfg.context_in_dim), jnp.float32, replicated),
+                     _abstract((length,), jnp.bool_, replicated))
     with _mesh_context(mesh):
         abstract, shardings, module, tx, lr = dit_train.abstract_train_state(config, mesh, _key(None))
         step = dit_train.make_train_step(module, tx, lr, config, layout, null_text, shardings, mesh)
     n_target = (resolution // 16) ** 2
     seq = n_target + length
     flops = int(config.batch_size) * dit_train.train_flops_per_example(cfg, seq, length)
-    args = (abstract, batch, _key(replicated))
+    args = (abstract, batch, _key(replicated), null_text)
     return Program("train-dit", f"DiT {_params(abstract.params)} params, {resolution}² ({n_target} image + {length} "
                    f"text tokens), global batch {config.batch_size}, attention {cfg.attention}, remat {cfg.remat}",
                    step, args, {}, mesh, flops, "analytic 3 x forward, remat recompute not counted",
@@ -273,11 +274,12 @@ def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     batch, example = _dit_batch(config, mesh, resolution, cfg)
     layout = dit_train.batch_layout(example)
     length = int(config.data.max_text_tokens)
-    null_text = None
-    if float(config.get("cfg_dropout", 0.0)) > 0:
-        null_text = (np.zeros((length, cfg.context_in_dim), np.float32), np.arange(length) < 8)
     rank, alpha = int(config.lora.rank), float(config.lora.get("alpha", config.lora.rank))
     replicated = NamedSharding(mesh, P())
+    null_text = None
+    if float(config.get("cfg_dropout", 0.0)) > 0:  # the cached empty-prompt embedding: an argument of the step
+        null_text = (_abstract((length, cfg.context_in_dim), jnp.float32, replicated),
+                     _abstract((length,), jnp.bool_, replicated))
     with _mesh_context(mesh):
         targets = lora_train.lora_layout(cfg, list(config.lora.target_modules), rank)
         tx, lr = make_optimizer(config.optimizer)
@@ -295,7 +297,7 @@ def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     # the frozen base still runs forward and backward through the activations; only its weight gradients are
     # skipped (2 of the 3 forward-equivalents remain): 2 x forward is the honest count
     flops = int(config.batch_size) * dit_train.train_flops_per_example(cfg, seq, length) * 2.0 / 3.0
-    args = (abstract, base, scales, batch, _key(replicated))
+    args = (abstract, base, scales, batch, _key(replicated), null_text)
     n_train, n_base = _count_params(abstract.params), _count_params(base)
     return Program("train-lora", f"LoRA rank {rank} on {len(targets)} linears of a {_params(base)}-param DiT "
                    f"({jnp.dtype(cfg.param_dtype).name} base, frozen): {n_train / 1e6:.1f}M trainable "

@@ -79,10 +79,13 @@ def train_flops_per_example(cfg: DiTConfig, seq_len: int, text_len: int) -> floa
 
 
 def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
-    """loss_fn(params, batch, key, *frozen) -> scalar flow-matching loss for one layout bucket.
+    """loss_fn(params, batch, key, null_text, *frozen) -> scalar flow-matching loss for one layout bucket.
 
-    variables_of(params, *frozen) -> the variables `module.apply` takes (default {"params": params}); the LoRA
-    trainer passes trainable factors as `params` and the frozen base weights as `frozen`."""
+    `null_text` (the cached empty-prompt (embeds, mask), or None) here only says whether CFG dropout runs; the
+    arrays come in as the loss's argument, so the jitted step takes them as an input instead of baking an
+    (8 MB at 7B) constant into every compiled program. variables_of(params, *frozen) -> the variables
+    `module.apply` takes (default {"params": params}); the LoRA trainer passes trainable factors as `params` and
+    the frozen base weights as `frozen`."""
     variables_of = variables_of or (lambda params: {"params": params})
     img_shapes, img_mask = layout
     n_target = img_shapes[-1][1] * img_shapes[-1][2]
@@ -98,7 +101,7 @@ def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
                                   float(config.flow.get("whiten_cap", 10.0)),
                                   max_text_tokens=int(config.data.max_text_tokens))
 
-    def loss_fn(params, batch, key, *frozen):
+    def loss_fn(params, batch, key, null_text, *frozen):
         x0 = batch["latents"]                                   # (B, h, w, C)
         bsz = x0.shape[0]
         k_sigma, k_noise, k_drop = jax.random.split(key, 3)
@@ -130,19 +133,20 @@ def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
 
 
 def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, state_shardings, mesh):
-    """A jitted (state, batch, key) -> (state, metrics) for one layout bucket."""
+    """A jitted (state, batch, key, null_text) -> (state, metrics) for one layout bucket (`bind` fixes the last
+    argument for the loop)."""
     loss_fn = make_loss_fn(module, config, layout, null_text)
     accum = int(config.get("grad_accum", 1))
 
-    def step(state: TrainState, batch: dict, key):
+    def step(state: TrainState, batch: dict, key, null_text):
         if accum == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key, null_text)
         else:
             micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
             def body(carry, inputs):
                 i, mb = inputs
-                l, g = jax.value_and_grad(loss_fn)(state.params, mb, jax.random.fold_in(key, i))
+                l, g = jax.value_and_grad(loss_fn)(state.params, mb, jax.random.fold_in(key, i), null_text)
                 return jax.tree.map(jnp.add, carry, (l, g)), None
 
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -156,8 +160,13 @@ def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, sta
 
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated),
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def bind(step, *trailing):
+    """`step` with its trailing arguments (e.g. null_text) fixed: the (state, batch, key) callable the loop runs."""
+    return lambda state, batch, key: step(state, batch, key, *trailing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,8 +304,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         return export_dir
 
     task = Task("train-dit", state, abstract_state(state, shardings), latent_records.iterate(dataset),
-                step_for=lambda layout: make_train_step(module, tx, lr_schedule, config, layout, null_text,
-                                                        shardings, mesh),
+                step_for=lambda layout: bind(make_train_step(module, tx, lr_schedule, config, layout, null_text,
+                                                             shardings, mesh), null_text),
                 layout_of=batch_layout, to_global=to_global, key=key, export=export, extra_scalars=extra_scalars)
     result = run(task, config, workdir, mesh, rules, proc)
     # the batches the steps used, in order (the prefetch thread may have made more)

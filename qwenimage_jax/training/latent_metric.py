@@ -11,8 +11,9 @@ loss is minimised by: any fixed positive-definite metric has the same minimiser 
 model, it only moves where a finite model's error goes. Training only; sampling is unchanged.
 
 Measured (world_build/levers/dit_whiten/): 800 fine-tuning steps of the 6300-step world teacher with
-`flow.whiten=1.0` did not raise shape (held-out 0.131 vs 0.139 before and 0.117 for 800 plain-MSE steps, on 256
-validation prompts) and cost 0.02 overall; configs/world_dit.py keeps it off (0). From step 0 it is untested.
+`flow.whiten=1.0` do not raise shape (held-out 0.131, against 0.139 for the teacher itself and 0.117 for 800
+plain-MSE steps, on 256 validation prompts) and cost 0.02 overall; configs/world_dit.py keeps it off (0). Training
+with it from step 0 is not measured.
 """
 from __future__ import annotations
 

@@ -152,13 +152,14 @@ def _base_dit_config(path: str, dtype, param_dtype, runtime):
 
 def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, state_shardings, base_shardings,
                     mesh):
-    """A jitted (state, base, scales, batch, key) -> (state, metrics); gradients reach the factors only."""
+    """A jitted (state, base, scales, batch, key, null_text) -> (state, metrics); gradients reach the factors
+    only."""
     loss_fn = make_loss_fn(module, config, layout, null_text,
                            variables_of=lambda factors, base, scales: {"params": base,
                                                                        "lora": with_scales(factors, scales)})
 
-    def step(state: TrainState, base, scales, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key, base, scales)
+    def step(state: TrainState, base, scales, batch, key, null_text):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key, null_text, base, scales)
         grad_norm = optax.tree.norm(grads)
         new_state = apply_gradients(state, grads, tx)
         new_state, finite = keep_finite(state, new_state, loss, grad_norm)
@@ -167,7 +168,8 @@ def make_train_step(module: DiT, tx, lr_schedule, config, layout, null_text, sta
 
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(state_shardings, base_shardings, replicated, batch_sharding, replicated),
+    return jax.jit(step, in_shardings=(state_shardings, base_shardings, replicated, batch_sharding, replicated,
+                                       replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
@@ -202,7 +204,7 @@ def train(config, workdir: str, base=None) -> dict[str, Any]:
     def step_for(layout_key):
         step = make_train_step(module, tx, lr_schedule, config, layout_key, null_text, shardings, base_shardings,
                                mesh)
-        return lambda state, batch, k: step(state, base_params, scales, batch, k)
+        return lambda state, batch, k: step(state, base_params, scales, batch, k, null_text)
 
     def export(final_state):
         if proc != 0:
