@@ -46,8 +46,8 @@ ARTIFACTS = {
     "world_build/vae_readout*.json": "python -m qwenimage_jax.evals.vae_readout",
     "world_build/shape_trace_*.json": "python -m qwenimage_jax.evals.shape_trace",
     "world_build/latent_signal.json": "python -m qwenimage_jax.evals.latent_signal",
-    "world_build/text_probe.json": "python -m qwenimage_jax.world_assets --workdir /tmp/world --stage text "
-                                   "--snapshot world_build (the text stage's probe, evals/text_probe.py)",
+    "world_build/text_probe.json": "python -m qwenimage_jax.evals.text_probe --text-encoder world_build/text_encoder "
+                                   "--tokenizer world_build/tokenizer --out world_build/text_probe.json",
     "docs/quantize_quality.json": "python bench/quantize_quality.py",
     "docs/aot/*.json": "qwenimage-jax aot --config CONFIG --topology TOPOLOGY --json docs/aot/NAME.json "
                        "(the command is recorded in each)",

@@ -126,6 +126,67 @@ def test_editing_bucket_layout_and_step(tmp_path):
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
+def test_every_layout_is_compiled_before_the_first_step(tmp_path, monkeypatch):
+    """A dataset with a text-to-image and an editing bucket: both steps are compiled at start-up, before step 1
+    runs, and never again; with compile_at_start off the second layout compiles when its bucket first comes up,
+    and the losses are the same either way."""
+    data = write(tmp_path / "data", n=16, edit_n=16)
+    events, original = [], dit_trainer.compiled
+
+    def recording(step, state, batch, key, *trailing):
+        layout = dit_trainer.batch_layout({k: (np.zeros(v.shape, bool) if k == "image_pad_mask" else v)
+                                           for k, v in batch.items()})
+        events.append(("compile", layout))
+        run = original(step, state, batch, key, *trailing)
+
+        def call(*args):
+            events.append(("step", layout))
+            return run(*args)
+        return call
+
+    monkeypatch.setattr(dit_trainer, "compiled", recording)
+    config = tiny_config(data, steps=6)
+    config.data.bucket_weights = {}
+    eager = dit_trainer.train(config, str(tmp_path / "eager"))
+    compiles = [e for e in events if e[0] == "compile"]
+    assert len(compiles) == 2 and len({layout for _, layout in compiles}) == 2
+    assert events[:2] == compiles and len(events) == 2 + 6
+    assert {layout for kind, layout in events if kind == "step"} == {layout for _, layout in compiles}
+    events.clear()
+    config.compile_at_start = False
+    lazy = dit_trainer.train(config, str(tmp_path / "lazy"))
+    assert not events  # the loop's own lazy path, not the start-up compile
+    for s in eager["losses"]:
+        assert lazy["losses"][s] == pytest.approx(eager["losses"][s], abs=1e-6)
+
+
+def test_buckets_are_kept_or_dropped_alike_on_every_host(tmp_path):
+    """15 editing records over 2 hosts at 8 per host: one host holds 8, the other 7. Deciding on the host's own
+    share, the first would train the bucket and the second not (the two would wait on each other's layouts
+    forever); decided from the global count, both drop it."""
+    data = write(tmp_path / "data", n=32, edit_n=15)
+    kept = [set(latent_records.bucket_batches(data, 8, max_text_tokens=12, process_index=i, process_count=2))
+            for i in (0, 1)]
+    assert kept[0] == kept[1] and len(kept[0]) == 1
+    for i in (0, 1):
+        batches = latent_records.iterate(latent_records.bucketed_batches(data, 8, max_text_tokens=12,
+                                                                         process_index=i, process_count=2))
+        assert all(len(dit_trainer.batch_layout(next(batches))[0]) == 1 for _ in range(6))
+    (one_host,) = [latent_records.bucket_batches(data, 8, max_text_tokens=12)]
+    assert len(one_host) == 2  # one host holds all 15: both buckets
+    # each start-up batch has the keys, shapes and dtypes of the training batches of its layout
+    stream = latent_records.iterate(latent_records.bucketed_batches(data, 8, max_text_tokens=12))
+    by_layout = {}
+    for _ in range(8):
+        batch = next(stream)
+        by_layout[dit_trainer.batch_layout(batch)] = batch
+    for batch in one_host.values():
+        reference = by_layout[dit_trainer.batch_layout(batch)]
+        assert set(batch) == {k for k, v in reference.items() if v is not None}
+        assert all(batch[k].shape == np.shape(reference[k]) and batch[k].dtype == np.asarray(reference[k]).dtype
+                   for k in batch)
+
+
 def test_bad_batch_size_for_mesh_is_a_readable_error(dataset, tmp_path):
     with pytest.raises(ValueError, match="batch size 6 is not divisible"):
         dit_trainer.train(tiny_config(dataset, batch_size=6), str(tmp_path / "bad"))

@@ -177,7 +177,7 @@ def bucketed_batches(data_dir: str, batch_size: int, *, max_text_tokens: int, se
         ds = grain.MapDataset.source(source)
         if process_count > 1:
             ds = ds[process_index::process_count]
-        if len(ds) < batch_size:
+        if not _bucket_kept(len(source), batch_size, process_count):
             continue
         ds = (ds.shuffle(seed=seed).map(lambda e, n=max_text_tokens: _pad_text(e, n))
               .batch(batch_size, drop_remainder=True).repeat())
@@ -190,6 +190,30 @@ def bucketed_batches(data_dir: str, batch_size: int, *, max_text_tokens: int, se
     if sum(weights) <= 0:
         raise ValueError(f"bucket_weights {bucket_weights} give no weight to any bucket of {keys}")
     return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+
+
+def _bucket_kept(records: int, batch_size: int, process_count: int) -> bool:
+    """Whether a bucket of `records` (over all hosts) is trained on: decided from the global count, so every host
+    keeps the same buckets (a host that skipped a bucket another trains would wait for it forever); the smallest
+    host share, records // process_count, must fill a batch."""
+    return records // process_count >= batch_size
+
+
+def bucket_batches(data_dir: str, batch_size: int, *, max_text_tokens: int, process_index: int = 0,
+                   process_count: int = 1) -> dict[str, dict[str, Any]]:
+    """{bucket key: one batch of this host's records} for every bucket `bucketed_batches` trains on: what a trainer
+    compiles its steps against at start-up (one per layout), instead of compiling mid-run when a bucket first
+    comes up."""
+    meta = load_meta(data_dir)
+    out = {}
+    for key, per_shard in sorted(meta["buckets"].items()):
+        source = _ShardedSource(data_dir, per_shard, meta["shards"])
+        if not _bucket_kept(len(source), batch_size, process_count):
+            continue
+        examples = [_pad_text(source[process_index + i * process_count], max_text_tokens) for i in range(batch_size)]
+        out[key] = {k: np.stack([e[k] for e in examples]) for k in examples[0]
+                    if isinstance(examples[0][k], np.ndarray)}
+    return out
 
 
 def iterate(dataset: grain.MapDataset) -> Iterator[dict[str, Any]]:

@@ -217,3 +217,27 @@ def report(encoder, num_swaps: int = 64, num_train: int = 1024, num_test: int = 
     """All three measurements: {"swap": ..., "probe": ..., "embedding_cosine": ...}."""
     return {"swap": swap_sensitivity(encoder, num_swaps), "probe": linear_probe(encoder, num_train, num_test),
             "embedding_cosine": embedding_cosines(encoder)}
+
+
+def main(argv=None) -> int:
+    """`python -m qwenimage_jax.evals.text_probe`: the report of a world text encoder -> JSON (with its provenance)."""
+    import argparse
+
+    from qwenimage_jax.checkpoints import load_text_encoder
+    from qwenimage_jax.evals.vae_readout import write_result
+
+    parser = argparse.ArgumentParser(description="Does a world text encoder keep what a caption states? One-word "
+                                                 "swaps, linear probes and embedding cosines (module docstring).")
+    parser.add_argument("--text-encoder", default="qwenimage_jax/assets/tiny_world/text_encoder")
+    parser.add_argument("--tokenizer", default="qwenimage_jax/assets/tiny_world/processor")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    encoder = load_text_encoder(args.text_encoder, with_vision=False, tokenizer_path=args.tokenizer)
+    result = report(encoder)
+    print(result)
+    write_result(dict(result, text_encoder=args.text_encoder), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -169,6 +169,21 @@ def bind(step, *trailing):
     return lambda state, batch, key: step(state, batch, key, *trailing)
 
 
+def compiled(step, state, batch, key, *trailing):
+    """`step` (jitted) compiled ahead for these arguments' shapes and shardings, bound as `bind` does; a step
+    without `.lower` (a test's wrapper) is bound as it is and compiles on its first call."""
+    if not hasattr(step, "lower"):
+        return bind(step, *trailing)
+    return bind(step.lower(state, batch, key, *trailing).compile(), *trailing)
+
+
+def warm_batches(config, global_batch: int, n_proc: int, proc: int):
+    """() -> one local batch per layout bucket that `latent_dataset` trains on (the loop compiles them first)."""
+    return lambda: list(latent_records.bucket_batches(
+        config.data.path, global_batch // n_proc, max_text_tokens=int(config.data.max_text_tokens),
+        process_index=proc, process_count=n_proc).values())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Setup helpers
 
@@ -220,6 +235,14 @@ def _null_text(data_dir: str, max_text_tokens: int):
     padded = np.zeros((max_text_tokens, embeds.shape[1]), np.float32)
     padded[:length] = embeds
     return jnp.asarray(padded), jnp.asarray(np.arange(max_text_tokens) < length)
+
+
+def abstract_global_batch(batch: dict, sharding) -> dict:
+    """The shapes, dtypes and sharding `_global_batch` would give this host-local batch (every host holds the same
+    share), without moving any data: what a step is compiled against."""
+    hosts = jax.process_count()
+    return {k: jax.ShapeDtypeStruct((np.shape(v)[0] * hosts,) + np.shape(v)[1:], np.asarray(v).dtype,
+                                    sharding=sharding) for k, v in batch.items() if v is not None}
 
 
 def _global_batch(batch: dict, sharding) -> dict:
@@ -306,7 +329,11 @@ def train(config, workdir: str) -> dict[str, Any]:
     task = Task("train-dit", state, abstract_state(state, shardings), latent_records.iterate(dataset),
                 step_for=lambda layout: bind(make_train_step(module, tx, lr_schedule, config, layout, null_text,
                                                              shardings, mesh), null_text),
-                layout_of=batch_layout, to_global=to_global, key=key, export=export, extra_scalars=extra_scalars)
+                layout_of=batch_layout, to_global=to_global, key=key, export=export, extra_scalars=extra_scalars,
+                warm_batches=warm_batches(config, global_batch, n_proc, proc),
+                compile_step=lambda layout, batch, state: compiled(
+                    make_train_step(module, tx, lr_schedule, config, layout, null_text, shardings, mesh), state,
+                    abstract_global_batch(batch, batch_sharding), jax.random.fold_in(key, 0), null_text))
     result = run(task, config, workdir, mesh, rules, proc)
     # the batches the steps used, in order (the prefetch thread may have made more)
     used = batch_checksums[:result["final_step"] - result["start_step"]]

@@ -51,7 +51,9 @@ class Task:
     step_for(layout) -> a compiled `(state, batch, key) -> (state, metrics)`; metrics hold "loss", "grad_norm" and
     "finite" (the step guards itself with `guards.keep_finite`). layout_of(local batch) -> a hashable layout key (one
     compiled step per key). to_global(local batch) -> the global (sharded) batch. export(state) -> a path or None.
-    postfix(scalars) -> what the progress bar shows.
+    postfix(scalars) -> what the progress bar shows. warm_batches() -> one local batch per layout the data holds and
+    compile_step(layout, local batch, state) -> the compiled step for it: given both, every layout is compiled
+    before the first step (config key compile_at_start, default on) rather than when its bucket first comes up.
     """
     name: str
     state: Any
@@ -64,6 +66,22 @@ class Task:
     export: Callable[[Any], str | None] | None = None
     postfix: Callable[[dict], dict] | None = None
     extra_scalars: Callable[[int, dict], dict] | None = None   # e.g. step time -> tokens/s, MFU
+    warm_batches: Callable[[], list[dict]] | None = None
+    compile_step: Callable[[Hashable, dict, Any], Callable] | None = None
+
+
+def compile_layouts(task: Task, state, steps_cache: dict) -> None:
+    """Compiles `task`'s step for every layout of its warm batches into `steps_cache` (a multi-layout dataset then
+    never stops mid-run for a compile, and every host compiles the same layouts in the same order)."""
+    if task.warm_batches is None or task.compile_step is None:
+        return
+    started = time.perf_counter()
+    for local in task.warm_batches():
+        layout = task.layout_of(local)
+        if layout not in steps_cache:
+            steps_cache[layout] = task.compile_step(layout, local, state)
+    log.info("%s: compiled the step for %d layout(s) in %.1f s", task.name, len(steps_cache),
+             time.perf_counter() - started)
 
 
 def export_enabled(config) -> bool:
@@ -139,6 +157,8 @@ def run(task: Task, config, workdir: str, mesh=None, rules=None, process_index: 
     pending = None   # (step, metrics, layout) of the step dispatched last, its flag not read yet
     # the guard stays installed through the final save: a second SIGTERM must not kill it half-written
     with PreemptionGuard() as guard, mesh_ctx, rules_ctx, batches:
+        if step < total and config.get("compile_at_start", True):   # while the prefetch thread makes batches
+            compile_layouts(task, state, steps_cache)
         while step < total:
             layout, batch = next(batches)
             if layout not in steps_cache:

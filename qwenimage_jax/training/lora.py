@@ -30,8 +30,8 @@ from qwenimage_jax.data import latent_records
 from qwenimage_jax.checkpoints import load_transformer
 from qwenimage_jax.models.dit import DiT, abstract_params
 from qwenimage_jax.parallel.rules import logical_shardings, rules_for
-from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, latent_dataset,
-                                        make_loss_fn, start_run)
+from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, abstract_global_batch,
+                                        batch_layout, latent_dataset, make_loss_fn, start_run, warm_batches)
 from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.state import TrainState, abstract_state, apply_gradients, make_optimizer, sharded_init
 
@@ -213,8 +213,18 @@ def train(config, workdir: str, base=None) -> dict[str, Any]:
         log.info("exported the adapter to %s (diffusers format)", export_dir)
         return export_dir
 
+    def compile_step(layout_key, local, state):
+        step = make_train_step(module, tx, lr_schedule, config, layout_key, null_text, shardings, base_shardings,
+                               mesh)
+        batch = abstract_global_batch(local, batch_sharding)
+        if not hasattr(step, "lower"):
+            return lambda state, batch, k: step(state, base_params, scales, batch, k, null_text)
+        exe = step.lower(state, base_params, scales, batch, jax.random.fold_in(key, 0), null_text).compile()
+        return lambda state, batch, k: exe(state, base_params, scales, batch, k, null_text)
+
     task = Task("train-lora", state, abstract_state(state, shardings), latent_records.iterate(dataset), step_for,
-                batch_layout, lambda local: _global_batch(local, batch_sharding), key, export=export)
+                batch_layout, lambda local: _global_batch(local, batch_sharding), key, export=export,
+                warm_batches=warm_batches(config, global_batch, n_proc, proc), compile_step=compile_step)
     result = run(task, config, workdir, mesh, rules, proc)
     result.update(export_dir=export_dir, trainable_params=n_train, base_params=n_base)
     return result
