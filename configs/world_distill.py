@@ -53,7 +53,7 @@ def get_config(arg=None):
     c.seed = 0
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.batch_size = 8
-    c.steps = 1200
+    c.steps = 2400
     c.student_steps = (2, 1)         # one distillation per entry (world_assets' distill stage)
     c.ship_tolerance = 0.03          # assemble ships the fewest steps within this of the teacher's validation judge
     c.validation_prompts = 256       # held-out validation prompts of that judge (64 read +-0.03, the tolerance itself)

@@ -162,27 +162,31 @@ def test_peft_directory_and_scale_argument(setup):
         ours.unload_lora_weights()
 
 
-def test_kohya_names_and_alphas_give_the_same_model(setup, tmp_path):
-    """The same factors as lora_down / lora_up with `.alpha`, under kohya's flattened names."""
+def test_a_kohya_file_matches_diffusers_loading_the_same_file(setup, tmp_path):
+    """A kohya-format file (flattened `lora_unet_*` names, lora_down / lora_up, a per-module `.alpha` of 6 with rank
+    4, so the scale differs from the diffusers-format adapter's 8 / 4) loaded by diffusers' own
+    `load_lora_weights` (its kohya converter) is the expected value; ours loads the same file."""
     from safetensors.numpy import load_file, save_file
 
-    _, ours, adapters = setup
+    ref, ours, adapters = setup
     state = load_file(os.path.join(adapters["attn"], "pytorch_lora_weights.safetensors"))
     kohya = {}
     for key, value in state.items():
         module, kind = key.removeprefix("transformer.").rsplit(".lora_", 1)
         flat = "lora_unet_" + module.replace(".", "_")
         kohya[f"{flat}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
-        kohya[f"{flat}.alpha"] = np.asarray(8.0, np.float32)  # alpha 8 / r 4, as in the diffusers metadata
-    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+        kohya[f"{flat}.alpha"] = np.asarray(6.0, np.float32)
+    path = str(tmp_path / "kohya.safetensors")
+    save_file(kohya, path)
+    base = _latents(ours, False)
     try:
-        ours.load_lora_weights(adapters["attn"], adapter_name="diffusers")
-        expected = _latents(ours, False)
-        ours.unload_lora_weights()
-        ours.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="kohya")
-        assert max_rel_err(_latents(ours, False), expected) <= 1e-6
+        ref.load_lora_weights(path, adapter_name="kohya")
+        ours.load_lora_weights(path, adapter_name="kohya")
+        expected, got = _latents(ref, True), _latents(ours, False)
+        assert max_rel_err(got, expected) <= 1e-4
+        assert max_rel_err(got, base) > 1e-2  # the adapter is applied at all
     finally:
-        ours.unload_lora_weights()
+        _clear(ref, ours)
 
 
 def test_unknown_and_mismatched_keys_are_one_error(setup, tmp_path):

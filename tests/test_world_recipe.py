@@ -18,11 +18,13 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     for stage in ("text", "text_check", "vae_encoder", "vae", "vae_decoder", "vae_noalign", "vae_decoder_noalign",
                   "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill_pairs", "distill_2",
                   "distill_1", "figures"):
-        assert stage in times and times[stage]["seconds"] >= 0, stage
+        assert stage in times and times[stage]["seconds"] > 0, stage
+        assert times[stage]["commit"] == times["provenance"]["commit"], stage  # one run wrote every stage
     # both VAE arms were judged on held-out reconstructions, both teachers on generated images
     for arm in ("vae", "vae_noalign"):
-        assert 0.0 <= times[arm]["heldout_judge_on_reconstructions"] <= 1.0
-        assert set(times[arm]["heldout_judge_attributes"]) >= {"colour", "shape", "count", "position", "size"}
+        attributes = times[arm]["heldout_judge_attributes"]
+        assert set(attributes) >= {"colour", "shape", "count", "position", "size"}
+        assert 3.0 < times[arm]["heldout_psnr"] < 60.0, times[arm]  # finite and in dB (not a 0-1 MSE, not NaN)
     ablation = json.load(open(workdir / "ablation.json"))
     assert set(ablation) == {"align", "noalign", "provenance"} and "dit_noalign" not in times  # only the shipped arm goes on
     assert ablation["provenance"]["commit"] and ablation["provenance"]["versions"]["jax"]
@@ -33,8 +35,8 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     # the shipped student is one of the two distilled (2 and 1 steps), chosen on the validation judge
     assert index["_class_name"] == "QwenImage21Pipeline"
     assert len(index["sample_sigmas"]) == world_assets.shipped_student(str(workdir)) in (1, 2)
-    for n in (1, 2):
-        assert 0.0 <= times[f"distill_{n}"]["validation_judge"] <= 1.0
+    # the teacher is judged once, on the same validation prompts, as the bar for both students
+    assert times["distill_1"]["teacher_40_validation_judge"] == times["distill_2"]["teacher_40_validation_judge"]
     assert json.load(open(out / "world.json")) == {"image_size": 64}
     for name in ("transformer", "teacher/transformer", "vae", "text_encoder", "processor", "expander"):
         assert os.path.isdir(out / name), name
