@@ -48,3 +48,31 @@ def test_cache_latents_writes_what_the_encoders_give(tmp_path):
         embeds, _, _ = te.encode_prompt([caption])
         n = int(got["text_mask"][i].sum())
         np.testing.assert_allclose(got["text_embeds"][i, :n], np.asarray(embeds)[0, :n], atol=1e-2, rtol=1e-2)
+
+
+def test_an_interrupted_dataset_write_leaves_no_dataset_and_a_rerun_completes(tmp_path):
+    """The example stream fails after 5 of 12 examples (a crash, a full disk): no shard under its final name, no
+    meta.json (so nothing reads the directory as a dataset) and no temporary left; the rerun writes it whole."""
+    import os
+
+    import pytest
+
+    from qwenimage_jax.errors import InputNotFoundError
+    from tests.dit_train_fixtures import make_examples
+
+    def failing():
+        for i, example in enumerate(make_examples(12)):
+            if i == 5:
+                raise OSError(28, "No space left on device")
+            yield example
+
+    out = tmp_path / "latents"
+    with pytest.raises(OSError, match="No space"):
+        latent_records.write_dataset(failing(), str(out), num_shards=2)
+    assert os.listdir(out) == []
+    with pytest.raises(InputNotFoundError):
+        latent_records.load_meta(str(out))
+    meta = latent_records.write_dataset(make_examples(12), str(out), num_shards=2)
+    assert sum(meta["shards"].values()) == 12 and sorted(os.listdir(out)) == sorted(list(meta["shards"]) + ["meta.json"])
+    batch = next(latent_records.iterate(latent_records.bucketed_batches(str(out), 4, max_text_tokens=12)))
+    assert batch["latents"].shape[0] == 4

@@ -381,3 +381,18 @@ def test_checkpointer_error_names_the_step_without_an_earlier_checkpoint(tmp_pat
     assert "saving checkpoint step 1 failed" in str(error) and "no earlier complete checkpoint" in str(error)
     ckpt.close()
     assert ckpt_lib.CheckpointSaveError is CheckpointSaveError
+
+
+def test_a_partial_last_metrics_record_is_dropped_before_a_resumed_run_appends(tmp_path):
+    """A run killed while writing metrics.jsonl leaves half a record without its newline: readers skip it and the
+    next writer cuts it, so the resumed run's first record is a line of its own."""
+    from qwenimage_jax.training.metrics_writer import MetricsWriter, read_scalars
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/lo')
+    assert read_scalars(str(tmp_path)) == [{"step": 1, "train/loss": 0.5}]
+    writer = MetricsWriter(str(tmp_path), enabled=True, tensorboard=False)
+    writer.write_scalars(2, {"train/loss": 0.25})
+    writer.close()
+    assert path.read_text() == '{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.25}\n'
+    assert [r["step"] for r in read_scalars(str(tmp_path))] == [1, 2]

@@ -17,6 +17,7 @@ weights) deterministically, and its iterator state is checkpointable.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -65,34 +66,41 @@ def write_dataset(examples: Iterable[dict], out_dir: str, *, num_shards: int = 1
                   float32_fields: Collection[str] = ()) -> dict:
     """Writes examples round-robin into `num_shards` ArrayRecord files and returns the metadata written.
 
+    Nothing half-written is ever taken for data: the shards are written under temporary names and renamed into
+    place once all are complete, and the metadata (which makes the directory a dataset: `load_meta`) comes last, so
+    an interrupted run leaves no meta.json, and a rerun writes it all again.
     Multi-host preprocessing: host i passes `shard_offset=i * num_shards, total_shards=hosts * num_shards`, and
     host 0 writes meta.json after all hosts finished (call `merge_meta`)."""
     from array_record.python.array_record_module import ArrayRecordWriter
+
+    from qwenimage_jax.io_utils import atomic_path, write_json
 
     os.makedirs(out_dir, exist_ok=True)
     total = total_shards or num_shards
     paths = [os.path.join(out_dir, f"shard-{shard_offset + i:05d}-of-{total:05d}.array_record")
              for i in range(num_shards)]
-    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
     counts = [0] * num_shards
     buckets: dict[str, list[list[int]]] = {}
-    try:
-        for n, example in enumerate(examples):
-            shard = n % num_shards
-            key = bucket_key(example)
-            buckets.setdefault(key, [[] for _ in range(num_shards)])[shard].append(counts[shard])
-            writers[shard].write(encode_record(example, float32_fields))
-            counts[shard] += 1
-    finally:
-        for w in writers:
-            w.close()
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p)) for p in paths]   # renamed into place when all succeed
+        writers = [ArrayRecordWriter(t, "group_size:1") for t in tmps]
+        try:
+            for n, example in enumerate(examples):
+                shard = n % num_shards
+                key = bucket_key(example)
+                buckets.setdefault(key, [[] for _ in range(num_shards)])[shard].append(counts[shard])
+                writers[shard].write(encode_record(example, float32_fields))
+                counts[shard] += 1
+        finally:
+            for w in writers:
+                w.close()
     meta = {"shards": {os.path.basename(p): c for p, c in zip(paths, counts)},
             "buckets": {k: {os.path.basename(p): idx for p, idx in zip(paths, v)} for k, v in buckets.items()},
             **(extra_meta or {})}
     if null_text_embeds is not None:
-        np.save(os.path.join(out_dir, NULL_EMBEDS), np.asarray(null_text_embeds, np.float32))
-    with open(os.path.join(out_dir, META if total == num_shards else f"meta-{shard_offset:05d}.json"), "w") as f:
-        json.dump(meta, f)
+        with atomic_path(os.path.join(out_dir, NULL_EMBEDS)) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray(null_text_embeds, np.float32))
+    write_json(os.path.join(out_dir, META if total == num_shards else f"meta-{shard_offset:05d}.json"), meta)
     return meta
 
 
@@ -106,8 +114,9 @@ def merge_meta(out_dir: str) -> dict:
         for key, per_shard in part.pop("buckets").items():
             merged["buckets"].setdefault(key, {}).update(per_shard)
         merged.update(part)
-    with open(os.path.join(out_dir, META), "w") as f:
-        json.dump(merged, f)
+    from qwenimage_jax.io_utils import write_json
+
+    write_json(os.path.join(out_dir, META), merged)
     return merged
 
 

@@ -38,7 +38,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(logdir, exist_ok=True)
-        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(logdir, "metrics.jsonl")
+        drop_partial_line(path)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -86,12 +88,29 @@ class MetricsWriter:
             self._tb = None
 
 
+def drop_partial_line(path: str) -> None:
+    """Cuts a last line without its newline (a run killed mid-write) from the append-only log at `path`, so the
+    resumed run's records start on a line of their own instead of gluing onto half a record."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+        log.warning("%s ended in a partial record (the run was killed while writing it); dropped it", path)
+
+
 def read_scalars(logdir: str) -> list[dict]:
     """All records of `logdir/metrics.jsonl` (later records for a step win, e.g. after a resume)."""
     path = os.path.join(logdir, "metrics.jsonl")
     by_step = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
+            if not line.endswith("\n"):   # a partial last record of a killed run: the next writer drops it
+                break
             record = json.loads(line)
             by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
