@@ -143,6 +143,55 @@ def ours(args, peak: float) -> tuple[list[dict], object]:
     return rows, cfg
 
 
+def backends(args, peak: float) -> tuple[list[dict], list[str]]:
+    """Every attention backend on one DiT forward at `--backend-resolution`² (full, uncached): median ms and the max
+    relative error against the einsum path (`xla`) from the same weights and inputs. A backend that fails is a row
+    saying so (the first GPU run must not lose the whole suite to one kernel). Returns (rows, the backends that ran)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dit_bench import forward_flops
+    from qwenimage_jax.models.dit import DiT, joint_layout, layout_key
+    from sample_bench import _released_pipeline
+
+    names = ("xla", "dot_product_attention", "cudnn_emulated") if args.dry_run else \
+        ("xla", "dot_product_attention", "cudnn")
+    pipe, cfg, _ = _released_pipeline(args.dry_run, "xla")
+    size = args.backend_resolution
+    text_len, grid = args.text_tokens, (1, size // 16, size // 16)
+    n_tgt = grid[1] * grid[2]
+    shapes, mask = layout_key([grid], [False] * text_len + [True] * (n_tgt // 4))
+    layout = joint_layout(shapes, mask)
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((1, n_tgt, cfg.in_channels)), jnp.bfloat16)
+    text = jnp.asarray(rng.standard_normal((1, text_len, cfg.context_in_dim)), jnp.bfloat16)
+    t = jnp.array([0.5], jnp.float32)
+    params = pipe.transformer.params
+    flops = forward_flops(cfg, layout, None)
+    rows, ran, reference = [], [], None
+    for name in names:
+        module = DiT(dataclasses.replace(cfg, attention=name))
+        forward = jax.jit(lambda p, h, e, tt, m=module: m.apply({"params": p}, h, e, tt, shapes, mask))
+        try:
+            out = np.asarray(forward(params, hidden, text, t).astype(jnp.float32))
+            secs = _median(lambda: forward(params, hidden, text, t).block_until_ready(), args.repeats)
+        except Exception as e:  # noqa: BLE001 - reported as a row, the suite goes on
+            rows.append(dict(what=f"DiT full step {size}², attention {name}", value="failed", flops="", mfu="",
+                             note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            continue
+        reference = out if reference is None else reference
+        err = float(np.abs(out - reference).max() / (np.abs(reference).max() + 1e-12))
+        rows.append(dict(what=f"DiT full step {size}², attention {name}", value=f"{secs * 1e3:.1f} ms",
+                         flops=f"{flops / 1e12:.2f}", mfu=f"{flops / secs / peak:.1%}",
+                         note=f"max rel err vs xla {err:.1e} (bf16)"))
+        ran.append(name)
+    del pipe
+    return rows, ran
+
+
 def _gib(b) -> str:
     return "n/a (no device memory stats)" if b is None else f"{b / 1024 ** 3:.2f} GiB"
 
@@ -247,6 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     parser.add_argument("--attention", default=None, help="ours: cudnn on GPU (default), xla in the dry run")
     parser.add_argument("--resolution", type=int, default=None, help="1024 (128 in the dry run)")
+    parser.add_argument("--backend-resolution", type=int, default=None,
+                        help="side of the every-backend rows (512; 64 in the dry run): xla materialises the logits")
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 40])
     parser.add_argument("--repeats", type=int, default=5, help="timed DiT steps (median)")
@@ -259,6 +310,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # room for diffusers on the same GPU
     args.attention = args.attention or ("xla" if args.dry_run else "cudnn")
     args.resolution = args.resolution or (64 if args.dry_run else 1024)
+    args.backend_resolution = args.backend_resolution or (64 if args.dry_run else 512)
     if args.dry_run:  # the smallest shapes that still run every branch (two step counts sharing one program)
         args.repeats, args.sample_repeats, args.text_tokens = 1, 1, min(args.text_tokens, 8)
         args.steps = [1, 2] if args.steps == [4, 8, 40] else args.steps
@@ -267,7 +319,14 @@ def main(argv=None) -> int:
     print(f"[gpu-suite] device {device}", flush=True)
     peak = matmul_peak(args.matmul or (128 if args.dry_run else 8192), 3)
     print(f"[gpu-suite] measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
+    backend_rows, ran = backends(args, peak)
+    for r in backend_rows:
+        print(f"[gpu-suite] {r['what']}: {r['value']} {r['mfu']} {r['note']}", flush=True)
+    if args.attention not in ran and not args.dry_run:  # e.g. cuDNN failed above: the rest of the suite on xla
+        print(f"[gpu-suite] attention {args.attention} failed above; the sampler rows use xla", flush=True)
+        args.attention = "xla"
     rows, cfg = ours(args, peak)
+    rows = backend_rows + rows
     for r in rows:
         print(f"[gpu-suite] {r['what']}: {r['value']} {r['mfu']} {r['note']}", flush=True)
     ref_rows = diffusers_side(args, cfg, peak)

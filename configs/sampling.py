@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.height = 0                    # 0 = from the resolution / the last condition image
     c.width = 0
     c.dtype = "bfloat16"
-    c.attention = "xla"             # DiT attention backend ("cudnn" on GPU, "splash" on TPU)
+    c.attention = "auto"            # DiT attention backend: auto = "cudnn" on GPU, "splash" on TPU, "xla" on CPU
     c.quantize = "none"             # weight-only "int8" / "fp8" / "int4" of the DiT + text encoder (docs/quantization.md)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     for key, value in PRESETS[name].items():

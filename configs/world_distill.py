@@ -3,10 +3,10 @@
 Sampled with fewer Euler steps, the teacher is judged 0.622 at 4 steps against 0.685 at 40 on the held-out test
 prompts, but 0.467 at 2 and 0.468 at 1 (world_build/figures.json), so the students that show whether the
 objective works are the 2- and 1-step ones (`student_steps`: the recipe runs one distillation per entry, each into
-WORKDIR/distill_N). The teacher is `WORKDIR/transformer` of `python -m qwenimage_jax.world_assets`
+WORKDIR/distill_N). The teacher is `WORKDIR/transformer` of `python -m qwenimage_jax.recipes.world`
 (configs/world_dit.py) and the data its cached world latents; both paths are filled in by the `distill` stage:
 
-    python -m qwenimage_jax.world_assets --workdir /tmp/world --stage distill --stage assemble --stage figures
+    python -m qwenimage_jax.recipes.world --workdir /tmp/world --stage distill --stage assemble --stage figures
     # which runs, in process, once (resumable; skipped when complete):
     qwenimage-jax distill-pairs --config configs/world_distill.py --out /tmp/world/distill_pairs \
         --config.teacher=/tmp/world/transformer --config.data.path=/tmp/world/latents
@@ -53,8 +53,8 @@ def get_config(arg=None):
     c.seed = 0
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.batch_size = 8
-    c.steps = 2400
-    c.student_steps = (2, 1)         # one distillation per entry (world_assets' distill stage)
+    c.steps = 1200
+    c.student_steps = (2, 1)         # one distillation per entry (the world recipe's distill stage)
     c.ship_tolerance = 0.03          # assemble ships the fewest steps within this of the teacher's validation judge
     c.validation_prompts = 256       # held-out validation prompts of that judge (64 read +-0.03, the tolerance itself)
     c.student = dict(num_steps=2, sample_sigmas=None, backward_sim="euler")
@@ -63,7 +63,7 @@ def get_config(arg=None):
     c.fake.optimizer.learning_rate = 2e-4
     c.optimizer.learning_rate = 1e-4
     c.ema_decay = 0.9
-    # teacher_steps: the pairs' solver (world_assets builds WORKDIR/distill_pairs and sets `pairs` to it); num_pairs
+    # teacher_steps: the pairs' solver (the world recipe builds WORKDIR/distill_pairs and sets `pairs` to it); num_pairs
     # pairs of the cached world latents' batch stream, each with its own noise (see configs/distill_tiny.py)
     c.regression = dict(weight=1.0, teacher_steps=40, cfg_scale=4.0, pairs="", num_pairs=2048)
     c.data.max_text_tokens = 64

@@ -8,7 +8,7 @@ latents: 64 image tokens) and the world text encoder (64-wide states), written b
     qwenimage-jax train-dit --config configs/world_dit.py --workdir /tmp/world/dit \
         --config.data.path=/tmp/world/latents
 
-`python -m qwenimage_jax.world_assets --stage cache --stage dit` runs both and exports the EMA weights, in phases:
+`python -m qwenimage_jax.recipes.world --stage cache --stage dit` runs both and exports the EMA weights, in phases:
 the run to `ablation_steps` (the alignment ablation's budget), the same run on to `steps` at a constant learning
 rate (a warmup-stable schedule, so the run can be stopped at any checkpoint and continued: `time_budget_s` stops
 it there, `--dit-budget-min` sets it), then `cooldown`: from those weights, the learning rate annealed to ~0 over
@@ -20,7 +20,7 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.num_scenes = 8_000         # read by world_assets' cache stage
+    c.num_scenes = 8_000         # read by the world recipe's cache stage
     c.image_size = 128
     c.model = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=6, attention_head_dim=32,
                    num_attention_heads=4, context_in_dim=64, mlp_ratio=3, axes_dims_rope=[8, 12, 12], eps=1e-6,
@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.grad_accum = 1
     c.steps = 6000                   # the stable phase's end (cumulative over resumed runs)
     c.time_budget_s = 0.0            # > 0: stop at a checkpoint after this many seconds of one call (resumable)
-    # world_assets' dit stage exports the run at this step too: the alignment ablation compares both VAE arms'
+    # the world recipe's dit stage exports the run at this step too: the alignment ablation compares both VAE arms'
     # DiTs at this budget (the shipped arm's run then continues to `steps`)
     c.ablation_steps = 500
     c.optimizer = dict(learning_rate=dict(name="warmup_constant", peak_value=1e-3, warmup_steps=100),

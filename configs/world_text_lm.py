@@ -7,7 +7,7 @@
      the output states (`pretrain.field_weight`; text_lm.field_targets).
   3. Prompt expander: the pretrained model fine-tuned on (short prompt -> rich caption) chats (loss on the answer).
 
-    python -m qwenimage_jax.world_assets --stage text --workdir /tmp/world     # writes tokenizer/, text_encoder/,
+    python -m qwenimage_jax.recipes.world --stage text --workdir /tmp/world    # writes tokenizer/, text_encoder/,
                                                                                  # expander/ under the workdir
 
 Measured (world_build/text_probe.json, written by the stage through `evals.text_probe.report`; on 2 CPU cores

@@ -28,7 +28,7 @@ latents frozen.
         --config.init_from=/tmp/world/vae_encoder/vae_export --config.losses.align.probe_only=True
     qwenimage-jax eval-vae --vae /tmp/world/vae/vae_export --data world --resolution 128
 
-`python -m qwenimage_jax.world_assets` trains the encoder phase once and this phase for both arms, exports each in
+`python -m qwenimage_jax.recipes.world` trains the encoder phase once and this phase for both arms, exports each in
 diffusers format, trains a DiT on each latent space for the same budget (the `ablation` stage judges both on
 validation prompts) and ships the arm named by `--ship` (default: align; figures in
 qwenimage_jax/assets/tiny_world/README.md).
@@ -72,7 +72,7 @@ def get_config(arg=None):
     # fall back to cell means while the fresh decoder cannot yet use their detail
     c.losses = dict(l1=1.0, l2=1.0, lpips=0.0, kl=0.0, sample_posterior=False, salient_l1=1.0,
                     salient_threshold=0.35, edge_l1=0.0, patch_l2=1.0, ffl=0.0)
-    c.init_from = ""                       # filled in by world_assets: WORKDIR/vae_encoder/vae_export
+    c.init_from = ""                       # filled in by the world recipe: WORKDIR/vae_encoder/vae_export
     hold, anneal = int(0.3 * steps), int(0.5 * steps)
     c.losses.align = dict(
         aligner="vgg16", layer="relu4_3", probe_only=False, input_resolution=RESOLUTION // 2,

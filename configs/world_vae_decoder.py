@@ -25,7 +25,7 @@ def get_config(arg=None):
     spec.loader.exec_module(base)
     c = base.get_config(arg)
     c.trainable = "decoder"
-    c.init_from = ""                       # filled in by world_assets: WORKDIR/vae{suffix}/vae_export
+    c.init_from = ""                       # filled in by the world recipe: WORKDIR/vae{suffix}/vae_export
     c.total_steps = 1000
     # the latents are frozen, so the learning rate that collapsed the whole VAE (1e-3) cannot move them here
     c.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=1e-3, warmup_steps=50, decay_steps=1000,

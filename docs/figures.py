@@ -33,14 +33,14 @@ DOCS = ("README.md", "docs/*.md", "qwenimage_jax/assets/*/README.md")
 
 # artifact (glob, relative to the repository) -> the command that (re)writes it
 ARTIFACTS = {
-    "world_build/figures.json": "python -m qwenimage_jax.world_assets --workdir /tmp/world --resume-from world_build "
+    "world_build/figures.json": "python -m qwenimage_jax.recipes.world --workdir /tmp/world --resume-from world_build "
                                 "--stage figures --snapshot world_build",
-    "qwenimage_jax/assets/tiny_world/figures.json": "python -m qwenimage_jax.world_assets --workdir /tmp/world "
+    "qwenimage_jax/assets/tiny_world/figures.json": "python -m qwenimage_jax.recipes.world --workdir /tmp/world "
                                                     "--resume-from world_build --stage assemble --stage figures",
     "qwenimage_jax/assets/tiny_world/lora_figures.json": "python -m qwenimage_jax.recipes.world_lora",
-    "world_build/times.json": "python -m qwenimage_jax.world_assets --workdir /tmp/world (every stage records its "
+    "world_build/times.json": "python -m qwenimage_jax.recipes.world --workdir /tmp/world (every stage records its "
                               "time)",
-    "qwenimage_jax/assets/tiny_world/build_times.json": "python -m qwenimage_jax.world_assets --stage assemble",
+    "qwenimage_jax/assets/tiny_world/build_times.json": "python -m qwenimage_jax.recipes.world --stage assemble",
     "world_build/judge_validation_*.json": "python -m qwenimage_jax.recipes.world_validation",
     "world_build/levers/*/judge_validation_*.json": "python -m qwenimage_jax.recipes.world_validation",
     "world_build/vae_readout*.json": "python -m qwenimage_jax.evals.vae_readout",

@@ -72,7 +72,7 @@ G = {
  "flow.whiten_cap": "The whitened metric's weights are clipped to [1/cap, cap] before normalising to mean 1.",
  "cfg_dropout": "Probability of replacing a sample's text with the null text (trains the unconditional branch for CFG).",
  "image_size": "Pixel size of the world scenes this model is trained at.",
- "num_scenes": "World scenes cached as latents by `world_assets`' cache stage.",
+ "num_scenes": "World scenes cached as latents by the world recipe's cache stage.",
  "vocab_size": "BPE vocabulary size (regular tokens, before Qwen's special tokens).",
  "eval_captions": "Held-out-composition captions used for the reported text-model losses.",
  # optimizer

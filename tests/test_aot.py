@@ -20,7 +20,7 @@ import pytest
 from qwenimage_jax import cli
 from qwenimage_jax.config_cli import load_config
 from qwenimage_jax.parallel import topology as topo
-from qwenimage_jax.training import aot
+from qwenimage_jax import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -213,18 +213,18 @@ def test_cli_builds_the_same_pairs_for_the_same_rows(setup, store, tmp_path):
 
 
 def test_the_recipe_builds_the_pairs_once_and_records_their_time(setup, tmp_path, monkeypatch):
-    from qwenimage_jax import world_assets
+    from qwenimage_jax.recipes.world import stages
 
     data, _, overrides = setup
     workdir = tmp_path / "world"
     workdir.mkdir()
     os.symlink(_config(overrides).teacher, workdir / "transformer")
     os.symlink(data, workdir / "latents")
-    monkeypatch.setattr(world_assets, "CONFIG_ARG", "smoke")
-    pairs = world_assets.stage_distill_pairs(str(workdir))
+    monkeypatch.setattr(stages, "CONFIG_ARG", "smoke")
+    pairs = stages.stage_distill_pairs(str(workdir))
     assert pairs == str(workdir / "distill_pairs")
     recorded = json.load(open(workdir / "times.json"))["distill_pairs"]
     assert recorded["num_pairs"] == 4 and recorded["teacher_steps"] == 2 and len(_records(pairs)) == 4
     built = os.stat(os.path.join(pairs, dp.MANIFEST)).st_mtime_ns
-    world_assets.stage_distill_pairs(str(workdir))   # complete: reused, not rebuilt
+    stages.stage_distill_pairs(str(workdir))   # complete: reused, not rebuilt
     assert os.stat(os.path.join(pairs, dp.MANIFEST)).st_mtime_ns == built

@@ -258,3 +258,27 @@ def test_cudnn_segments_lower_for_cuda_with_gradients(monkeypatch):
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     assert "cudnn" in text
+
+
+def test_auto_picks_the_platforms_flash_backend_and_dtype_and_a_backend_off_its_platform_is_refused_early(
+        monkeypatch):
+    """auto -> cuDNN on GPU, splash on TPU, einsum on CPU (bf16 on accelerators, fp32 on CPU); the pipeline
+    resolves it when loading, and refuses cuDNN or splash on CPU before reading a weight."""
+    import os
+
+    from qwenimage_jax.evals import t2i
+    from qwenimage_jax.models import attention as attn
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    assert [attn.platform_default(p) for p in ("gpu", "tpu", "cpu")] == ["cudnn", "splash", "xla"]
+    assert [attn.platform_dtype(p) for p in ("gpu", "tpu", "cpu")] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    model = os.path.join(os.path.dirname(t2i.__file__), "..", "assets", "tiny_world")
+    pipe = QwenImagePipeline.from_pretrained(model, load_text_encoder=False)
+    assert pipe.transformer.dit_config.attention == "xla" and pipe.dtype == jnp.float32  # this CPU
+    for backend, platform in (("cudnn", "GPU"), ("splash", "TPU")):
+        with pytest.raises(ValueError, match=f"runs only on {platform}.*use attention='auto'"):
+            QwenImagePipeline.from_pretrained(model, load_text_encoder=False, attention=backend)
+    attn.check_platform("splash", "cpu", splash_interpret=True)  # the tests' emulation is allowed
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")  # what a GPU host resolves "auto" to
+    assert attn.platform_default() == "cudnn" and attn.platform_dtype() == jnp.bfloat16
+    attn.check_platform("cudnn")

@@ -88,3 +88,22 @@ def test_provenance_records_commit_versions_machine_and_command():
     assert record["command"] == "python bench/x.py --flag"
     assert record["commit"] not in ("", None) and record["versions"]["jax"] and record["versions"]["python"]
     assert record["machine"]["cpus"] >= 1 and record["written"].endswith("Z")
+
+
+def test_the_shipped_model_readme_is_what_the_recipe_writes_from_its_artifacts(tmp_path):
+    """qwenimage_jax/assets/tiny_world/README.md is generated (`recipes.world.ship.write_readme`) from the build's
+    records (world_build/: times.json, the teacher's metrics) and the shipped figures.json: regenerated from them
+    here, it must equal the shipped file, so a figure there cannot drift from its artifact."""
+    from qwenimage_jax.recipes.world.ship import write_readme
+
+    shipped = os.path.join(REPO, "qwenimage_jax", "assets", "tiny_world")
+    out = tmp_path / "tiny_world"
+    out.mkdir()
+    for name in os.listdir(shipped):  # the components (their sizes are in the README) without copying them
+        if name != "README.md":
+            os.symlink(os.path.join(shipped, name), out / name)
+    with open(os.path.join(shipped, "figures.json"), encoding="utf-8") as f:
+        shipped_figures = json.load(f)
+    write_readme(os.path.join(REPO, "world_build"), str(out), shipped_figures["readme"])
+    with open(os.path.join(shipped, "README.md"), encoding="utf-8") as f:
+        assert (out / "README.md").read_text() == f.read()

@@ -23,6 +23,10 @@ def test_gpu_suite_dry_run_writes_its_rows(tmp_path):
                 "sampler 1 steps, ours", "sampler 2 steps, ours", "sampler 2 steps, diffusers",
                 "peak device memory, ours", "peak device memory, diffusers"):
         assert f"| {row}" in text, row
+    # every attention backend on the same forward, each against xla (the cuDNN code path emulated on CPU)
+    for backend in ("xla", "dot_product_attention", "cudnn_emulated"):
+        line = next(l for l in text.splitlines() if l.startswith(f"| DiT full step 64², attention {backend} |"))
+        assert "failed" not in line and "max rel err vs xla" in line, line
 
 
 def test_section_replaces_only_its_own_part(tmp_path):

@@ -2,6 +2,8 @@
 `ast`: every `import` / `from ... import` anywhere in a file counts, function-level ones included.
 
     models  <-  checkpoints/convert  <-  sampling, text, data, evals, metrics  <-  training  <-  commands, recipes
+    aot (ahead-of-time compiles of trainers, samplers, encoders) sits between training and commands: it imports
+    sampling, text and training; only commands import it.
     parallel (meshes, rules) is beside models: anything may use it; it uses nothing of ours.
     errors (the exception classes) and io_utils (atomic writes) sit below everything, the same way.
 
@@ -20,7 +22,9 @@ PACKAGE = "qwenimage_jax"
 INFERENCE = ("sampling", "text", "data", "evals", "metrics", "assets")
 # Commands that sample, evaluate or convert: inference never imports training.
 INFERENCE_COMMANDS = ("sample", "demo", "eval_t2i", "eval_vae", "reconstruct", "expand_prompt", "convert")
-ABOVE_TRAINING = ("commands", "recipes", "world_assets", "cli", "testing")
+ABOVE_TRAINING = ("aot", "commands", "recipes", "cli", "testing")
+# Layers aot/ never imports: the CLI and what builds the shipped models (commands import aot, not the reverse).
+ABOVE_AOT = ("commands", "recipes", "cli", "testing")
 MODELS_THIRD_PARTY = ("jax", "flax", "numpy")
 # Modules any layer may import; they import nothing of ours.
 BELOW_ALL = ("parallel", "errors", "io_utils")
@@ -73,7 +77,7 @@ GRAPH = _graph(PACKAGE)
 
 
 def _layer(module: str) -> str:
-    """qwenimage_jax.models.dit -> 'models'; qwenimage_jax.world_assets -> 'world_assets'; other packages ''."""
+    """qwenimage_jax.models.dit -> 'models'; qwenimage_jax.cli -> 'cli'; other packages ''."""
     parts = module.split(".")
     return parts[1] if parts[0] == PACKAGE and len(parts) > 1 else ""
 
@@ -108,18 +112,65 @@ def test_graph_sees_function_level_and_relative_imports():
 def test_inference_layers_import_no_training_commands_or_recipes():
     found = _violations(GRAPH, lambda m: _in(m, *INFERENCE),
                         lambda m, t: _in(t, "training", *ABOVE_TRAINING))
-    _fail_on(found, "sampling/text/data/evals/metrics/assets -> not training, commands, recipes")
+    _fail_on(found, "sampling/text/data/evals/metrics/assets -> not training, aot, commands, recipes")
 
 
 def test_inference_commands_import_no_training():
     commands = {f"{PACKAGE}.commands.{name}" for name in INFERENCE_COMMANDS}
-    found = _violations(GRAPH, lambda m: m in commands, lambda m, t: _in(t, "training"))
-    _fail_on(found, "commands that sample, evaluate or convert -> not training")
+    found = _violations(GRAPH, lambda m: m in commands, lambda m, t: _in(t, "training", "aot"))
+    _fail_on(found, "commands that sample, evaluate or convert -> not training, aot")
 
 
 def test_training_imports_no_commands_or_recipes():
     found = _violations(GRAPH, lambda m: _in(m, "training"), lambda m, t: _in(t, *ABOVE_TRAINING))
-    _fail_on(found, "training -> not commands, recipes")
+    _fail_on(found, "training -> not aot, commands, recipes")
+
+
+def test_aot_imports_no_commands_or_recipes():
+    found = _violations(GRAPH, lambda m: _in(m, "aot"), lambda m, t: _in(t, *ABOVE_AOT))
+    _fail_on(found, "aot -> not commands, recipes")
+
+
+def test_only_commands_import_aot():
+    found = _violations(GRAPH, lambda m: not _in(m, "aot", "commands"), lambda m, t: _in(t, "aot"))
+    _fail_on(found, "aot <- only commands")
+
+
+def _cycles(graph) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each a cycle of imports."""
+    edges = {m: sorted({t for _, t in imports if t in graph and t != m}) for m, (_, imports) in graph.items()}
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in edges[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in edges:
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_aot_is_in_no_import_cycle():
+    found = ["cycle among " + ", ".join(c) for c in _cycles(GRAPH) if any(_in(m, "aot") for m in c)]
+    _fail_on(found, "aot: no import cycles")
 
 
 def test_commands_import_no_other_command():

@@ -1,4 +1,4 @@
-"""The small world's recipe (`python -m qwenimage_jax.world_assets`) end to end in its smoke configuration: every
+"""The small world's recipe (`python -m qwenimage_jax.recipes.world`) end to end in its smoke configuration: every
 stage (text, both arms of the alignment ablation through vae / cache / dit, the ablation's judge runs, DMD
 distillation, assemble, figures) runs with tiny models in seconds and leaves a loadable pipeline directory."""
 from __future__ import annotations
@@ -8,12 +8,13 @@ import os
 
 import numpy as np
 
-from qwenimage_jax import world_assets
+from qwenimage_jax.recipes import world
+from qwenimage_jax.recipes.world import ship, stages
 
 
 def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     workdir, out = tmp_path / "work", tmp_path / "model"
-    assert world_assets.main(["--workdir", str(workdir), "--out", str(out), "--config-arg", "smoke"]) == 0
+    assert world.main(["--workdir", str(workdir), "--out", str(out), "--config-arg", "smoke"]) == 0
     times = json.load(open(workdir / "times.json"))
     for stage in ("text", "text_check", "vae_encoder", "vae", "vae_decoder", "vae_noalign", "vae_decoder_noalign",
                   "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill_pairs", "distill_2",
@@ -34,7 +35,7 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     index = json.load(open(out / "model_index.json"))
     # the shipped student is one of the two distilled (2 and 1 steps), chosen on the validation judge
     assert index["_class_name"] == "QwenImage21Pipeline"
-    assert len(index["sample_sigmas"]) == world_assets.shipped_student(str(workdir)) in (1, 2)
+    assert len(index["sample_sigmas"]) == stages.shipped_student(str(workdir)) in (1, 2)
     # the teacher is judged once, on the same validation prompts, as the bar for both students
     assert times["distill_1"]["teacher_40_validation_judge"] == times["distill_2"]["teacher_40_validation_judge"]
     assert json.load(open(out / "world.json")) == {"image_size": 64}
@@ -58,10 +59,10 @@ def test_a_snapshot_lets_another_machine_continue_the_teacher(tmp_path, monkeypa
     counted on (2 -> 4), then cools down; the loss curve joins both runs."""
     first, snap, second = tmp_path / "first", tmp_path / "snap", tmp_path / "second"
     args = ["--config-arg", "smoke", "--stage", "text", "--stage", "vae", "--stage", "cache", "--stage", "dit"]
-    assert world_assets.main(["--workdir", str(first), "--snapshot", str(snap)] + args) == 0
-    assert json.load(open(snap / "transformer_base" / world_assets.TRAINED_FILE))["steps"] == 2
+    assert world.main(["--workdir", str(first), "--snapshot", str(snap)] + args) == 0
+    assert json.load(open(snap / "transformer_base" / stages.TRAINED_FILE))["steps"] == 2
     assert not (snap / "latents").exists() and (snap / "dit" / "metrics.jsonl").exists()
-    config = world_assets._config
+    config = stages._config
 
     def more_steps(name, arg=None):
         c = config(name, arg)
@@ -69,10 +70,10 @@ def test_a_snapshot_lets_another_machine_continue_the_teacher(tmp_path, monkeypa
             c.steps = 4
         return c
 
-    monkeypatch.setattr(world_assets, "_config", more_steps)
-    assert world_assets.main(["--workdir", str(second), "--resume-from", str(snap)] + args) == 0
+    monkeypatch.setattr(stages, "_config", more_steps)
+    assert world.main(["--workdir", str(second), "--resume-from", str(snap)] + args) == 0
     assert json.load(open(second / "stable_run.json"))["offset"] == 2
-    assert json.load(open(second / "transformer_base" / world_assets.TRAINED_FILE))["steps"] == 4
-    assert json.load(open(second / "transformer" / world_assets.TRAINED_FILE)) == {"steps": 5, "base_step": 4}
-    curve = json.load(open(world_assets.write_loss_curve(str(second), str(second))))
+    assert json.load(open(second / "transformer_base" / stages.TRAINED_FILE))["steps"] == 4
+    assert json.load(open(second / "transformer" / stages.TRAINED_FILE)) == {"steps": 5, "base_step": 4}
+    curve = json.load(open(ship.write_loss_curve(str(second), str(second))))
     assert [s for s, _ in curve["stable"]] == [1, 2, 3, 4] and [s for s, _ in curve["cooldown"]] == [5]

@@ -7,13 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from qwenimage_jax import world_assets
+from qwenimage_jax.recipes.world.snapshots import BUILD_DIR
 from qwenimage_jax.data import world
 from qwenimage_jax.evals import text_probe
 
 # The recipe's current text encoder: the build snapshot (world_build/, the stages done so far) until the rebuilt
 # world is assembled into qwenimage_jax/assets/tiny_world
-BUILD = world_assets.BUILD_DIR
+BUILD = BUILD_DIR
 
 
 @pytest.fixture(scope="module")

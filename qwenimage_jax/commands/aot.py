@@ -43,7 +43,7 @@ def run(args):
     from qwenimage_jax.config_cli import load_config
     from qwenimage_jax.io_utils import provenance, write_json
     from qwenimage_jax.parallel import topology as topo
-    from qwenimage_jax.training import aot
+    from qwenimage_jax import aot
 
     try:
         target = topo.resolve(args.topology)

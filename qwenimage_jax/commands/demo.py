@@ -111,7 +111,7 @@ def run_text_to_image(args):
     model = str(args.model or TINY_WORLD_DIR)
     if not Path(model, "model_index.json").exists():
         raise WeightsNotFoundError(f"{model!r} is not a model directory (no model_index.json); the tiny "
-                                   "world model is built by `python -m qwenimage_jax.world_assets`")
+                                   "world model is built by `python -m qwenimage_jax.recipes.world`")
     pipe = QwenImagePipeline.from_pretrained(model, transformer_subfolder=args.transformer, quantize=args.quantize)
     distilled = pipe.sample_sigmas is not None  # (sampling_defaults clears it for another step count)
     args.steps, args.cfg = eval_t2i.sampling_defaults(pipe, args.steps, args.cfg)

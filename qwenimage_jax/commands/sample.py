@@ -70,7 +70,9 @@ def add_arguments(parser):
     parser.add_argument("--resolution", type=int, default=None,
                         help="default side length and condition-image area side (preset: 1024)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model dtype")
-    parser.add_argument("--attention", default=None, help="DiT attention backend (xla, cudnn, splash, ...)")
+    parser.add_argument("--attention", default=None,
+                        help="DiT attention backend: auto (default: cudnn on GPU, splash on TPU, xla on CPU), xla, "
+                             "cudnn, splash, dot_product_attention")
     parser.add_argument("--quantize", default=None, choices=["none", "int8", "fp8", "int4"],
                         help="weight-only quantization of the DiT and text encoder (docs/quantization.md; "
                              "preset: none)")
@@ -103,7 +105,7 @@ def _settings(args):
         else:  # installed without the configs folder
             import ml_collections
             config = ml_collections.ConfigDict(dict(steps=40, cfg=1.0, negative_prompt="", resolution=1024,
-                                                    height=0, width=0, dtype="bfloat16", attention="xla",
+                                                    height=0, width=0, dtype="bfloat16", attention="auto",
                                                     mesh=dict(data=1, fsdp=1, tensor=1)))
     out = dict(config)
     for flag, key in (("steps", "steps"), ("cfg", "cfg"), ("negative_prompt", "negative_prompt"),
@@ -167,7 +169,7 @@ def _load_pipeline(args, settings, mesh):
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     dtype = getattr(jnp, settings["dtype"])
-    runtime = {} if settings.get("attention", "xla") == "xla" else {"attention": settings["attention"]}
+    runtime = {"attention": settings.get("attention") or "auto"}  # auto: cuDNN on GPU, splash on TPU, else xla
     start = time.perf_counter()
     pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, transformer_subfolder=args.transformer,
                                              quantize=settings.get("quantize"), **runtime)

@@ -37,7 +37,7 @@ def world_prompts(split: str, num: int, size: int, seed: int = EVAL_SEED) -> lis
     return out
 
 
-WORLD_FILE = "world.json"  # written by world_assets' assemble stage: {"image_size": ...} of the world trained on
+WORLD_FILE = "world.json"  # written by the world recipe's assemble stage: {"image_size": ...} of the world trained on
 
 
 def model_size(model_dir: str) -> int:

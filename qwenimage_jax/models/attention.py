@@ -28,6 +28,31 @@ import numpy as np
 
 BACKENDS = ("xla", "dot_product_attention", "cudnn", "splash", "cudnn_emulated")
 
+
+def platform_default(platform: str | None = None) -> str:
+    """The backend used where none is named ("auto"): cuDNN's fused flash kernel on GPU, splash on TPU (neither
+    materialises the (heads, seq, seq) logits), the einsum path on CPU."""
+    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform or jax.default_backend(), "xla")
+
+
+def check_platform(backend: str, platform: str | None = None, splash_interpret: bool = False) -> None:
+    """A ValueError naming the fix when `backend` cannot run on this machine's platform (cuDNN needs a GPU, splash a
+    TPU unless emulated with `splash_interpret`); compiling for another platform ahead of time (`aot`) does not call
+    this."""
+    platform = platform or jax.default_backend()
+    need = {"cudnn": ("gpu", "cuda"), "splash": () if splash_interpret else ("tpu",)}.get(backend)
+    if need == ():
+        return
+    if need is not None and platform not in need:
+        raise ValueError(f"attention={backend!r} runs only on {need[0].upper()}, and this machine runs on {platform}; "
+                         f"use attention='auto' (here: {platform_default(platform)!r}) or 'xla'")
+
+
+def platform_dtype(platform: str | None = None):
+    """The compute dtype used where none is named: bfloat16 on GPU and TPU (their matmul units' native type, half
+    the memory), float32 on CPU (where bfloat16 is emulated and slower)."""
+    return jnp.bfloat16 if (platform or jax.default_backend()) in ("gpu", "cuda", "tpu") else jnp.float32
+
 _SPLASH_BLOCK = 128
 
 

@@ -7,9 +7,9 @@ checkpoints, which run to continue); never the reported test prompts (evals.t2i.
         --student --out judge_student.json          # a DMD student: its own grid (sample_sigmas), no CFG
 
 `--transformer` is a diffusers transformer directory relative to the workdir (e.g. `dit/export/transformer`); the
-workdir's VAE, text encoder and tokenizer complete the pipeline (`world_assets.judge_pipeline`). Prints and writes
-the judge per attribute on train and held-out compositions of the validation seed (t2i.VALIDATION_SEED), with the
-commit. At 256 prompts a split's shape score has a standard error of ~0.02 (~380 object groups).
+workdir's VAE, text encoder and tokenizer complete the pipeline (`recipes.world.stages.judge_pipeline`). Prints and
+writes the judge per attribute on train and held-out compositions of the validation seed (t2i.VALIDATION_SEED), with
+the commit. At 256 prompts a split's shape score has a standard error of ~0.02 (~380 object groups).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 
-from qwenimage_jax import world_assets
+from qwenimage_jax.recipes.world import stages as world_stages
 
 
 def student_grid(workdir: str, transformer: str) -> list[float]:
@@ -34,17 +34,17 @@ def validation_judge(workdir: str, transformer: str, num: int = 64, steps: int =
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
     name = "validation_" + transformer.strip("/").replace("/", "_")
-    pipe = QwenImagePipeline.from_pretrained(world_assets.judge_pipeline(workdir, transformer, sample_sigmas,
+    pipe = QwenImagePipeline.from_pretrained(world_stages.judge_pipeline(workdir, transformer, sample_sigmas,
                                                                          name=name))
     if sample_sigmas is not None:
         steps = len(sample_sigmas)
     result = {"transformer": transformer, "num_prompts": num, "steps": steps, "cfg": cfg,
               "prompt_seed": t2i.VALIDATION_SEED, "sample_sigmas": sample_sigmas}
-    trained = os.path.join(workdir, transformer, world_assets.TRAINED_FILE)
+    trained = os.path.join(workdir, transformer, world_stages.TRAINED_FILE)
     if os.path.exists(trained):
         result["steps_trained"] = json.load(open(trained))
     for split in splits:
-        judged = t2i.evaluate(pipe, "", split, num, steps, world_assets._image_size(), cfg=cfg,
+        judged = t2i.evaluate(pipe, "", split, num, steps, world_stages._image_size(), cfg=cfg,
                               prompt_seed=t2i.VALIDATION_SEED)
         result[split] = {k: round(float(v), 4) for k, v in judged["generated"].items()}
     return result
@@ -52,7 +52,8 @@ def validation_judge(workdir: str, transformer: str, num: int = 64, steps: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a world build directory (python -m qwenimage_jax.world_assets)")
+    parser.add_argument("--workdir", required=True,
+                        help="a world build directory (python -m qwenimage_jax.recipes.world)")
     parser.add_argument("--transformer", required=True, help="transformer directory, relative to --workdir")
     parser.add_argument("--out", required=True, help="where to write the JSON")
     parser.add_argument("--num", type=int, default=64, help="prompts per split (default 64)")

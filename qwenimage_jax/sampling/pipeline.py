@@ -208,19 +208,21 @@ class QwenImagePipeline(LoraMixin):
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str, dtype=jnp.float32, mesh=None, *, vae_dtype=None,
+    def from_pretrained(cls, path: str, dtype=None, mesh=None, *, vae_dtype=None,
                         load_text_encoder: bool = True, transformer_subfolder: str = "transformer",
                         quantize: str | None = None, **transformer_runtime) -> "QwenImagePipeline":
         """Loads a diffusers-format Qwen-Image-2 directory (model_index.json, scheduler/, vae/, transformer/,
         text_encoder/, processor/ or tokenizer/); each component may also be our Orbax format.
 
-        dtype: compute and parameter dtype of the DiT and text encoder (and the VAE unless `vae_dtype`).
+        dtype: compute and parameter dtype of the DiT and text encoder (and the VAE unless `vae_dtype`); None:
+            bfloat16 on GPU and TPU, float32 on CPU (`attention.platform_dtype`).
         mesh: shard parameters by the logical rules and the batch over data/fsdp.
         transformer_subfolder: another transformer inside `path` (e.g. "teacher/transformer" beside a distilled
             default); model_index.json's `sample_sigmas` belong to the default transformer and are then not used.
         quantize: None/"none", "int8", "fp8" or "int4": weight-only quantization of the DiT blocks and the text
             decoder layers after loading (`checkpoints.quantize`; the VAE keeps its dtype).
-        transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn".
+        transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn"; attention absent or "auto": cuDNN
+            on GPU, splash on TPU, the einsum path on CPU (`attention.platform_default`).
         """
         from qwenimage_jax import checkpoints
         from qwenimage_jax.checkpoints import quantize as quant
@@ -245,6 +247,13 @@ class QwenImagePipeline(LoraMixin):
             raise WeightsNotFoundError(f"{path!r} has no {transformer_subfolder}/ directory; name the subfolder that "
                                        "holds the DiT (--transformer, default transformer)")
         quantize = quant.check_mode(quantize)  # a bad mode fails before anything loads
+        from qwenimage_jax.models.attention import check_platform, platform_default, platform_dtype
+
+        dtype = platform_dtype() if dtype is None else dtype
+        if transformer_runtime.get("attention") in (None, "auto"):
+            transformer_runtime["attention"] = platform_default()
+        check_platform(transformer_runtime["attention"],   # before any weight is read
+                       splash_interpret=bool(transformer_runtime.get("splash_interpret", False)))
         transformer = checkpoints.load("transformer", os.path.join(path, transformer_subfolder), dtype=dtype,
                                        mesh=mesh, **transformer_runtime)
         quant.quantize_transformer(transformer, quantize)

@@ -269,6 +269,9 @@ def start_run(config, workdir: str, devices=None) -> tuple[Any, int, int, int]:
     default all), the workdir, and the global batch checked against the process count.
     Returns (mesh, global_batch, process_count, index)."""
     maybe_initialize()
+    from qwenimage_jax.models.attention import check_platform
+
+    check_platform(str(config.get("attention", "xla")))  # cuDNN off GPU / splash off TPU: one line, before any work
     mesh = mesh_from_config(config.mesh, devices)
     os.makedirs(workdir, exist_ok=True)
     n_proc, proc = jax.process_count(), jax.process_index()

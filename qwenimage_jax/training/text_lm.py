@@ -1,6 +1,6 @@
 """Tiny Qwen3-VL-architecture language models for the small world: tokenizer, next-token pretraining, prompt expansion.
 
-Three steps, each a plain function (the recipe that chains them is `qwenimage_jax.world_assets`):
+Three steps, each a plain function (the recipe that chains them is `qwenimage_jax.recipes.world`):
 
   * `build_tokenizer(dir, texts)`: a byte-level BPE trained on the world's captions and prompt templates, plus
     Qwen's special tokens and a chat template with the same output as Qwen3-VL's for text messages, saved as a
