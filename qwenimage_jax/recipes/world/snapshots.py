@@ -83,7 +83,7 @@ def _write_snapshot_readme(dst: str) -> None:
     if os.path.exists(probe):
         lines += ["", "## Text encoder probes (text_probe.json, `evals.text_probe.report`)", ""]
         for name, values in json.load(open(probe)).items():
-            if name == "provenance":
+            if not isinstance(values, dict) or name == "provenance":  # its record of what wrote it
                 continue
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
     base = os.path.join(dst, "transformer_base", TRAINED_FILE)
