@@ -47,13 +47,19 @@ def assemble(workdir: str, out: str, arm: str = SHIPPED_ARM) -> str:
 
 
 def component_sizes(out: str) -> dict:
-    """Bytes on disk of each shipped component and in total."""
+    """Bytes on disk of each shipped component and in total (the README that lists them, and Python's caches, not
+    counted: the figure must not depend on the README it is written into)."""
+    def counted(d, f):
+        return "__pycache__" not in d and not (d == out and f == "README.md")
+
     sizes = {}
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        if os.path.isdir(path):
-            sizes[name] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    sizes["total"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+        if os.path.isdir(path) and name != "__pycache__":
+            sizes[name] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+                              if counted(d, f))
+    sizes["total"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs
+                         if counted(d, f))
     return sizes
 
 
