@@ -319,9 +319,7 @@ def main(argv=None) -> int:
     print(f"[gpu-suite] device {device}", flush=True)
     peak = matmul_peak(args.matmul or (128 if args.dry_run else 8192), 3)
     print(f"[gpu-suite] measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
-    backend_rows, ran = backends(args, peak)
-    for r in backend_rows:
-        print(f"[gpu-suite] {r['what']}: {r['value']} {r['mfu']} {r['note']}", flush=True)
+    backend_rows, ran = backends(args, peak)   # printed with the rest below
     if args.attention not in ran and not args.dry_run:  # e.g. cuDNN failed above: the rest of the suite on xla
         print(f"[gpu-suite] attention {args.attention} failed above; the sampler rows use xla", flush=True)
         args.attention = "xla"

@@ -77,3 +77,8 @@ def test_a_snapshot_lets_another_machine_continue_the_teacher(tmp_path, monkeypa
     assert json.load(open(second / "transformer" / stages.TRAINED_FILE)) == {"steps": 5, "base_step": 4}
     curve = json.load(open(ship.write_loss_curve(str(second), str(second))))
     assert [s for s, _ in curve["stable"]] == [1, 2, 3, 4] and [s for s, _ in curve["cooldown"]] == [5]
+    # each record says what this call trained: 2 more stable steps; a call that only resumed a finished run and
+    # exported logs no loss, and its record says so (None) instead of the mean of no losses (0.0)
+    dit = json.load(open(second / "times.json"))["dit"]
+    assert dit["trained_steps"] == 2 and dit["final_step"] == 4 and dit["final_loss"] > 0
+    assert stages._last_loss({"losses": {}}) is None

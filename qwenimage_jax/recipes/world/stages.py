@@ -265,7 +265,7 @@ def stage_dit(workdir: str, arm: str = SHIPPED_ARM, full: bool = True, budget_s:
             raise SystemExit(f"[{name}] stopped at step {reached} of {cfg.steps}; re-run the stage to resume it")
         _export_dit(export_params(result["state"]), dit_config_from(cfg), out, offset + reached)
         _record(workdir, name, time.time() - t0, final_step=offset + reached, target_step=int(cfg.steps) + offset,
-                run=run_dir, final_loss=_last_loss(result))
+                run=run_dir, trained_steps=reached - int(result.get("start_step", 0)), final_loss=_last_loss(result))
     if not full:
         return
     base_step, target = _trained_steps(phases[-1][3]), int(phases[-1][2].steps)
@@ -308,10 +308,11 @@ def _export_dit(params, dit_config, out: str, steps: int) -> None:
         json.dump({"steps": int(steps)}, f)
 
 
-def _last_loss(result) -> float:
+def _last_loss(result) -> float | None:
+    """Mean of the last 5 logged losses of this call; None when it trained nothing (it only resumed and exported)."""
     losses = result["losses"]
     last = [losses[k] for k in sorted(losses)[-5:]]
-    return round(float(sum(last) / max(len(last), 1)), 4)
+    return round(float(sum(last) / len(last)), 4) if last else None
 
 
 def _cooldown(workdir: str, suffix: str, latents: str) -> None:
@@ -351,7 +352,7 @@ def _cooldown(workdir: str, suffix: str, latents: str) -> None:
     with open(done, "w") as f:
         json.dump({"steps": base_step + cfg.steps, "base_step": base_step}, f)
     _record(workdir, "dit_cooldown" + suffix, time.time() - t0, base_step=base_step, final_step=int(cfg.steps),
-            final_loss=_last_loss(result))
+            trained_steps=int(result["final_step"]) - int(result.get("start_step", 0)), final_loss=_last_loss(result))
 
 
 def stage_distill(workdir: str, arm: str = SHIPPED_ARM, budget_s: float = 0.0) -> None:
