@@ -85,26 +85,35 @@ def jax_peak_bytes() -> float | None:
     return stats.get("peak_bytes_in_use")
 
 
-def ours(args, peak: float) -> tuple[list[dict], object]:
-    """DiT step latencies + sampler s/image with our code; returns (rows, the pipeline's DiT config)."""
-    import jax
+def _dit_inputs(cfg, size: int, text_len: int, seed: int):
+    """(shapes, mask, layout, hidden, text, t): one text-to-image DiT call at size² with random bf16 inputs."""
     import jax.numpy as jnp
     import numpy as np
 
+    from qwenimage_jax.models.dit import joint_layout, layout_key
+
+    grid = (1, size // 16, size // 16)
+    n_tgt = grid[1] * grid[2]
+    shapes, mask = layout_key([grid], [False] * text_len + [True] * (n_tgt // 4))
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.standard_normal((1, n_tgt, cfg.in_channels)), jnp.bfloat16)
+    text = jnp.asarray(rng.standard_normal((1, text_len, cfg.context_in_dim)), jnp.bfloat16)
+    return shapes, mask, joint_layout(shapes, mask), hidden, text, jnp.array([0.5], jnp.float32)
+
+
+def ours(args, peak: float) -> tuple[list[dict], object]:
+    """DiT step latencies + sampler s/image with our code; returns (rows, the pipeline's DiT config)."""
+    import jax
+    import numpy as np
+
     from dit_bench import forward_flops
-    from qwenimage_jax.models.dit import DiT, joint_layout, layout_key
+    from qwenimage_jax.models.dit import DiT
     from sample_bench import _released_pipeline
 
     pipe, cfg, _ = _released_pipeline(args.dry_run, args.attention)
-    size = args.resolution
-    text_len, grid = args.text_tokens, (1, size // 16, size // 16)
-    n_tgt = grid[1] * grid[2]
-    shapes, mask = layout_key([grid], [False] * text_len + [True] * (n_tgt // 4))
-    layout = joint_layout(shapes, mask)
+    size, text_len = args.resolution, args.text_tokens
+    shapes, mask, layout, hidden, text, t = _dit_inputs(cfg, size, text_len, seed=0)
     rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.standard_normal((1, n_tgt, cfg.in_channels)), jnp.bfloat16)
-    text = jnp.asarray(rng.standard_normal((1, text_len, cfg.context_in_dim)), jnp.bfloat16)
-    t = jnp.array([0.5], jnp.float32)
     module, params = DiT(cfg), pipe.transformer.params
     full = jax.jit(lambda p, h, e, tt: module.apply({"params": p}, h, e, tt, shapes, mask))
     extract = jax.jit(lambda p, h, e, tt: module.apply({"params": p}, h, e, tt, shapes, mask,
@@ -154,21 +163,14 @@ def backends(args, peak: float) -> tuple[list[dict], list[str]]:
     import numpy as np
 
     from dit_bench import forward_flops
-    from qwenimage_jax.models.dit import DiT, joint_layout, layout_key
+    from qwenimage_jax.models.dit import DiT
     from sample_bench import _released_pipeline
 
     names = ("xla", "dot_product_attention", "cudnn_emulated") if args.dry_run else \
         ("xla", "dot_product_attention", "cudnn")
     pipe, cfg, _ = _released_pipeline(args.dry_run, "xla")
     size = args.backend_resolution
-    text_len, grid = args.text_tokens, (1, size // 16, size // 16)
-    n_tgt = grid[1] * grid[2]
-    shapes, mask = layout_key([grid], [False] * text_len + [True] * (n_tgt // 4))
-    layout = joint_layout(shapes, mask)
-    rng = np.random.default_rng(1)
-    hidden = jnp.asarray(rng.standard_normal((1, n_tgt, cfg.in_channels)), jnp.bfloat16)
-    text = jnp.asarray(rng.standard_normal((1, text_len, cfg.context_in_dim)), jnp.bfloat16)
-    t = jnp.array([0.5], jnp.float32)
+    shapes, mask, layout, hidden, text, t = _dit_inputs(cfg, size, args.text_tokens, seed=1)
     params = pipe.transformer.params
     flops = forward_flops(cfg, layout, None)
     rows, ran, reference = [], [], None

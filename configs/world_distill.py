@@ -38,7 +38,9 @@ train 0.642 (held-out, both: colour 0.87-0.88, position 0.78-0.79, size 0.59-0.6
 for both, against teacher@2's 0.1041 / 0.1856 and teacher@1's 0.1042 / 0.1878. On 256
 validation prompts (world_build/levers/distill_pairs40/) the students are 0.05-0.06 below the teacher (the bar is
 0.03) and within about a standard error of the same recipe with a 10-step online target, which takes twice as
-long (~1770 s a student: world_build/levers/distill_online10/).
+long (~1770 s a student: world_build/levers/distill_online10/). Twice the updates (2400: 0.6516 / 0.6558) and the
+regression term alone (1-step, no DMD term: 0.649) move the validation judge by less than its standard error
+(world_build/levers/distill_2400/, distill_regression_only/).
 """
 import importlib.util
 import os

@@ -29,6 +29,14 @@ def _dit_batch(config, mesh, resolution: int, cfg) -> tuple[dict, dict]:
     return batch, example
 
 
+def _null_text(config, cfg, length: int, replicated):
+    """The cached empty-prompt (embeds, mask) the train step takes as an argument with CFG dropout, else None."""
+    if float(config.get("cfg_dropout", 0.0)) <= 0:
+        return None
+    return (_abstract((length, cfg.context_in_dim), jnp.float32, replicated),
+            _abstract((length,), jnp.bool_, replicated))
+
+
 def build_train_dit(config, mesh, resolution: int = 1024) -> Program:
     """The flow-matching train step of `train-dit` at `resolution`² (text-to-image bucket, global batch_size)."""
     from qwenimage_jax.training import dit as dit_train
@@ -38,10 +46,7 @@ def build_train_dit(config, mesh, resolution: int = 1024) -> Program:
     layout = dit_train.batch_layout(example)
     length = int(config.data.max_text_tokens)
     replicated = NamedSharding(mesh, P())
-    null_text = None
-    if float(config.get("cfg_dropout", 0.0)) > 0:  # the cached empty-prompt embedding: an argument of the step
-        null_text = (_abstract((length, cfg.context_in_dim), jnp.float32, replicated),
-                     _abstract((length,), jnp.bool_, replicated))
+    null_text = _null_text(config, cfg, length, replicated)
     with _mesh_context(mesh):
         abstract, shardings, module, tx, lr = dit_train.abstract_train_state(config, mesh, _key(None))
         step = dit_train.make_train_step(module, tx, lr, config, layout, null_text, shardings, mesh)
@@ -72,10 +77,7 @@ def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     length = int(config.data.max_text_tokens)
     rank, alpha = int(config.lora.rank), float(config.lora.get("alpha", config.lora.rank))
     replicated = NamedSharding(mesh, P())
-    null_text = None
-    if float(config.get("cfg_dropout", 0.0)) > 0:  # the cached empty-prompt embedding: an argument of the step
-        null_text = (_abstract((length, cfg.context_in_dim), jnp.float32, replicated),
-                     _abstract((length,), jnp.bool_, replicated))
+    null_text = _null_text(config, cfg, length, replicated)
     with _mesh_context(mesh):
         targets = lora_train.lora_layout(cfg, list(config.lora.target_modules), rank)
         tx, lr = make_optimizer(config.optimizer)
