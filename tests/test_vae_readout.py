@@ -64,6 +64,9 @@ def test_readout_report_of_the_shipped_world_vae(tmp_path):
     assert result["fit"]["num"] == 48 and result["test"]["split"] == "heldout"
     assert 0.0 < result["cell_readout_mse"] < 1.0
     for name in ("judge_on_readout", "judge_on_reconstructions"):
-        assert set(result[name]) >= {"shape", "size", "overall"} and 0.0 <= result[name]["overall"] <= 1.0
+        assert set(result[name]) >= {"shape", "size", "overall"} and result[name]["background"] == 1.0, result[name]
+    # a linear map per 16 px cell, fitted on 48 scenes, already recovers most of a held-out scene from the latents
+    assert result["judge_on_readout"]["overall"] >= 0.75, result["judge_on_readout"]
+    assert result["judge_on_reconstructions"]["colour"] == 1.0 and result["judge_on_reconstructions"]["position"] == 1.0
     z_dim = [k for k in result if k.startswith("ref_cell_pca_") and k != "ref_cell_pca_16"]
     assert not z_dim or result[z_dim[0]] <= result["ref_cell_pca_16"]
