@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from qwenimage_jax.recipes.world.stages import (ARMS, SHIPPED_ARM, TRAINED_FILE, _config, _image_size, _record,
-                                                judge_pipeline, logged_step_seconds, recorded_stages,
+                                                judge_pipeline, stage_time_lines,
                                                 shipped_student, write_pipeline_files)
 
 def assemble(workdir: str, out: str, arm: str = SHIPPED_ARM) -> str:
@@ -124,14 +124,7 @@ def write_readme(workdir: str, out: str, figures: dict | None = None) -> str:
         "## Wall times (2 CPU cores, shared with other jobs while this was built; the text stage ran under heavy load)",
         "",
     ]
-    for stage, info in recorded_stages(times):
-        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "commit"))
-        lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
-    stable_seconds = logged_step_seconds(os.path.join(workdir, "dit"))
-    if stable_seconds:
-        lines.append(f"- the stable DiT phase ran over several resumed calls (`dit` above is the last one's wall "
-                     f"time): its steps took {stable_seconds[1]:.0f} s in all to step {stable_seconds[0]} "
-                     "(logged step times x steps between logs, dit/metrics.jsonl)")
+    lines += stage_time_lines(times, workdir)
     lines += ["", "## Sizes", ""]
     counts = _param_counts(out)
     for name, size in sizes.items():

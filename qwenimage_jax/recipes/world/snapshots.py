@@ -7,8 +7,7 @@ import json
 import os
 import shutil
 
-from qwenimage_jax.recipes.world.stages import (REPO, TRAINED_FILE, _config, _times, logged_step_seconds,
-                                                recorded_stages)
+from qwenimage_jax.recipes.world.stages import REPO, TRAINED_FILE, _config, _times, stage_time_lines
 
 BUILD_DIR = os.path.join(REPO, "world_build")
 # What a later run on another machine needs to go on from where a build stopped (`--snapshot` / `--resume-from`):
@@ -71,14 +70,7 @@ def _write_snapshot_readme(dst: str) -> None:
              "--stage assemble --stage figures` (re)ships the world into qwenimage_jax/assets/tiny_world; "
              "`levers/` records the levers tried on this build.", "", f"Written at commit {_git_commit()}.", "",
              "## Stages recorded (times.json: wall seconds on 2 CPU cores and each stage's figures)", ""]
-    for stage, info in recorded_stages(times):
-        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "commit"))
-        lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
-    stable_seconds = logged_step_seconds(os.path.join(dst, "dit"))
-    if stable_seconds:
-        lines.append(f"- the stable DiT phase ran over several resumed calls (`dit` above is the last one's wall "
-                     f"time): its steps took {stable_seconds[1]:.0f} s in all to step {stable_seconds[0]} "
-                     "(logged step times x steps between logs, dit/metrics.jsonl)")
+    lines += stage_time_lines(times, dst)
     probe = os.path.join(dst, "text_probe.json")
     if os.path.exists(probe):
         lines += ["", "## Text encoder probes (text_probe.json, `evals.text_probe.report`)", ""]

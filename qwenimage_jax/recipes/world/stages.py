@@ -85,6 +85,21 @@ def _trained_steps(export_dir: str) -> int:
     return int(json.load(open(path))["steps"]) if os.path.exists(path) else -1
 
 
+def stage_time_lines(times: dict, build_dir: str) -> list[str]:
+    """README lines of the recorded stages (wall seconds and figures) and the stable DiT phase's total step time,
+    shared by the shipped model's README and the snapshot's."""
+    lines = []
+    for stage, info in recorded_stages(times):
+        extra = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "commit"))
+        lines.append(f"- {stage}: {info['seconds']:.0f} s" + (f" ({extra})" if extra else ""))
+    stable_seconds = logged_step_seconds(os.path.join(build_dir, "dit"))
+    if stable_seconds:
+        lines.append(f"- the stable DiT phase ran over several resumed calls (`dit` above is the last one's wall "
+                     f"time): its steps took {stable_seconds[1]:.0f} s in all to step {stable_seconds[0]} "
+                     "(logged step times x steps between logs, dit/metrics.jsonl)")
+    return lines
+
+
 def logged_step_seconds(run_dir: str) -> tuple[int, float] | None:
     """(last logged step, the run's step time in all) of a resumable run: each logged `step_time_s` times the
     steps since the previous log; None without a metrics.jsonl."""
