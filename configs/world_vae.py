@@ -71,7 +71,8 @@ def get_config(arg=None):
     # patch_l2 kept from the encoder phase (configs/world_vae_encoder.py): the pixel losses alone let the latents
     # fall back to cell means while the fresh decoder cannot yet use their detail
     c.losses = dict(l1=1.0, l2=1.0, lpips=0.0, kl=0.0, sample_posterior=False, salient_l1=1.0,
-                    salient_threshold=0.35, edge_l1=0.0, patch_l2=1.0, ffl=0.0)
+                    salient_threshold=0.35, edge_l1=0.0, patch_l2=1.0, ffl=0.0, palette_ce=0.0,
+                    palette_temperature=0.05)
     c.init_from = ""                       # filled in by the world recipe: WORKDIR/vae_encoder/vae_export
     hold, anneal = int(0.3 * steps), int(0.5 * steps)
     c.losses.align = dict(

@@ -103,6 +103,40 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def swap_in_dir(staged: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Puts the finished directory `staged` at `path`, replacing what was there: the old one is moved aside and
+    deleted only once the new one is in place, so a kill at any moment leaves `path` whole (old or new)."""
+    staged, path = os.path.abspath(os.fspath(staged)), os.path.abspath(os.fspath(path))
+    aside = path + ".old"
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.lexists(path):
+        os.replace(path, aside)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        if os.path.lexists(aside) and not os.path.lexists(path):
+            os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yields `path` + ".partial", emptied, to write a directory into; when the block ends without an exception it
+    replaces `path` (`swap_in_dir`). The name is fixed, not random, so every host of a multi-host job writes into
+    the same place and a rerun clears what a killed one left; an interrupted write never touches `path`."""
+    path = os.path.abspath(os.fspath(path))
+    staged = path + ".partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    os.makedirs(staged)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    swap_in_dir(staged, path)
+
+
 def git_commit(repo: str | None = None) -> str:
     """The checkout's short commit (+ "-dirty" with uncommitted changes to tracked files), or "unknown" outside a
     git checkout: what a written figure records so a reader can tell which code made it."""

@@ -178,3 +178,43 @@ def test_atomic_dir_refuses_a_directory_that_holds_something_and_replaces_it_onl
     with io_utils.atomic_dir(empty) as tmp:           # an empty directory holds nothing to lose
         (open(os.path.join(tmp, "c.txt"), "w")).close()
     assert os.listdir(empty) == ["c.txt"]
+
+
+def test_staged_dir_keeps_the_previous_directory_until_the_new_one_is_whole(tmp_path):
+    """A trainer's export goes through `staged_dir`: a write that fails half-way leaves the previous export as it
+    was and no staging directory; a staging directory a killed run left behind is cleared by the next write; a
+    finished write replaces the old directory whole (no file of it survives)."""
+    dst = tmp_path / "export"
+    with io_utils.staged_dir(dst) as staged:
+        (tmp_path / "export.partial" / "weights").write_text("old")
+        assert staged == str(tmp_path / "export.partial")
+        assert not dst.exists()                          # nothing at the destination until the block ends
+    assert (dst / "weights").read_text() == "old"
+    with pytest.raises(RuntimeError, match="disk went away"):
+        with io_utils.staged_dir(dst) as staged:
+            (tmp_path / "export.partial" / "weights").write_text("half")
+            raise RuntimeError("disk went away")
+    assert sorted(os.listdir(tmp_path)) == ["export"] and (dst / "weights").read_text() == "old"
+    (tmp_path / "export.partial").mkdir()                 # what SIGKILL mid-write leaves
+    (tmp_path / "export.partial" / "stale").write_text("from a killed run")
+    with io_utils.staged_dir(dst) as staged:
+        assert os.listdir(staged) == []
+        (tmp_path / "export.partial" / "config.json").write_text("new")
+    assert sorted(os.listdir(dst)) == ["config.json"] and sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_swap_in_dir_puts_the_old_directory_back_when_the_rename_fails(tmp_path, monkeypatch):
+    dst, staged = tmp_path / "export", tmp_path / "new"
+    dst.mkdir(); (dst / "w").write_text("old")
+    staged.mkdir(); (staged / "w").write_text("new")
+    real_replace = os.replace
+
+    def failing_replace(src, target):
+        if os.fspath(src) == str(staged):
+            raise OSError(errno.EXDEV, "cross-device link")
+        return real_replace(src, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        io_utils.swap_in_dir(staged, dst)
+    assert (dst / "w").read_text() == "old" and not (tmp_path / "export.old").exists()

@@ -396,3 +396,37 @@ def test_a_partial_last_metrics_record_is_dropped_before_a_resumed_run_appends(t
     writer.close()
     assert path.read_text() == '{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.25}\n'
     assert [r["step"] for r in read_scalars(str(tmp_path))] == [1, 2]
+
+
+def test_an_export_that_fails_half_way_leaves_none_and_the_rerun_writes_it_whole(data, full, tmp_path, monkeypatch):
+    """The DiT trainer's export is written beside `export/transformer` and swapped in: an export that fails after
+    writing part of its files leaves no `export/transformer` (before, the half-written directory stayed and the
+    next run, seeing it there, kept it), and the rerun (nothing left to train) writes the whole export, which
+    loads as the trained weights."""
+    import jax
+
+    from qwenimage_jax.checkpoints import exporters
+    from qwenimage_jax.checkpoints.loaders import load_transformer
+    from tests.conftest import max_rel_err
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(full["workdir"], workdir)
+    shutil.rmtree(os.path.join(workdir, "export"), ignore_errors=True)
+    real = exporters.export_transformer
+
+    def half_export(params, config, dst, *args, **kwargs):
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            f.write("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporters, "export_transformer", half_export)
+    with pytest.raises(OSError, match="No space left"):
+        dit_trainer.train(_config(data, export=True), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "export"))) == []
+    monkeypatch.setattr(exporters, "export_transformer", real)
+    result = dit_trainer.train(_config(data, export=True), workdir)
+    assert result["start_step"] == result["final_step"] == STEPS
+    loaded = load_transformer(result["export_dir"])
+    expected = jax.device_get(dit_trainer.export_params(full["state"]))
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(expected)
+    assert max(max_rel_err(a, b) for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(expected))) <= 1e-6

@@ -46,10 +46,15 @@ def test_unknown_preset_is_one_clear_error():
 
 
 def test_dit_activation_constraints_follow_the_callers_rules():
-    """Under the "tensor" preset the constraint on the joint sequence shards the batch axis only (as before);
-    no rules installed means no constraint at all (a plain single-device call)."""
+    """The DiT constrains what it computes by the rules its caller installed: the joint (batch, length, embed)
+    sequence splits its batch over data x fsdp and its length over context under either preset, while the
+    in-forward constraints on the attention kernels follow the preset ("tensor" leaves the embed axis whole,
+    "fsdp" splits it over fsdp). No rules installed means no constraint at all (a plain single-device call)."""
+    import contextlib
+
     import flax.linen as nn
     from qwenimage_jax.models.dit import DiT, DiTConfig, _dummy_inputs
+    from qwenimage_jax.parallel.mesh import mesh_from_config
     from qwenimage_jax.parallel.rules import RULE_PRESETS
 
     cfg = DiTConfig(in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
@@ -57,22 +62,27 @@ def test_dit_activation_constraints_follow_the_callers_rules():
     module = DiT(cfg)
     inputs = _dummy_inputs(cfg)
     params = module.init(jax.random.key(0), *inputs)
-
-    from qwenimage_jax.parallel.mesh import mesh_from_config
-
     mesh = mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
+    embed = cfg.num_attention_heads * cfg.attention_head_dim
 
     def constraints(rules):
-        import contextlib
-
         ctx = nn.logical_axis_rules(rules) if rules else contextlib.nullcontext()
         with jax.set_mesh(mesh), ctx:
             jaxpr = jax.make_jaxpr(lambda p: module.apply(p, *inputs))(params)
-        return [str(e.params["sharding"].spec) for e in _walk(jaxpr.jaxpr)]
+        return [(tuple(e.params["sharding"].spec), e.invars[0].aval.shape) for e in _walk(jaxpr.jaxpr)]
 
     assert constraints(None) == []
-    specs = constraints(RULE_PRESETS["tensor"])
-    assert specs and any("data" in s and "fsdp" in s for s in specs), specs
+    batch_axes = ("data", "fsdp")
+    for preset, embed_axis in (("tensor", None), ("fsdp", "fsdp")):
+        found = constraints(RULE_PRESETS[preset])
+        joint = [spec for spec, shape in found if len(shape) == 3 and shape[0] == 1 and shape[-1] == embed]
+        per_head = [spec for spec, shape in found if len(shape) == 4]
+        qkv_kernels = [spec for spec, shape in found
+                       if shape == (embed, cfg.num_attention_heads, cfg.attention_head_dim)]
+        assert joint and all(spec == (batch_axes, "context", None) for spec in joint), (preset, joint)
+        assert per_head and all(spec == (batch_axes, "context", "tensor", None) for spec in per_head), preset
+        assert len(qkv_kernels) == 3 and all(spec == (embed_axis, "tensor", None) for spec in qkv_kernels), \
+            (preset, qkv_kernels)
 
 
 def test_context_axis_shards_the_joint_sequence_with_the_same_output():

@@ -487,6 +487,7 @@ def export_student(config, state: DistillState, dst: str) -> str:
     """Writes the student (EMA when kept) as a QwenImage21Pipeline directory with the student's `sample_sigmas`;
     other components are copied from `config.export.components` ({"vae": DIR, ...}) when given."""
     from qwenimage_jax.checkpoints.pipeline_dir import write_pipeline_dir
+    from qwenimage_jax.io_utils import swap_in_dir
 
     cfg, _ = model_configs(config)
     params = state.student.ema_params if state.student.ema_params is not None else state.student.params
@@ -508,8 +509,6 @@ def export_student(config, state: DistillState, dst: str) -> str:
                        link=bool(config.export.get("link", False)))
     with open(os.path.join(tmp, STEPS_FILE), "w") as f:
         json.dump({"steps": step}, f)
-    if os.path.isdir(dst):
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    swap_in_dir(tmp, dst)  # the previous export stays whole until the new one is in place
     log.info("student (update %d) exported to %s (sample_sigmas %s)", step, dst, student_sample_sigmas(config))
     return dst

@@ -325,7 +325,10 @@ def train(config, workdir: str) -> dict[str, Any]:
         # --config.teacher=` read. Multi-host runs export from a checkpoint restored on one host instead.
         from qwenimage_jax.checkpoints.exporters import export_transformer
 
-        export_transformer(export_params(final_state), module.config, export_dir)
+        from qwenimage_jax.io_utils import staged_dir
+
+        with staged_dir(export_dir) as staged:  # a kill mid-write leaves no half export for the next run to keep
+            export_transformer(export_params(final_state), module.config, staged)
         log.info("exported the %s weights to %s", "EMA" if final_state.ema_params is not None else "raw", export_dir)
         return export_dir
 

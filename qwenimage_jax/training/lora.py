@@ -209,7 +209,10 @@ def train(config, workdir: str, base=None) -> dict[str, Any]:
     def export(final_state):
         if proc != 0:
             return None
-        export_adapter(export_dir, final_state.params, scales, module.config, config)
+        from qwenimage_jax.io_utils import staged_dir
+
+        with staged_dir(export_dir) as staged:  # the previous adapter stays whole until this one is complete
+            export_adapter(staged, final_state.params, scales, module.config, config)
         log.info("exported the adapter to %s (diffusers format)", export_dir)
         return export_dir
 

@@ -155,6 +155,12 @@ def trainable_mode(config) -> str:
     return mode
 
 
+def world_palette() -> np.ndarray:
+    """The small world's palette (object and background colours) in the [-1, 1] pixel range, (K, 3)."""
+    from qwenimage_jax.data import world
+    return np.asarray(list(world.PALETTE.values()), np.float32) / 127.5 - 1.0
+
+
 def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
     """(state, batch (B, H, W, 3), frozen params) -> (state, metrics); pure, to be jitted."""
     loss_cfg = config.losses
@@ -169,6 +175,9 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
     w_edge = float(loss_cfg.get("edge_l1", 0.0))
     w_patch = float(loss_cfg.get("patch_l2", 0.0))
     w_ffl = float(loss_cfg.get("ffl", 0.0))
+    w_palette = float(loss_cfg.get("palette_ce", 0.0))
+    palette = world_palette() if w_palette > 0 else None
+    palette_temperature = float(loss_cfg.get("palette_temperature", 0.05))
     vae_cfg = vae_module.config if vae_module is not None else None
     patch_head = (losses.AlignmentProjection(vae_cfg.spatial_compression ** 2 * vae_cfg.in_channels)
                   if w_patch > 0 else None)
@@ -193,6 +202,9 @@ def make_train_step(vae_module, proj_module, tx, config, lpips_net, aligner):
         if w_edge > 0:
             metrics["edge_l1"] = losses.edge_l1_loss(recon, batch)
             total += w_edge * metrics["edge_l1"]
+        if w_palette > 0:
+            metrics["palette_ce"] = losses.palette_ce_loss(recon, batch, palette, palette_temperature)
+            total += w_palette * metrics["palette_ce"]
         if w_ffl > 0:
             metrics["ffl"] = losses.focal_frequency_loss(recon, batch)
             total += w_ffl * metrics["ffl"]
@@ -554,18 +566,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
 
 
 def export_vae(state: train_state.TrainState, vae_cfg, dst: str) -> str:
-    """Writes the (EMA if present) VAE weights as an Orbax component that `load_vae` / `eval-vae` read."""
+    """Writes the (EMA if present) VAE weights as an Orbax component that `load_vae` / `eval-vae` read.
+
+    Written into `dst`.partial and swapped in when complete (io_utils.swap_in_dir), so a run killed mid-export
+    leaves the previous export whole; every host writes its shards into the same staging directory."""
     import shutil
 
     from qwenimage_jax.checkpoints.orbax_io import save_component
+    from qwenimage_jax.io_utils import swap_in_dir
 
-    if jax.process_index() == 0 and os.path.exists(os.path.join(dst, "params")):
-        shutil.rmtree(os.path.join(dst, "params"))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("export_vae")
+    staged = os.path.abspath(dst).rstrip("/") + ".partial"
+
+    def sync(name):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(name)
+
+    if jax.process_index() == 0:
+        shutil.rmtree(staged, ignore_errors=True)
+    sync("export_vae_staged")
     params = (state.ema_params if state.ema_params is not None else state.params)["vae"]
-    return save_component(dst, params, vae_cfg.to_diffusers(), "vae")
+    save_component(staged, params, vae_cfg.to_diffusers(), "vae")
+    sync("export_vae_written")
+    if jax.process_index() == 0:
+        swap_in_dir(staged, dst)
+    sync("export_vae_done")
+    return dst
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -586,7 +612,7 @@ def default_config() -> ml_collections.ConfigDict:
                        b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0, clip_per_group=True)
     c.ema_decay = 0.999
     c.losses = dict(l1=1.0, l2=0.0, lpips=1.0, kl=0.0, sample_posterior=False, salient_l1=0.0, salient_threshold=0.35,
-                    edge_l1=0.0, patch_l2=0.0, ffl=0.0)
+                    edge_l1=0.0, patch_l2=0.0, ffl=0.0, palette_ce=0.0, palette_temperature=0.05)
     c.losses.align = dict(aligner="vgg16", layer="relu4_3", probe_only=False, input_resolution=0,
                           weight=dict(name="hold_then_cosine", init_value=1.0, end_value=0.1, hold_steps=20_000,
                                       transition_steps=60_000),
