@@ -141,7 +141,12 @@ def test_tensorboard_scalars_eval_and_reconstruction_grids_written(uninterrupted
     expected = np.mean([peak_signal_noise_ratio(o, b, data_range=2.0) for o, b in zip(crops, baseline)])
     assert records[0]["eval/bicubic_baseline_psnr"] == pytest.approx(expected, abs=2e-3)
     assert "eval/ema_psnr" in records[20] and "eval/ema_psnr" in records[40]
-    assert records[40]["eval/psnr"] > records[20]["eval/psnr"] - 1.0
+    # and training did something: the initial weights (the same seeded init) reconstruct far worse
+    initial = vae_trainer.build(config).init_state().params["vae"]
+    recon0 = np.concatenate([np.asarray(reconstruct(initial, crops[i:i + 8])) for i in range(0, len(crops), 8)])
+    psnr0 = np.mean([peak_signal_noise_ratio(o, r, data_range=2.0) for o, r in zip(crops, recon0)])
+    assert records[40]["eval/psnr"] >= psnr0 + 3.0
+    assert records[40]["eval/psnr"] > records[20]["eval/psnr"]
 
 
 def test_cli_train_vae_with_overrides(tmp_path, capsys):
