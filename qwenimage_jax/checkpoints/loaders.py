@@ -80,12 +80,15 @@ def _check_transformer_config(config: dict, path: str) -> None:
 
 
 def load_transformer(path: str, dtype: Any = jnp.float32, *, mesh=None, shardings=None, param_dtype=None,
-                     **runtime):
+                     quantize: str | None = None, **runtime):
     """A diffusers `transformer/` directory (sharded safetensors supported) or our Orbax dir -> `Transformer`.
 
     dtype: compute dtype (and parameter dtype unless `param_dtype` is given). mesh: also runs calls under it.
+    quantize: None/"none", "int8", "fp8" or "int4" (`checkpoints.quantize`): from safetensors each kernel is
+        quantized as it is read, so host and device memory hold the quantized model plus one float tensor.
     runtime: DiTConfig runtime fields (attention="cudnn", remat="full", ...).
     """
+    from qwenimage_jax.checkpoints import quantize as quant
     from qwenimage_jax.checkpoints.dit import dit_plan
     from qwenimage_jax.models.dit import DiT, DiTConfig, Transformer, abstract_params, param_shardings
 
@@ -97,13 +100,26 @@ def load_transformer(path: str, dtype: Any = jnp.float32, *, mesh=None, sharding
     abstract = abstract_params(cfg)
     if shardings is None and mesh is not None:
         shardings = param_shardings(cfg, mesh)  # also checks that the heads / widths split over the mesh
+    mode = quant.check_mode(quantize)
+    if quant.saved_mode(config) is not None:  # written by save_quantized: read as saved, no quantizing
+        mode = quant.check_saved(path, config, mode)
+        quantizer = quant.transformer_quantizer(DiT(cfg), mode, mesh)
+        params = quant.load_saved(path, quantizer, abstract, param_dtype, shardings, scale_dtype=cfg.dtype)
+        transformer = Transformer(DiT(cfg), params, config, mesh=mesh)
+        transformer.module = quantizer[0]
+        return transformer
     if orbax:
         unboxed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), unbox_abstract(abstract))
         params = restore_params(path, unboxed, shardings)
-    else:
-        params = assemble_params(SafetensorsReader(path), dit_plan(cfg), abstract, dtype=param_dtype,
-                                 shardings=shardings, source=f"transformer checkpoint {path!r}")
-    return Transformer(DiT(cfg), params, config, mesh=mesh)
+        return quant.quantize_transformer(Transformer(DiT(cfg), params, config, mesh=mesh), mode)
+    module, hook = DiT(cfg), None
+    if mode is not None:
+        module, hook, _ = quant.transformer_quantizer(module, mode, mesh)
+    params = assemble_params(SafetensorsReader(path), dit_plan(cfg), abstract, dtype=param_dtype,
+                             shardings=shardings, source=f"transformer checkpoint {path!r}", leaf_hook=hook)
+    transformer = Transformer(DiT(cfg), params, config, mesh=mesh)
+    transformer.module = module
+    return transformer
 
 
 # --------------------------------------------------------------------------------------------------- text encoder
@@ -137,13 +153,16 @@ def text_encoder_plan(module, hf_config: dict):
 
 
 def load_text_encoder(path: str, dtype: Any = jnp.float32, *, mesh=None, shardings=None,
-                      tokenizer_path: Optional[str] = None, with_vision: Optional[bool] = None):
+                      tokenizer_path: Optional[str] = None, with_vision: Optional[bool] = None,
+                      quantize: str | None = None):
     """A transformers Qwen3-VL directory (config.json + model*.safetensors[.index.json]) or our Orbax dir ->
     `TextEncoder`.
 
     dtype: parameter and compute dtype (norms/softmax stay fp32). mesh: shard params by the logical rules
-    (e.g. make_mesh(fsdp=4, tensor=2)) and run calls under it.
+    (e.g. make_mesh(fsdp=4, tensor=2)) and run calls under it. quantize: as for `load_transformer` (the decoder
+    layers' kernels, each quantized as it is read).
     """
+    from qwenimage_jax.checkpoints import quantize as quant
     from qwenimage_jax.models.qwen3_vl.model import abstract_params, build_module
     from qwenimage_jax.text.encoder import TextEncoder
 
@@ -154,17 +173,28 @@ def load_text_encoder(path: str, dtype: Any = jnp.float32, *, mesh=None, shardin
     module = build_module(hf_config, dtype, with_vision=with_vision)
     abstract = abstract_params(module, hf_config)
     shardings = _shardings(abstract, mesh, shardings)
-    if orbax:
+    mode = quant.check_mode(quantize)
+    qmodule, hook = module, None
+    if quant.saved_mode(hf_config) is not None:  # written by save_quantized: read as saved, no quantizing
+        quantizer = quant.text_encoder_quantizer(module, hf_config, quant.check_saved(path, hf_config, mode), mesh)
+        qmodule, params = quantizer[0], quant.load_saved(path, quantizer, abstract, dtype, shardings,
+                                                         scale_dtype=module.dtype)
+    elif orbax:
         params = restore_params(path, nn.meta.unbox(abstract), shardings)
+        if mode is not None:
+            qmodule, params = quant.quantize_tree(quant.text_encoder_quantizer(module, hf_config, mode, mesh),
+                                                   params)
     else:
+        if mode is not None:
+            qmodule, hook, _ = quant.text_encoder_quantizer(module, hf_config, mode, mesh)
         plan, ignore = text_encoder_plan(module, hf_config)
         params = assemble_params(SafetensorsReader(path), plan, abstract, dtype=dtype, shardings=shardings,
-                                 ignore=ignore, source=f"Qwen3-VL checkpoint {path!r}")
+                                 ignore=ignore, source=f"Qwen3-VL checkpoint {path!r}", leaf_hook=hook)
     image_cfg = None
     tok_dir = _find_tokenizer_dir(path, tokenizer_path)
     if tok_dir is not None and os.path.exists(os.path.join(tok_dir, "preprocessor_config.json")):
         image_cfg = load_json_config(tok_dir, "preprocessor_config.json")
-    return TextEncoder(module, params, hf_config, mesh, tok_dir, image_cfg)
+    return TextEncoder(qmodule, params, hf_config, mesh, tok_dir, image_cfg)
 
 
 # --------------------------------------------------------------------------------------------------------- DINOv2

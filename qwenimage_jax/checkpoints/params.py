@@ -109,6 +109,7 @@ def assemble_params(
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
     keep_dtype: Callable[[tuple[str, ...]], bool] | None = None,
+    leaf_hook: Callable[[tuple[str, ...], Any], Any] | None = None,
 ) -> dict:
     """Builds the params tree.
 
@@ -118,6 +119,8 @@ def assemble_params(
     shardings:        optional tree of shardings (same structure) to place each leaf on.
     ignore:           fnmatch patterns of checkpoint keys that are knowingly unused (e.g. video-only convs).
     keep_dtype:       predicate on a flax path; True keeps fp32 for that leaf regardless of `dtype`.
+    leaf_hook:        (flax path, placed array) -> what the tree keeps, called as each leaf is read (e.g. a
+                      quantizer: the float copy of one tensor is then all that exists of it at a time).
     """
     ignore = tuple(ignore)
     expected = _flatten(unbox_abstract(abstract_params))
@@ -166,7 +169,10 @@ def assemble_params(
         if _is_float(array.dtype):
             array = array.astype(jnp.dtype(leaf_dtype), copy=False)
         sharding = target_shardings.get(path)
-        flat_out[path] = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+        placed = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+        del array
+        flat_out[path] = placed if leaf_hook is None else leaf_hook(path, placed)
+        del placed
     if shape_errors:
         raise WeightKeyError(f"cannot load {source}: {len(shape_errors)} shape mismatch(es):\n  - "
                              + "\n  - ".join(shape_errors[:30]) + _CONFIG_HINT)

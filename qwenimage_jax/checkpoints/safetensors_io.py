@@ -220,7 +220,9 @@ class SafetensorsReader:
 
 # ---------------------------------------------------------------------------------------------------------- writing
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
-             np.dtype(np.float64): "F64"}
+             np.dtype(np.float64): "F64",
+             # quantized weights (checkpoints.quantize.save_quantized; int4 is stored packed as U8)
+             np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
 
 
 def write_safetensors(file: str, tensors: list[tuple[str, np.ndarray]], metadata: dict | None = None) -> None:
@@ -228,7 +230,8 @@ def write_safetensors(file: str, tensors: list[tuple[str, np.ndarray]], metadata
     header, offset = {}, 0
     for key, array in tensors:
         if array.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {key!r} has dtype {array.dtype}; export as float32, float16 or bfloat16")
+            raise ValueError(f"tensor {key!r} has dtype {array.dtype}; export as float32, float16 or bfloat16 "
+                             "(int8, uint8 and float8_e4m3fn hold quantized weights)")
         header[key] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
                        "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes

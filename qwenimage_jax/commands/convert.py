@@ -1,5 +1,9 @@
 """`qwenimage-jax convert --component {vae,transformer,text_encoder,dinov2} SRC DST`: reference dir -> Orbax dir.
 
+`--quantize {int8,fp8,int4}` (transformer, text_encoder): DST holds the quantized weights instead
+(`checkpoints.quantize.save_quantized`: values, scales and the mode in config.json), quantized tensor by tensor as
+SRC is read; `sample --model`, the pipeline and `checkpoints.load` read it back without quantizing again.
+
 DST is written under a temporary name beside it and renamed into place at the end (`io_utils.atomic_dir`), so a
 convert that fails or is interrupted leaves no partial DST; a DST that already holds something is replaced only
 with `--overwrite`, and that is checked before SRC is read.
@@ -22,6 +26,8 @@ def add_arguments(parser):
                                     "unless --overwrite")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype the parameters are stored in")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "int4"],
+                        help="transformer / text_encoder: store weight-only quantized kernels (docs/quantization.md)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST when it already holds files (the old contents are removed only once the "
                              "new component is complete)")
@@ -46,10 +52,21 @@ def run(args):
     from qwenimage_jax import checkpoints
     from qwenimage_jax.io_utils import atomic_dir
 
+    from qwenimage_jax.checkpoints import quantize as quant
+    from qwenimage_jax.errors import InputValueError
+
+    mode = quant.check_mode(args.quantize)
+    if mode is not None and args.component not in ("transformer", "text_encoder"):
+        raise InputValueError(f"--quantize {mode} applies to --component transformer or text_encoder, not "
+                              f"{args.component} (the VAE and DINOv2 keep their dtype)")
     check_destination(args.dst, args.overwrite)
     start = time.perf_counter()
-    model = checkpoints.load(args.component, args.src, dtype=getattr(jnp, args.dtype))
-    with atomic_dir(args.dst, overwrite=args.overwrite) as tmp:
-        checkpoints.export(args.component, model.params, model.config, tmp, format="orbax")
-    print(f"wrote {args.component} to {args.dst} in {time.perf_counter() - start:.1f}s")
+    if mode is not None:
+        model = checkpoints.load(args.component, args.src, dtype=getattr(jnp, args.dtype), quantize=mode)
+        quant.save_quantized(model, args.dst, overwrite=args.overwrite)
+    else:
+        model = checkpoints.load(args.component, args.src, dtype=getattr(jnp, args.dtype))
+        with atomic_dir(args.dst, overwrite=args.overwrite) as tmp:
+            checkpoints.export(args.component, model.params, model.config, tmp, format="orbax")
+    print(f"wrote {args.component}{f' ({mode})' if mode else ''} to {args.dst} in {time.perf_counter() - start:.1f}s")
     return 0

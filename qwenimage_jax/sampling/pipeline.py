@@ -220,7 +220,7 @@ class QwenImagePipeline(LoraMixin):
         transformer_subfolder: another transformer inside `path` (e.g. "teacher/transformer" beside a distilled
             default); model_index.json's `sample_sigmas` belong to the default transformer and are then not used.
         quantize: None/"none", "int8", "fp8" or "int4": weight-only quantization of the DiT blocks and the text
-            decoder layers after loading (`checkpoints.quantize`; the VAE keeps its dtype).
+            decoder layers, each kernel as it is read (`checkpoints.quantize`; the VAE keeps its dtype).
         transformer_runtime: DiTConfig runtime fields, e.g. attention="cudnn"; attention absent or "auto": cuDNN
             on GPU, splash on TPU, the einsum path on CPU (`attention.platform_default`).
         """
@@ -254,9 +254,9 @@ class QwenImagePipeline(LoraMixin):
             transformer_runtime["attention"] = platform_default()
         check_platform(transformer_runtime["attention"],   # before any weight is read
                        splash_interpret=bool(transformer_runtime.get("splash_interpret", False)))
+        # quantized while read (one float tensor at a time), not after a whole float copy is loaded
         transformer = checkpoints.load("transformer", os.path.join(path, transformer_subfolder), dtype=dtype,
-                                       mesh=mesh, **transformer_runtime)
-        quant.quantize_transformer(transformer, quantize)
+                                       mesh=mesh, quantize=quantize, **transformer_runtime)
         # The loader derives the VAE's shardings from `mesh` for either format (diffusers or Orbax).
         vae = checkpoints.load("vae", os.path.join(path, "vae"), dtype=dtype if vae_dtype is None else vae_dtype,
                                mesh=mesh)
@@ -266,8 +266,8 @@ class QwenImagePipeline(LoraMixin):
         if load_text_encoder and os.path.isdir(te_dir) and not (isinstance(te_entry, list) and te_entry[0] is None):
             tok_dir = next((os.path.join(path, d) for d in ("processor", "tokenizer")
                             if os.path.isdir(os.path.join(path, d))), None)
-            text_encoder = checkpoints.load("text_encoder", te_dir, dtype=dtype, mesh=mesh, tokenizer_path=tok_dir)
-            quant.quantize_text_encoder(text_encoder, quantize)
+            text_encoder = checkpoints.load("text_encoder", te_dir, dtype=dtype, mesh=mesh, tokenizer_path=tok_dir,
+                                            quantize=quantize)
         sample_sigmas = index.get("sample_sigmas") if transformer_subfolder == "transformer" else None
         return cls(transformer, vae, text_encoder, scheduler_config, sample_sigmas, mesh,
                    text_pad_tokens=index.get("text_pad_tokens"),
