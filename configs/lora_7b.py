@@ -20,6 +20,7 @@ def get_config(arg=None):
                    num_attention_heads=32, context_in_dim=4096, mlp_ratio=3, axes_dims_rope=[16, 56, 56],
                    eps=1e-6, causal_condition=True)
     c.base_dtype = "bfloat16"
+    c.quantize = "none"              # QLoRA: "int8" / "fp8" / "int4" stores the frozen base quantized (qwix)
     c.compute_dtype = "bfloat16"
     c.remat = "full"
     c.attention = "splash"             # TPU; "cudnn" on GPU, "xla" anywhere

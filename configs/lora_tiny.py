@@ -17,6 +17,7 @@ def get_config(arg=None):
                    num_attention_heads=4, context_in_dim=32, mlp_ratio=3, axes_dims_rope=[4, 6, 6], eps=1e-6,
                    causal_condition=True)
     c.base_dtype = "float32"         # storage of the frozen base: "bfloat16" halves its memory
+    c.quantize = "none"              # QLoRA: "int8" / "fp8" / "int4" stores the frozen base quantized (qwix)
     c.compute_dtype = "float32"
     c.remat = "none"
     c.attention = "xla"

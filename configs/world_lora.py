@@ -23,6 +23,7 @@ def get_config(arg=None):
     c.seed = 0
     c.base = "qwenimage_jax/assets/tiny_world/teacher/transformer"
     c.base_dtype = "float32"
+    c.quantize = "none"              # QLoRA: "int8" / "fp8" / "int4" stores the frozen base quantized (qwix)
     c.compute_dtype = "float32"
     c.remat = "none"
     c.attention = "xla"

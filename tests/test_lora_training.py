@@ -154,3 +154,38 @@ def test_fsdp_sharded_base_gives_the_single_device_losses(world, tmp_path):
     assert a.sharding.shard_shape(a.shape)[1] == a.shape[1] // 4   # a's input (embed) axis split like the kernel's
     for s in (1, 2, 3):
         assert sharded["losses"][s] == pytest.approx(single["losses"][s], rel=1e-5), s
+
+
+def test_qlora_on_an_int8_base_trains_the_factors_and_ends_near_the_float_base(world, full_run, tmp_path):
+    """`quantize="int8"`: the frozen base is loaded with its block kernels quantized (qwix), the factors train in
+    float beside them and only they are differentiated. The losses follow the float base's run within the
+    quantization error and the exported adapter has the float run's keys and shapes (it loads wherever theirs does)."""
+    import flax
+    import jax
+    from qwix._src.providers.ptq import WithAux
+
+    from qwenimage_jax.checkpoints.safetensors_io import SafetensorsReader
+    from qwenimage_jax.training import lora as lora_trainer
+
+    seen = {}
+    real_setup = lora_trainer.setup
+
+    def watching_setup(*args, **kwargs):
+        out = real_setup(*args, **kwargs)
+        seen["base"] = out[3]
+        return out
+
+    import unittest.mock as mock
+    with mock.patch.object(lora_trainer, "setup", watching_setup):
+        result = lora_trainer.train(_config(world, steps=20, quantize="int8"), str(tmp_path))
+    kernel = seen["base"]["blocks"]["attn"]["to_q"]["kernel"]
+    assert isinstance(kernel, WithAux) and kernel.array.qvalue.dtype == np.int8
+    losses, float_losses = ([run["losses"][s] for s in range(1, 21)] for run in (result, full_run))
+    assert max(abs(a - b) for a, b in zip(losses, float_losses)) <= 0.02 * max(float_losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    ours = flax.traverse_util.flatten_dict(jax.device_get(result["state"].params))
+    theirs = flax.traverse_util.flatten_dict(jax.device_get(full_run["state"].params))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert sorted(os.listdir(result["export_dir"])) == sorted(os.listdir(full_run["export_dir"]))
+    q_file, f_file = (SafetensorsReader(run["export_dir"]) for run in (result, full_run))
+    assert {k: q_file.shape(k) for k in q_file.keys()} == {k: f_file.shape(k) for k in f_file.keys()}

@@ -179,13 +179,14 @@ def is_quantized(params: Any) -> bool:
 def transformer_quantizer(module, mode: str, mesh=None):
     """`leaf_quantizer` for a `models.dit.DiT` module (its DIT_LAYERS): what `load_transformer(quantize=...)`
     streams the checkpoint through."""
-    from qwenimage_jax.models.dit import _dummy_inputs, _init_module
+    from qwenimage_jax.models.dit import _dummy_inputs, _init_module, ambient_batch_parallelism
 
     cfg = module.config
     init_config = _init_module(cfg).config  # einsum attention, no remat: traces on any host, same params
+    n_batch = ambient_batch_parallelism()   # under a trainer's mesh the batch must split over data x fsdp
 
     def init(qmodule):
-        return qmodule.clone(config=init_config).init(jax.random.key(0), *_dummy_inputs(cfg))["params"]
+        return qmodule.clone(config=init_config).init(jax.random.key(0), *_dummy_inputs(cfg, n_batch))["params"]
 
     return leaf_quantizer(module, mode, init=init, layers=DIT_LAYERS, compute_dtype=cfg.dtype, mesh=mesh)
 

@@ -4,7 +4,8 @@
 
 The base transformer (`config.base`, a diffusers or Orbax `transformer/` directory) is loaded straight into the
 rule-derived shardings of the mesh (fsdp / tensor, as the DiT trainer places it), optionally stored in bf16
-(`config.base_dtype`), and never differentiated: only the LoRA factors `a` / `b` and their optimizer state form the
+(`config.base_dtype`) or quantized (`config.quantize`: QLoRA, int8 / fp8 / int4 block kernels), and never
+differentiated: only the LoRA factors `a` / `b` and their optimizer state form the
 TrainState (Orbax checkpoints with the data iterator, so a resume is exact). The factors ride in the DiT's `lora`
 collection (see `models.dit.Dense`) with scale alpha / r; `a` starts like peft's (uniform +-1/sqrt(fan_in)), `b`
 at zero, so step 0 is the base model. At the end the adapter is written in diffusers' format
@@ -129,8 +130,12 @@ def setup(config, mesh, key, base=None):
         dtype, param_dtype = (jnp.dtype(config.get(k, "float32")) for k in ("compute_dtype", "base_dtype"))
         shardings = logical_shardings(abstract_params(_base_dit_config(config.base, dtype, param_dtype, runtime)),
                                       mesh, rules)
-        base = load_transformer(config.base, dtype=dtype, param_dtype=param_dtype, shardings=shardings, **runtime)
-    module = DiT(base.dit_config)
+        # QLoRA: the frozen base's block kernels quantized as they are read (checkpoints.quantize); the factors
+        # run in float beside them, and only they are differentiated
+        quantize = config.get("quantize", "none")
+        base = load_transformer(config.base, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
+                                quantize=quantize, mesh=mesh if quantize not in (None, "none") else None, **runtime)
+    module = base.module   # the quantized module when the base is quantized
     rank, alpha = int(config.lora.rank), float(config.lora.get("alpha", config.lora.rank))
     layout = lora_layout(base.dit_config, list(config.lora.target_modules), rank)
     tx, lr_schedule = make_optimizer(config.optimizer)
