@@ -19,5 +19,6 @@ def get_config(arg=None):
     c.param_dtype = "bfloat16"    # "float32" for training (optimizer state stays fp32 either way)
     c.attention = "cudnn"         # "splash" on TPU, "xla" / "dot_product_attention" anywhere
     c.remat = "none"              # "full" or "dots" for training
+    c.quantize = "none"           # sampling: weight-only "int8" / "fp8" / "int4" block kernels (docs/quantization.md)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c

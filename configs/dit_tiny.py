@@ -15,6 +15,7 @@ def get_config(arg=None):
     c.dtype = "float32"
     c.param_dtype = "float32"
     c.attention = "xla"
+    c.quantize = "none"           # weight-only "int8" / "fp8" / "int4" block kernels (sampling, aot)
     c.remat = "none"
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c

@@ -16,6 +16,7 @@ def get_config(arg=None):
                                               mrope_section=[24, 20, 20], mrope_interleaved=True),
                          tie_word_embeddings=False)
     c.dtype = "bfloat16"
+    c.quantize = "none"         # weight-only "int8" / "fp8" / "int4" decoder kernels (docs/quantization.md)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.batch_size = 0            # 0 = one prompt per data x fsdp shard
     c.prompt_tokens = 256

@@ -153,3 +153,31 @@ def test_jaxpr_flops_counts_matmuls_and_scans():
         return jax.lax.scan(lambda h, wi: (h @ wi, None), x, w)[0]
 
     assert aot.jaxpr_flops(f, x, w) == 3 * 2 * 4 * 8 * 8
+
+
+def test_tiny_int8_sampler_and_qlora_step_compile_with_int8_kernel_arguments(v5p_4):
+    """`--config.quantize=int8`: the sampler's DiT block kernels and the LoRA base's are int8 arguments (with
+    their scales), sharded like the float kernels, and the per-chip argument bytes shrink accordingly."""
+    from qwix._src.providers.ptq import WithAux
+
+    target, devices = v5p_4
+    reports = {}
+    for mode in ("none", "int8"):
+        config = load_config("configs/dit_tiny.py", ["--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                                                     f"--config.quantize={mode}"])
+        program = aot.build(config, devices, "sample", resolution=128, steps=4, cfg_scale=4.0, prompt_tokens=16)
+        reports[mode] = aot.compile_program(program, target)
+        assert reports[mode].fits and reports[mode].argument_bytes == reports[mode].layout_argument_bytes
+    kernel = program.args[0]["params"]["blocks"]["attn"]["to_q"]["kernel"]
+    assert isinstance(kernel, WithAux) and kernel.array.qvalue.dtype == jnp.int8
+    assert kernel.array.qvalue.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 4
+    assert "int8 block kernels" in reports["int8"].description
+    assert reports["int8"].argument_bytes < 0.8 * reports["none"].argument_bytes
+
+    config = load_config("configs/lora_tiny.py", TINY_SPLASH + ["--config.base_dtype=bfloat16",
+                                                                "--config.quantize=int8"])
+    program = aot.build(config, devices, resolution=128)
+    with jax.default_matmul_precision("default"):
+        report = aot.compile_program(program, target)
+    assert report.fits and "(QLoRA)" in report.description
+    assert program.args[1]["blocks"]["mlp"]["proj"]["kernel"].array.qvalue.dtype == jnp.int8

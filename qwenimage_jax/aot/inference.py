@@ -23,15 +23,24 @@ def build_sample(config, mesh, resolution: int = 1024, steps: int = 40, cfg_scal
     cfg = DiTConfig.from_diffusers(dict(config.model), dtype=dtype,
                                    param_dtype=jnp.dtype(config.get("param_dtype", "bfloat16")),
                                    attention=config.get("attention", "xla"), remat=config.get("remat", "none"))
+    from qwenimage_jax.checkpoints import quantize as quant
+
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = int(batch or n_batch)
+    mode = quant.check_mode(config.get("quantize", "none"))
+    module = DiT(cfg)
     with _mesh_context(mesh):
         params = abstract_state(abstract_params(cfg), param_shardings(cfg, mesh))
+        if mode is not None:  # weight-only quantized block kernels, placed as the loader places them
+            quantizer = quant.transformer_quantizer(module, mode, mesh)
+            module, params = quantizer[0], quant.abstract_quantized(quantizer, params, cfg.dtype)
     # the loop never touches the VAE; the pipeline only reads its latent width
     vae_cfg = VAEConfig(z_dim=cfg.in_channels, latents_mean=(0.0,) * cfg.in_channels,
                         latents_std=(1.0,) * cfg.in_channels)
     vae = VAE(QwenImageVAE(vae_cfg), None, {"z_dim": cfg.in_channels, "in_channels": 3})
-    pipe = pl.QwenImagePipeline(Transformer(DiT(cfg), params, cfg.to_diffusers(), mesh=mesh), vae, mesh=mesh)
+    transformer = Transformer(DiT(cfg), params, cfg.to_diffusers(), mesh=mesh)
+    transformer.module = module
+    pipe = pl.QwenImagePipeline(transformer, vae, mesh=mesh)
     h = w = resolution // 16
     n_target = h * w
     _, timesteps = sched.flow_match_sigmas(steps, n_target, pipe.scheduler_config)
@@ -52,7 +61,8 @@ def build_sample(config, mesh, resolution: int = 1024, steps: int = 40, cfg_scal
                             + (n_steps - 1) * dit_forward_flops(cfg, n_target, seq, 0))
     return Program("sample", f"sampler {resolution}², {n_steps} steps, CFG {'on (batched)' if do_cfg else 'off'}, "
                    f"KV prefix of {prompt_tokens} text tokens, batch {batch}, DiT {_params(params)} params "
-                   f"{jnp.dtype(cfg.param_dtype).name}, attention {cfg.attention}",
+                   f"{jnp.dtype(cfg.param_dtype).name}{f' with {mode} block kernels' if mode else ''}, "
+                   f"attention {cfg.attention}",
                    _MeshCall(pipe._denoise_jit, mesh), args, {"spec": spec}, mesh, batch * per_image,
                    "analytic: 1 full forward + (steps - 1) cached target-token forwards per branch",
                    argument_bytes(args), ("shard the DiT weights: --config.mesh.fsdp=N (or tensor=N)",
@@ -66,12 +76,18 @@ def build_encode_prompt(config, mesh, batch: int | None = None, prompt_tokens: i
     from qwenimage_jax.parallel.rules import logical_shardings
     from qwenimage_jax.training.state import abstract_state
 
+    from qwenimage_jax.checkpoints import quantize as quant
+
     dtype = jnp.dtype(config.get("dtype", "bfloat16"))
     hf_config = {"text_config": dict(config.text_config)}
     module = build_module(hf_config, dtype, with_vision=False)
     boxed = abstract_params(module, hf_config)
+    mode = quant.check_mode(config.get("quantize", "none"))
     with _mesh_context(mesh):
         params = abstract_state(boxed, logical_shardings(boxed, mesh))
+        if mode is not None:
+            quantizer = quant.text_encoder_quantizer(module, hf_config, mode, mesh)
+            module, params = quantizer[0], quant.abstract_quantized(quantizer, params, dtype)
     encoder = TextEncoder(module, params, hf_config, mesh)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = int(batch or config.get("batch_size", 0) or n_batch)
@@ -84,8 +100,8 @@ def build_encode_prompt(config, mesh, batch: int | None = None, prompt_tokens: i
     q_dim, kv_dim = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     per_token = t.num_hidden_layers * (2 * t.hidden_size * (2 * q_dim + 2 * kv_dim)
                                        + 6 * t.hidden_size * t.intermediate_size + 4 * length * q_dim)
-    return Program("encode-prompt", f"Qwen3-VL text encoder {_params(params)} params {dtype.name}, {length} tokens, "
-                   f"batch {batch}", _MeshCall(encoder._forward, mesh), args, {}, mesh,
+    return Program("encode-prompt", f"Qwen3-VL text encoder {_params(params)} params {dtype.name}"
+                   f"{f' with {mode} decoder kernels' if mode else ''}, {length} tokens, batch {batch}", _MeshCall(encoder._forward, mesh), args, {}, mesh,
                    float(batch * length * per_token),
                    "analytic: projections + SwiGLU + full-square attention, no lm_head",
                    argument_bytes(args), ("shard the weights: --config.mesh.fsdp=N or tensor=N",), unit="call")

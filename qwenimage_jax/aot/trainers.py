@@ -69,9 +69,12 @@ def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     from qwenimage_jax.training import lora as lora_train
     from qwenimage_jax.training.state import make_optimizer, state_shardings
 
+    from qwenimage_jax.checkpoints import quantize as quant
+
     runtime = lora_train.base_config(config)
     cfg = DiTConfig.from_diffusers(dict(config.model), param_dtype=jnp.dtype(config.get("base_dtype", "float32")),
                                    **runtime)
+    mode = quant.check_mode(config.get("quantize", "none"))
     batch, example = _dit_batch(config, mesh, resolution, cfg)
     layout = dit_train.batch_layout(example)
     length = int(config.data.max_text_tokens)
@@ -86,9 +89,14 @@ def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
         base_shardings = param_shardings(cfg, mesh)
         base = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, cfg.param_dtype, sharding=sh),
                             unbox_abstract(abstract_params(cfg)), base_shardings)
+        module = DiT(cfg)
+        if mode is not None:  # QLoRA: the frozen base's block kernels quantized, the factors in float
+            quantizer = quant.transformer_quantizer(module, mode, mesh)
+            module, base = quantizer[0], quant.abstract_quantized(quantizer, base, cfg.dtype)
+            base_shardings = jax.tree.map(lambda x: x.sharding, base)
         scales = jax.tree.map(lambda x: _abstract(x.shape, jnp.float32, replicated),
                               lora_train.column_scales(targets, rank, alpha))
-        step = lora_train.make_train_step(DiT(cfg), tx, lr, config, layout, null_text, shardings, base_shardings,
+        step = lora_train.make_train_step(module, tx, lr, config, layout, null_text, shardings, base_shardings,
                                           mesh)
     n_target = (resolution // 16) ** 2
     seq = n_target + length
@@ -98,7 +106,8 @@ def build_train_lora(config, mesh, resolution: int = 1024) -> Program:
     args = (abstract, base, scales, batch, _key(replicated), null_text)
     n_train, n_base = _count_params(abstract.params), _count_params(base)
     return Program("train-lora", f"LoRA rank {rank} on {len(targets)} linears of a {_params(base)}-param DiT "
-                   f"({jnp.dtype(cfg.param_dtype).name} base, frozen): {n_train / 1e6:.1f}M trainable "
+                   f"({jnp.dtype(cfg.param_dtype).name} base{f' with {mode} block kernels (QLoRA)' if mode else ''}"
+                   f", frozen): {n_train / 1e6:.1f}M trainable "
                    f"({100 * n_train / n_base:.2f}% of the base), {resolution}², global batch {config.batch_size}, "
                    f"attention {cfg.attention}, remat {cfg.remat}",
                    step, args, {}, mesh, flops, "analytic 2 x forward (activation gradients, no base weight "

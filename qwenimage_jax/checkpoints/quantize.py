@@ -372,7 +372,7 @@ def load_saved(path: str, quantizer, float_abstract: Any, dtype: Any, shardings:
             out[p] = jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
             continue
         aux = targets[p]
-        layout = nn.meta.unbox(aux.array)   # QArray of ShapeDtypeStructs
+        layout = _layout(aux)   # QArray of ShapeDtypeStructs
         qtype = layout.qtype
         qvalue = reader[key + "/qvalue"]
         if jnp.dtype(qtype).name == "int4":
@@ -386,4 +386,36 @@ def load_saved(path: str, quantizer, float_abstract: Any, dtype: Any, shardings:
         if p in quantize.shardings:  # placed as the quantizer places a freshly quantized kernel
             array = jax.device_put(array, quantize.shardings[p])
         out[p] = WithAux(array, aux.how)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def _layout(aux):
+    """The QArray of ShapeDtypeStructs inside an abstract kernel, its logical-axis boxes taken off without
+    `nn.meta.unbox` (which, under a mesh, would constrain the shapes' shardings)."""
+    box = nn.meta.AxisMetadata
+    return jax.tree.map(lambda x: x.value if isinstance(x, box) else x, aux.array, is_leaf=lambda x: isinstance(x, box))
+
+
+def abstract_quantized(quantizer, abstract: Any, scale_dtype: Any) -> Any:
+    """`abstract` (an unboxed ShapeDtypeStruct tree of the float params, shardings optional) with each kernel the
+    quantizer covers replaced by its abstract `WithAux(QArray)` (values at the mode's dtype, scales in
+    `scale_dtype`, placed as the quantizer places them): what ahead-of-time compilation of a quantized model
+    takes, nothing allocated."""
+    from qwix._src.providers.ptq import WithAux
+
+    _, quantize, targets = quantizer
+    flat = flax.traverse_util.flatten_dict(abstract)
+    out = {}
+    for path, leaf in flat.items():
+        if path not in targets:
+            out[path] = leaf
+            continue
+        layout = _layout(targets[path])
+        shardings = quantize.shardings.get(path)
+        qvalue_sharding = getattr(shardings, "qvalue", None)
+        scale_sharding = getattr(shardings, "scale", None)
+        array = layout.replace(
+            qvalue=jax.ShapeDtypeStruct(layout.qvalue.shape, layout.qvalue.dtype, sharding=qvalue_sharding),
+            scale=jax.ShapeDtypeStruct(layout.scale.shape, jnp.dtype(scale_dtype), sharding=scale_sharding))
+        out[path] = WithAux(array, targets[path].how)
     return flax.traverse_util.unflatten_dict(out)
