@@ -17,7 +17,7 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
     assert world.main(["--workdir", str(workdir), "--out", str(out), "--config-arg", "smoke"]) == 0
     times = json.load(open(workdir / "times.json"))
     for stage in ("text", "text_check", "vae_encoder", "vae", "vae_decoder", "vae_noalign", "vae_decoder_noalign",
-                  "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill_pairs", "distill_2",
+                  "vae_palette", "cache", "cache_noalign", "dit_ablation", "dit", "dit_cooldown", "dit_ablation_noalign", "ablation", "distill_pairs", "distill_2",
                   "distill_1", "figures"):
         assert stage in times and times[stage]["seconds"] > 0, stage
         assert times[stage]["commit"] == times["provenance"]["commit"], stage  # one run wrote every stage
@@ -26,6 +26,9 @@ def test_every_stage_runs_in_the_smoke_configuration(tmp_path):
         attributes = times[arm]["heldout_judge_attributes"]
         assert set(attributes) >= {"colour", "shape", "count", "position", "size"}
         assert 3.0 < times[arm]["heldout_psnr"] < 60.0, times[arm]  # finite and in dB (not a 0-1 MSE, not NaN)
+    # the palette phase ran its cycles (the shipped arm only), each from the previous one's export
+    assert times["vae_palette"]["trained_steps"] == 4 and "vae_palette_noalign" not in times
+    assert sorted(os.listdir(workdir / "vae_palette")) == ["cycle_0", "cycle_1"]
     ablation = json.load(open(workdir / "ablation.json"))
     assert set(ablation) == {"align", "noalign", "provenance"} and "dit_noalign" not in times  # only the shipped arm goes on
     assert ablation["provenance"]["commit"] and ablation["provenance"]["versions"]["jax"]

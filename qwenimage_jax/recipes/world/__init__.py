@@ -14,6 +14,9 @@ Stages (each skips itself when its output exists, so an interrupted run resumes;
             ablation ("align": the recipe; "noalign": no alignment gradient)     -> WORKDIR/vae{,_noalign}_diffusers
   vae_decoder  configs/world_vae_decoder.py: the decoder fine-tuned for sharp outlines, the encoder (and so the
             latents) frozen                                                     -> WORKDIR/vae{,_noalign}_diffusers
+  vae_palette  configs/world_vae_palette.py: the shipped arm's decoder fine-tuned further with a palette
+            cross-entropy (the label the judge reads per pixel), in `cycles` runs, the latents still frozen
+                                                                                -> WORKDIR/vae_diffusers
   cache     world train scenes -> VAE latents + text-encoder states (cache-latents) -> WORKDIR/latents{,_noalign}
   dit       configs/world_dit.py through the DiT trainer (the 40-step teacher)     -> WORKDIR/transformer{,_noalign}
   ablation  the judge on both arms: VAE reconstructions and 40-step CFG teacher samples -> WORKDIR/ablation.json
@@ -36,8 +39,8 @@ earlier build instead of retraining them.
 
 Wall times of every stage are appended to WORKDIR/times.json and copied into the shipped README.
 
-The modules: stages.py (the shared settings and records; vae_encoder, vae, vae_decoder, cache, dit, ablation,
-distill), text.py (text, expander, text_check, --text-from), ship.py (assemble, the README, figures) and
+The modules: stages.py (the shared settings and records; vae_encoder, vae, vae_decoder, vae_palette, cache, dit,
+ablation, distill), text.py (text, expander, text_check, --text-from), ship.py (assemble, the README, figures) and
 snapshots.py (--snapshot, --resume-from); `main` here is the command line. `--config-arg` is
 `stages.CONFIG_ARG`, which `stages._config` passes to every get_config.
 """
@@ -51,7 +54,7 @@ from qwenimage_jax.recipes.world.ship import assemble, stage_figures, write_read
 from qwenimage_jax.recipes.world.snapshots import BUILD_DIR, resume_from, snapshot
 from qwenimage_jax.recipes.world.stages import (ARMS, DEFAULT_OUT, SHIPPED_ARM, STAGES, stage_ablation, stage_cache,
                                                 stage_dit, stage_distill, stage_vae, stage_vae_decoder,
-                                                stage_vae_encoder)
+                                                stage_vae_encoder, stage_vae_palette)
 from qwenimage_jax.recipes.world.text import copy_text_stage, stage_expander, stage_text, stage_text_check
 
 def main(argv=None) -> int:
@@ -107,6 +110,9 @@ def main(argv=None) -> int:
             stage_vae(args.workdir, name)
         if "vae_decoder" in stages:
             stage_vae_decoder(args.workdir, name)
+        if "vae_palette" in stages and name == (SHIPPED_ARM if args.ship == "none" else args.ship):
+            # the shipped arm's decoder only: its latents (and so every DiT's data) are unchanged
+            stage_vae_palette(args.workdir, name)
         if "cache" in stages:
             stage_cache(args.workdir, name)
         if "dit" in stages:

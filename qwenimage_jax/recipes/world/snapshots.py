@@ -37,6 +37,12 @@ def snapshot(workdir: str, dst: str) -> str:
             if os.path.exists(metrics):
                 os.makedirs(os.path.join(dst, name), exist_ok=True)
                 shutil.copy(metrics, os.path.join(dst, name, "metrics.jsonl"))
+        if re.fullmatch(r"vae(_noalign)?_palette", name):  # the decoder's palette phase: each cycle's metrics
+            for cycle in sorted(os.listdir(os.path.join(workdir, name))):
+                metrics = os.path.join(workdir, name, cycle, "metrics.jsonl")
+                if os.path.exists(metrics):
+                    os.makedirs(os.path.join(dst, name, cycle), exist_ok=True)
+                    shutil.copy(metrics, os.path.join(dst, name, cycle, "metrics.jsonl"))
         if re.fullmatch(r"distill_\d+", name):  # a student: its metrics and its exported weights
             for part in ("metrics.jsonl", "export"):
                 src, out = os.path.join(workdir, name, part), os.path.join(dst, name, part)

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-STAGES = ("text", "expander", "text_check", "vae_encoder", "vae", "vae_decoder", "cache", "dit", "ablation", "distill", "assemble",
-          "figures")
+STAGES = ("text", "expander", "text_check", "vae_encoder", "vae", "vae_decoder", "vae_palette", "cache", "dit", "ablation",
+          "distill", "assemble", "figures")
 # ablation arm -> (suffix of its WORKDIR paths, config overrides of its VAE run)
 ARMS = {"align": ("", []), "noalign": ("_noalign", ["--config.losses.align.probe_only=True"])}
 SHIPPED_ARM = "align"
@@ -158,6 +158,32 @@ def stage_vae_decoder(workdir: str, arm: str = SHIPPED_ARM) -> None:
     _cli(["train-vae", "--config", config, "--workdir", run, f"--config.init_from={first}"])
     stats = export_vae_diffusers(os.path.join(run, "vae_export"), os.path.join(workdir, f"vae{suffix}_diffusers"))
     _record(workdir, "vae_decoder" + suffix, time.time() - t0, **stats)
+
+
+def stage_vae_palette(workdir: str, arm: str = SHIPPED_ARM) -> None:
+    """The arm's decoder fine-tuned further with the palette cross-entropy (configs/world_vae_palette.py), the
+    encoder frozen: its `cycles` run in order, each from the previous one's export (the first from the
+    vae_decoder phase's); the last export replaces WORKDIR/vae{suffix}_diffusers (the same latents)."""
+    suffix = ARMS[arm][0]
+    name = f"vae_palette{suffix}"
+    if name in _times(workdir):
+        print(f"[{name}] done; skipping", flush=True)
+        return
+    cfg = _config("world_vae_palette")
+    config = os.path.join(REPO, "configs", "world_vae_palette.py") + (f":{CONFIG_ARG}" if CONFIG_ARG else "")
+    previous = os.path.join(workdir, f"vae{suffix}_decoder", "vae_export")
+    if not os.path.exists(os.path.join(previous, "params")):  # a machine with only the snapshot: the same weights
+        previous = os.path.join(workdir, f"vae{suffix}_diffusers")
+    t0 = time.time()
+    for i, steps in enumerate(cfg.cycles):
+        run = os.path.join(workdir, name, f"cycle_{i}")
+        if not os.path.exists(os.path.join(run, "vae_export", "params")):
+            _cli(["train-vae", "--config", config, "--workdir", run, f"--config.init_from={previous}",
+                  f"--config.total_steps={steps}", f"--config.optimizer.learning_rate.decay_steps={steps}"])
+        previous = os.path.join(run, "vae_export")
+    stats = export_vae_diffusers(previous, os.path.join(workdir, f"vae{suffix}_diffusers"))
+    _record(workdir, name, time.time() - t0, cycles=list(cfg.cycles), trained_steps=int(sum(cfg.cycles)),
+            **stats, **_last_eval(previous.rsplit("/vae_export", 1)[0], ("eval/judge_shape", "eval/judge_overall")))
 
 
 def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dict:
