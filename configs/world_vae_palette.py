@@ -25,7 +25,7 @@ def get_config(arg=None):
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
     c = base.get_config(arg)
-    c.cycles = (400, 1600)                 # read by the world recipe: one train-vae run per entry, in order
+    c.cycles = (400, 1600, 2400)           # read by the world recipe: one train-vae run per entry, in order
     c.total_steps = c.cycles[0]            # one run's length (the recipe sets it per cycle)
     c.optimizer.learning_rate = dict(name="warmup_cosine", peak_value=3e-4, warmup_steps=20,
                                      decay_steps=c.total_steps, end_value=1e-5)

@@ -182,8 +182,13 @@ def stage_vae_palette(workdir: str, arm: str = SHIPPED_ARM) -> None:
                   f"--config.total_steps={steps}", f"--config.optimizer.learning_rate.decay_steps={steps}"])
         previous = os.path.join(run, "vae_export")
     stats = export_vae_diffusers(previous, os.path.join(workdir, f"vae{suffix}_diffusers"))
+    # seconds: this call's wall time; each cycle's own training time (from its logged step times) beside it, since
+    # the cycles may have run in earlier calls
+    cycle_seconds = [round((logged_step_seconds(os.path.join(workdir, name, f"cycle_{i}")) or (0, 0.0))[1], 1)
+                     for i in range(len(cfg.cycles))]
     _record(workdir, name, time.time() - t0, cycles=list(cfg.cycles), trained_steps=int(sum(cfg.cycles)),
-            **stats, **_last_eval(previous.rsplit("/vae_export", 1)[0], ("eval/judge_shape", "eval/judge_overall")))
+            cycle_train_seconds=cycle_seconds, **stats,
+            **_last_eval(previous.rsplit("/vae_export", 1)[0], ("eval/judge_shape", "eval/judge_overall")))
 
 
 def export_vae_diffusers(orbax_dir: str, dst: str, num_images: int = 256) -> dict:
