@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -512,11 +513,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, on_step: Callable[[in
         progress = tqdm(total=total_steps, initial=start_step, desc="train-vae", dynamic_ncols=True)
     with PreemptionGuard() as guard:
         step = start_step
+        last = time.perf_counter()
         while step < total_steps:
             batch = setup.put_batch(next(data_iter))
             state, metrics = step_fn(state, batch, frozen)
             step += 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            # wall seconds since the previous step (its evals and saves included): a run's time is their sum
+            now = time.perf_counter()
+            metrics["step_time_s"], last = now - last, now
             # one batch per step: batch index = step - 1; "stop" raises here, "skip" returns False
             finite = monitor.check(step, step - 1, metrics)
             del metrics["finite"]
