@@ -20,11 +20,12 @@ def _dit_batch(config, mesh, resolution: int, cfg) -> tuple[dict, dict]:
     h = w = resolution // 16
     b, length = int(config.batch_size), int(config.data.max_text_tokens)
     sharding = NamedSharding(mesh, P(BATCH_AXES))
-    batch = {"latents": _abstract((b, h, w, cfg.in_channels), jnp.float32, sharding),
-             "text_embeds": _abstract((b, length, cfg.context_in_dim), jnp.float32, sharding),
+    # float fields travel as cached: float16 (latent_records), cast to float32 inside the step
+    batch = {"latents": _abstract((b, h, w, cfg.in_channels), jnp.float16, sharding),
+             "text_embeds": _abstract((b, length, cfg.context_in_dim), jnp.float16, sharding),
              "text_mask": _abstract((b, length), bool, sharding),
              "image_pad_mask": _abstract((b, length), bool, sharding)}
-    example = {"latents": np.zeros((1, h, w, cfg.in_channels), np.float32),
+    example = {"latents": np.zeros((1, h, w, cfg.in_channels), np.float16),
                "image_pad_mask": np.zeros((1, length), bool)}
     return batch, example
 

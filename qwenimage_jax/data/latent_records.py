@@ -152,7 +152,10 @@ class _ShardedSource(grain.sources.RandomAccessDataSource):
 
 
 def _pad_text(example: dict, max_text_tokens: int) -> dict:
-    embeds = np.asarray(example["text_embeds"], np.float32)
+    """The example padded to `max_text_tokens`, its float fields kept as stored (float16, or float32 for the
+    `float32_fields`): batches travel to the device at half the bytes; the train steps cast them to float32
+    (`training.dit.compute_batch`), which is exact."""
+    embeds = np.asarray(example["text_embeds"])
     length = embeds.shape[0]
     if length > max_text_tokens:
         raise ValueError(f"a caption has {length} text tokens, more than data.max_text_tokens={max_text_tokens}; "
@@ -162,11 +165,11 @@ def _pad_text(example: dict, max_text_tokens: int) -> dict:
     out["text_mask"] = np.arange(max_text_tokens) < length
     pad_mask = np.asarray(example.get("image_pad_mask", np.zeros(length, bool)), bool)
     out["image_pad_mask"] = np.pad(pad_mask, (0, max_text_tokens - length))
-    out["latents"] = np.asarray(example["latents"], np.float32)
+    out["latents"] = np.asarray(example["latents"])
     if example.get("cond_latents") is not None:
-        out["cond_latents"] = np.asarray(example["cond_latents"], np.float32)
+        out["cond_latents"] = np.asarray(example["cond_latents"])
     if example.get("noise") is not None:
-        out["noise"] = np.asarray(example["noise"], np.float32)
+        out["noise"] = np.asarray(example["noise"])
     out.pop("caption", None)
     return out
 

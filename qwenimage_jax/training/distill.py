@@ -54,7 +54,8 @@ from qwenimage_jax.models.dit import (DiT, DiTConfig, _dummy_inputs, check_paral
 from qwenimage_jax.parallel.rules import LOGICAL_RULES
 from qwenimage_jax.sampling import scheduler as sched
 from qwenimage_jax.training import dmd
-from qwenimage_jax.training.dit import BATCH_AXES, _global_batch, _null_text, batch_layout, latent_dataset, start_run
+from qwenimage_jax.training.dit import (BATCH_AXES, _global_batch, _null_text, batch_layout, compute_batch,
+                                        latent_dataset, start_run)
 from qwenimage_jax.training.guards import keep_finite
 from qwenimage_jax.training.loop import Task, run
 from qwenimage_jax.training.state import TrainState, apply_gradients, make_optimizer, param_count, state_shardings
@@ -264,7 +265,8 @@ def regression_target_fn(config, layout):
     module = DiT(teacher_cfg)
     sigmas, model_t = teacher_grid(config, target_tokens(layout))
     scale = regression_cfg_scale(config, layout)
-    return functools.partial(teacher_ode, module, sigmas=sigmas, model_t=model_t, layout=layout, scale=scale)
+    solve = functools.partial(teacher_ode, module, sigmas=sigmas, model_t=model_t, layout=layout, scale=scale)
+    return lambda tparams, z, batch, null_text: solve(tparams, z, compute_batch(batch), null_text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,6 +384,7 @@ def _make_distill_step(config_json: str, layout, mesh):
         return loss, aux
 
     def step(state: DistillState, tparams, batch, null_text, key):
+        batch = compute_batch(batch)   # float16 on the way in, float32 here
         k_fake, k_student = jax.random.split(jax.random.fold_in(key, state.step))
         fake = state.fake
         metrics = {}

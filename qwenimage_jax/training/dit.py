@@ -102,6 +102,7 @@ def make_loss_fn(module: DiT, config, layout, null_text, variables_of=None):
                                   max_text_tokens=int(config.data.max_text_tokens))
 
     def loss_fn(params, batch, key, null_text, *frozen):
+        batch = compute_batch(batch)
         x0 = batch["latents"]                                   # (B, h, w, C)
         bsz = x0.shape[0]
         k_sigma, k_noise, k_drop = jax.random.split(key, 3)
@@ -245,6 +246,13 @@ def abstract_global_batch(batch: dict, sharding) -> dict:
                                     sharding=sharding) for k, v in batch.items() if v is not None}
 
 
+def compute_batch(batch: dict) -> dict:
+    """The batch's floating-point fields as float32 (inside the jitted step: the host sends them as stored, float16
+    latents and text states, half the bytes of float32; the cast is exact)."""
+    return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
+            for k, v in batch.items()}
+
+
 def _global_batch(batch: dict, sharding) -> dict:
     """Host-local numpy batch -> global jax arrays sharded over the batch axes (multi-host aware)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
@@ -305,7 +313,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         if config.get("record_batch_checksums", False):  # multi-host tests: global vs this host's data
             # summed after the run: this runs on the loop's prefetch thread, where a global sum (a collective)
             # could interleave differently with the steps on each host
-            batch_checksums.append((batch["latents"], float(np.sum(local["latents"]))))
+            batch_checksums.append((batch["latents"], float(np.sum(local["latents"], dtype=np.float64))))
         return batch
 
     def extra_scalars(layout, scalars):
@@ -343,7 +351,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     result = run(task, config, workdir, mesh, rules, proc)
     # the batches the steps used, in order (the prefetch thread may have made more)
     used = batch_checksums[:result["final_step"] - result["start_step"]]
-    result.update(export_dir=export_dir, batch_checksums=[(float(jnp.sum(g)), l) for g, l in used], mesh=mesh)
+    result.update(export_dir=export_dir, batch_checksums=[(float(jnp.sum(g.astype(jnp.float32))), l) for g, l in used], mesh=mesh)
     return result
 
 
