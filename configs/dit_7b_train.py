@@ -40,4 +40,5 @@ def get_config(arg=None):
     c.init_from = ""
     c.export = True                  # write WORKDIR/export/transformer (diffusers format) at the end
     c.progress = True
+    c.executable = ""              # a step saved by `aot --save` to run instead of compiling (one layout)
     return c

@@ -51,6 +51,7 @@ def get_config(arg=None):
     c.peak_flops_per_device = 0.0
     c.init_from = ""
     c.progress = True
+    c.executable = ""              # a step saved by `aot --save` to run instead of compiling (one layout)
     if arg == "smoke":  # CI: the recipe's stages end to end in seconds (64 px world, a 1-layer DiT)
         c.num_scenes, c.image_size = 32, 64
         c.model.update(num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=[4, 6, 6],

@@ -181,3 +181,18 @@ def test_tiny_int8_sampler_and_qlora_step_compile_with_int8_kernel_arguments(v5p
         report = aot.compile_program(program, target)
     assert report.fits and "(QLoRA)" in report.description
     assert program.args[1]["blocks"]["mlp"]["proj"]["kernel"].array.qvalue.dtype == jnp.int8
+
+
+def test_saved_executable_records_its_topology_and_is_refused_on_other_devices(v5p_4, tmp_path):
+    """`aot --save FILE` writes the executable with the versions and devices it is for; loading it on this CPU host
+    is one clear error naming both (it runs only on the topology it was compiled for)."""
+    from qwenimage_jax.errors import InputValueError
+
+    target, devices = v5p_4
+    config = load_config("configs/dit_tiny.py", ["--config.mesh.data=1", "--config.mesh.fsdp=-1"])
+    program = aot.build(config, devices, "sample", resolution=128, steps=2, prompt_tokens=16)
+    path = str(tmp_path / "sampler.xla")
+    report = aot.compile_program(program, target, save=path)
+    assert report.saved.startswith(path) and "4 x TPU v5" in report.saved and "(v5:2x2x1)" in report.saved
+    with pytest.raises(InputValueError, match=r"compiled for 4 x TPU v5.* \(v5:2x2x1\), this process has \d+ x cpu"):
+        aot.load_executable(path)

@@ -9,6 +9,7 @@ import time
 import jax
 
 from qwenimage_jax.aot.program import GIB, Program, Report, _mesh_context, argument_bytes
+from qwenimage_jax.parallel.executables import load_executable, save_executable  # noqa: F401 (re-exported)
 
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|exceeds available HBM|Ran out of memory|out of memory)", re.I)
 _SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
@@ -61,37 +62,7 @@ def compile_program(program: Program, topology, save: str | None = None) -> Repo
                     temp_bytes=temp, total_bytes=total, needed_bytes=None if fits else float(total),
                     advice=() if fits else program.hints,
                     layout_argument_bytes=argument_bytes(program.args, compiled))
-    if save:
-        report.saved = save_executable(compiled, save)
+    if save:  # the executable for the topology's devices (parallel/executables.py checks them at load)
+        report.saved = save_executable(compiled, save, topology=topology.label,
+                                       devices=list(mesh.devices.flat))
     return report
-
-
-def save_executable(compiled, path: str) -> str:
-    """Writes the serialized executable (+ its input/output tree structure) with pickle; valid only for the same
-    jax, jaxlib and libtpu versions and the same topology (see docs/tpu_training.md)."""
-    import pickle
-
-    from jax.experimental import serialize_executable
-
-    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-    versions = {"jax": jax.__version__}
-    try:
-        import libtpu
-        versions["libtpu"] = getattr(libtpu, "__version__", "unknown")
-    except ImportError:
-        pass
-    with open(path, "wb") as f:
-        pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree, "versions": versions}, f)
-    return f"{path} ({len(payload) / 1e6:.1f} MB; {', '.join(f'{k} {v}' for k, v in versions.items())})"
-
-
-def load_executable(path: str, backend=None):
-    """The compiled function saved by `save_executable` (on a pod host with the same versions and topology)."""
-    import pickle
-
-    from jax.experimental import serialize_executable
-
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return serialize_executable.deserialize_and_load(data["executable"], data["in_tree"], data["out_tree"],
-                                                     backend=backend)

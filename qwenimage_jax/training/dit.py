@@ -170,9 +170,15 @@ def bind(step, *trailing):
     return lambda state, batch, key: step(state, batch, key, *trailing)
 
 
-def compiled(step, state, batch, key, *trailing):
+def compiled(step, state, batch, key, *trailing, executable: str = ""):
     """`step` (jitted) compiled ahead for these arguments' shapes and shardings, bound as `bind` does; a step
-    without `.lower` (a test's wrapper) is bound as it is and compiles on its first call."""
+    without `.lower` (a test's wrapper) is bound as it is and compiles on its first call. `executable`: a file
+    saved by `aot --save` (or `parallel.executables.save_executable`) to run instead of compiling, after checking
+    that it was compiled for these arguments, versions and devices."""
+    if executable:
+        from qwenimage_jax.parallel.executables import load_executable
+
+        return bind(load_executable(executable, expect=(state, batch, key, *trailing)), *trailing)
     if not hasattr(step, "lower"):
         return bind(step, *trailing)
     return bind(step.lower(state, batch, key, *trailing).compile(), *trailing)
@@ -347,7 +353,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                 warm_batches=warm_batches(config, global_batch, n_proc, proc),
                 compile_step=lambda layout, batch, state: compiled(
                     make_train_step(module, tx, lr_schedule, config, layout, null_text, shardings, mesh), state,
-                    abstract_global_batch(batch, batch_sharding), jax.random.fold_in(key, 0), null_text))
+                    abstract_global_batch(batch, batch_sharding), jax.random.fold_in(key, 0), null_text,
+                    executable=str(config.get("executable", "") or "")))
     result = run(task, config, workdir, mesh, rules, proc)
     # the batches the steps used, in order (the prefetch thread may have made more)
     used = batch_checksums[:result["final_step"] - result["start_step"]]
