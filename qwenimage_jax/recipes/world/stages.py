@@ -106,8 +106,9 @@ def logged_step_seconds(run_dir: str) -> tuple[int, float] | None:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    rows = sorted({int(r["step"]): float(r["step_time_s"]) for r in map(json.loads, open(path))
-                   if "step_time_s" in r}.items())
+    key = lambda r: "step_time_s" if "step_time_s" in r else "train/step_time_s"  # noqa: E731 (DiT / VAE logs)
+    rows = sorted({int(r["step"]): float(r[key(r)]) for r in map(json.loads, open(path))
+                   if key(r) in r}.items())
     total, previous = 0.0, 0
     for step, seconds in rows:
         total, previous = total + seconds * (step - previous), step
