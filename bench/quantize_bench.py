@@ -22,17 +22,11 @@ import sys
 import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from load_memory_bench import _status_kb  # noqa: E402 (the /proc/self/status reader both benches use)
 MODES = ("none", "int8", "fp8", "int4")
 MODEL = dict(in_channels=64, out_channels=64, num_layers=4, attention_head_dim=128, num_attention_heads=8,
              context_in_dim=1024, mlp_ratio=3, axes_dims_rope=(32, 48, 48))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def write_checkpoint(dst: str) -> None:

@@ -49,6 +49,8 @@ ARTIFACTS = {
     "world_build/text_probe.json": "python -m qwenimage_jax.evals.text_probe --text-encoder world_build/text_encoder "
                                    "--tokenizer world_build/tokenizer --out world_build/text_probe.json",
     "docs/quantize_quality.json": "python bench/quantize_quality.py",
+    "docs/qlora_figures.json": "python -m qwenimage_jax.recipes.world_lora --workdir /tmp/world_qlora "
+                               "--config.quantize=int8 (then copy WORKDIR/lora_figures.json here)",
     "docs/aot/*.json": "qwenimage-jax aot --config CONFIG --topology TOPOLOGY --json docs/aot/NAME.json "
                        "(the command is recorded in each)",
     "bench/results/*.json": "python bench/NAME.py (the script named in the file)",

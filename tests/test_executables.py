@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from qwenimage_jax.errors import InputValueError
-from qwenimage_jax.parallel import executables
+from qwenimage_jax.checkpoints import executables
 from qwenimage_jax.training import dit as dit_trainer
 from tests.dit_train_fixtures import tiny_config, write
 

@@ -9,7 +9,7 @@ import time
 import jax
 
 from qwenimage_jax.aot.program import GIB, Program, Report, _mesh_context, argument_bytes
-from qwenimage_jax.parallel.executables import load_executable, save_executable  # noqa: F401 (re-exported)
+from qwenimage_jax.checkpoints.executables import load_executable, save_executable  # noqa: F401 (re-exported)
 
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|exceeds available HBM|Ran out of memory|out of memory)", re.I)
 _SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
@@ -62,7 +62,7 @@ def compile_program(program: Program, topology, save: str | None = None) -> Repo
                     temp_bytes=temp, total_bytes=total, needed_bytes=None if fits else float(total),
                     advice=() if fits else program.hints,
                     layout_argument_bytes=argument_bytes(program.args, compiled))
-    if save:  # the executable for the topology's devices (parallel/executables.py checks them at load)
+    if save:  # the executable for the topology's devices (checkpoints/executables.py checks them at load)
         report.saved = save_executable(compiled, save, topology=topology.label,
                                        devices=list(mesh.devices.flat))
     return report

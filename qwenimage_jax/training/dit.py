@@ -173,10 +173,10 @@ def bind(step, *trailing):
 def compiled(step, state, batch, key, *trailing, executable: str = ""):
     """`step` (jitted) compiled ahead for these arguments' shapes and shardings, bound as `bind` does; a step
     without `.lower` (a test's wrapper) is bound as it is and compiles on its first call. `executable`: a file
-    saved by `aot --save` (or `parallel.executables.save_executable`) to run instead of compiling, after checking
+    saved by `aot --save` (or `checkpoints.executables.save_executable`) to run instead of compiling, after checking
     that it was compiled for these arguments, versions and devices."""
     if executable:
-        from qwenimage_jax.parallel.executables import load_executable
+        from qwenimage_jax.checkpoints.executables import load_executable
 
         return bind(load_executable(executable, expect=(state, batch, key, *trailing)), *trailing)
     if not hasattr(step, "lower"):
