@@ -61,7 +61,7 @@ def measure(path: str, mode: str) -> dict:
     hidden = jax.random.normal(k[0], (2, 256, MODEL["in_channels"]))
     text = jax.random.normal(k[1], (2, 64, MODEL["context_in_dim"]))
     timestep = jnp.array([0.9, 0.4])
-    shapes, mask = ((1, 16, 16),), (False,) * 64 + (True,) * 256
+    shapes, mask = ((1, 16, 16),), (False,) * 64 + (True,) * 64   # one image slot per 2 x 2 latent patch
 
     def forward():
         return model(hidden, text, timestep, shapes, mask).sample
