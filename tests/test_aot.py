@@ -196,3 +196,11 @@ def test_saved_executable_records_its_topology_and_is_refused_on_other_devices(v
     assert report.saved.startswith(path) and "4 x TPU v5" in report.saved and "(v5:2x2x1)" in report.saved
     with pytest.raises(InputValueError, match=r"compiled for 4 x TPU v5.* \(v5:2x2x1\), this process has \d+ x cpu"):
         aot.load_executable(path)
+
+
+def test_single_chip_slices_build_their_devices():
+    """v6e-1 / v5e-1 are smaller than libtpu's default host block (2x2): their devices are built with the slice's
+    own bounds instead of failing inside libtpu."""
+    for name, kind in (("v6e-1", "TPU v6 lite"), ("v5e-1", "TPU v5 lite")):
+        devices = topo.devices(topo.resolve(name))
+        assert len(devices) == 1 and devices[0].device_kind == kind

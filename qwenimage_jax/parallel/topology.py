@@ -102,7 +102,13 @@ def devices(topology: Topology | str):
                           "(jax[tpu] of the installed jax version; no TPU needed)") from e
     from jax.experimental import topologies
 
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.jax_name)
+    # libtpu assumes a host's default chip block (2x2x1 on v5e/v6e); a slice smaller than one host (v6e-1, v5e-1)
+    # is only accepted with its own bounds as the host's
+    dims = [int(d) for d in topo.jax_name.split(":")[1].split("x")]
+    kwargs = {}
+    if topo.chips < 4:
+        kwargs["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.jax_name, **kwargs)
     devs = list(desc.devices)
     if len(devs) != topo.chips:
         raise RuntimeError(f"libtpu built {len(devs)} devices for {topo.jax_name}, expected {topo.chips} chips")
