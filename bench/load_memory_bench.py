@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override num_layers (default: the 1B's 18)")
     parser.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4"],
                         help="load with weight-only quantization while reading (bound: the quantized model)")
+    parser.add_argument("--json", default=None, help="also write the rows (with provenance) to this JSON file")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -141,6 +142,14 @@ def main(argv=None) -> int:
     bound = "the quantized model + one float stack" if args.quantize else "the tensors"
     print("PASS" if ok else "FAIL", f"(peak RSS above baseline <= 1.3x {bound})")
     print(json.dumps(results))
+    if args.json:
+        sys.path.insert(0, REPO)
+        from qwenimage_jax.io_utils import provenance, write_json
+
+        prov = provenance()
+        write_json(args.json, {"layers": args.layers, "quantize": args.quantize or "none", "passed": ok,
+                               "rows": {str(r["devices"]): r for r in results}, "provenance": prov,
+                               "commit": prov["commit"]}, indent=1)
     return 0 if ok else 1
 
 
