@@ -133,11 +133,11 @@ def test_every_layout_is_compiled_before_the_first_step(tmp_path, monkeypatch):
     data = write(tmp_path / "data", n=16, edit_n=16)
     events, original = [], dit_trainer.compiled
 
-    def recording(step, state, batch, key, *trailing):
+    def recording(step, state, batch, key, *trailing, **kwargs):
         layout = dit_trainer.batch_layout({k: (np.zeros(v.shape, bool) if k == "image_pad_mask" else v)
                                            for k, v in batch.items()})
         events.append(("compile", layout))
-        run = original(step, state, batch, key, *trailing)
+        run = original(step, state, batch, key, *trailing, **kwargs)
 
         def call(*args):
             events.append(("step", layout))

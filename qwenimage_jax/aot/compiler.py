@@ -3,13 +3,15 @@ analysis into a `Report` (a refusal for memory becomes a "does not fit" result),
 executable."""
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
 import jax
 
 from qwenimage_jax.aot.program import GIB, Program, Report, _mesh_context, argument_bytes
-from qwenimage_jax.checkpoints.executables import load_executable, save_executable  # noqa: F401 (re-exported)
+from qwenimage_jax.checkpoints.executables import (load_executable, save_executable,  # noqa: F401 (re-exported)
+                                                   uncached_compiles)
 
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|exceeds available HBM|Ran out of memory|out of memory)", re.I)
 _SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
@@ -44,7 +46,9 @@ def compile_program(program: Program, topology, save: str | None = None) -> Repo
     try:
         with _mesh_context(mesh):  # traced as the trainers call their steps: under the mesh and the rules
             lowered = program.fn.lower(*program.args, **program.kwargs)
-        compiled = lowered.compile()
+        # a saved executable must be compiled fresh (one from the persistent cache does not serialize whole)
+        with uncached_compiles() if save else contextlib.nullcontext():
+            compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only memory refusals are results; the rest re-raise
         message = str(e)
         if not _OOM.search(message):

@@ -12,6 +12,7 @@ failing inside XLA.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 from typing import Any
 
@@ -39,10 +40,28 @@ def _versions() -> dict:
     return versions
 
 
+@contextlib.contextmanager
+def uncached_compiles():
+    """Compiles inside the block skip the persistent compilation cache. An executable the cache handed back cannot
+    be serialized whole (on CPU its payload lacks the compiled functions: "Function ... not found" when the loaded
+    copy runs), so a program meant for `save_executable` is compiled fresh."""
+    from jax._src import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
 def save_executable(compiled, path: str, *, topology: str = "", devices=None) -> str:
     """Writes `compiled` (a `jax.stages.Compiled`) with its input/output trees, the versions that compiled it and
     the devices it is for (`devices`: the compile-only devices of a TPU topology; default this process's);
-    returns a one-line description. Written under a temporary name and renamed."""
+    returns a one-line description. Written under a temporary name and renamed. Compile it inside
+    `uncached_compiles()`: one the persistent cache handed back does not serialize whole."""
     from jax.experimental import serialize_executable
 
     from qwenimage_jax.io_utils import atomic_path
