@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from qwenimage_jax.recipes import world
 from qwenimage_jax.recipes.world import ship, stages
@@ -85,3 +86,25 @@ def test_a_snapshot_lets_another_machine_continue_the_teacher(tmp_path, monkeypa
     dit = json.load(open(second / "times.json"))["dit"]
     assert dit["trained_steps"] == 2 and dit["final_step"] == 4 and dit["final_loss"] > 0
     assert stages._last_loss({"losses": {}}) is None
+
+
+def test_a_snapshot_points_at_the_shipped_vae_instead_of_copying_it(tmp_path):
+    """world_build keeps no second copy of the shipped VAE: `snapshot` writes vae_diffusers.shipped.json (path and
+    digest) when the workdir's VAE is the shipped one byte for byte, `resume_from` restores the same bytes, and a
+    pointer whose digest no longer matches the shipped VAE is one clear error."""
+    import shutil
+
+    from qwenimage_jax.recipes.world import snapshots
+
+    workdir, snap, again = tmp_path / "work", tmp_path / "snap", tmp_path / "again"
+    shutil.copytree(os.path.join(snapshots.SHIPPED_DIR, "vae"), workdir / "vae_diffusers")
+    snapshots.snapshot(str(workdir), str(snap))
+    assert not (snap / "vae_diffusers").exists()
+    pointer = json.load(open(snap / "vae_diffusers.shipped.json"))
+    assert pointer["same_as"] == os.path.join("qwenimage_jax", "assets", "tiny_world", "vae")
+    snapshots.resume_from(str(snap), str(again))
+    assert snapshots._digest(str(again / "vae_diffusers")) == pointer["sha256"]
+    pointer["sha256"] = "0" * 64
+    json.dump(pointer, open(snap / "vae_diffusers.shipped.json", "w"))
+    with pytest.raises(ValueError, match="no longer the snapshot's vae_diffusers"):
+        snapshots.resume_from(str(snap), str(tmp_path / "third"))

@@ -19,8 +19,25 @@ SNAPSHOT_ITEMS = ("tokenizer", "text_encoder", "expander", "vae_diffusers", "vae
 SNAPSHOT_RUNS = ("vae_encoder", "vae", "vae_noalign", "vae_decoder", "vae_noalign_decoder", "dit", "dit_noalign")
 
 
+# a component the shipped model holds byte for byte is not copied again: DST/NAME.shipped.json points at it
+SHIPPED_DIR = os.path.join(REPO, "qwenimage_jax", "assets", "tiny_world")
+SHIPPED_COPIES = {"vae_diffusers": "vae"}
+
+
+def _digest(directory: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        digest.update(name.encode())
+        with open(os.path.join(directory, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
 def snapshot(workdir: str, dst: str) -> str:
-    """Copies SNAPSHOT_ITEMS of WORKDIR (those present) and the metrics.jsonl of its runs to `dst`."""
+    """Copies SNAPSHOT_ITEMS of WORKDIR (those present) and the metrics.jsonl of its runs to `dst`; an item the
+    shipped model holds unchanged (SHIPPED_COPIES) is recorded as a pointer with its digest instead."""
     import re
 
     os.makedirs(dst, exist_ok=True)
@@ -30,6 +47,13 @@ def snapshot(workdir: str, dst: str) -> str:
             continue
         if os.path.isdir(out):
             shutil.rmtree(out)
+        shipped = os.path.join(SHIPPED_DIR, SHIPPED_COPIES.get(name, "-"))
+        if os.path.isdir(shipped) and os.path.isdir(src) and _digest(src) == _digest(shipped):
+            with open(out + ".shipped.json", "w") as f:
+                json.dump({"same_as": os.path.relpath(shipped, REPO), "sha256": _digest(src)}, f, indent=1)
+            continue
+        if os.path.exists(out + ".shipped.json"):
+            os.remove(out + ".shipped.json")
         shutil.copytree(src, out) if os.path.isdir(src) else shutil.copy(src, out)
     for name in sorted(os.listdir(workdir)):
         if name in SNAPSHOT_RUNS or re.fullmatch(r"dit(_noalign)?_(from|cooldown)_?\w*", name):
@@ -74,7 +98,9 @@ def _write_snapshot_readme(dst: str) -> None:
              "The stable DiT phase continues from `transformer_base/` (its step count in `trained_steps.json`); "
              "cached latents are recomputed from the VAE and the text encoder (`cache`, ~3 min). `--stage distill "
              "--stage assemble --stage figures` (re)ships the world into qwenimage_jax/assets/tiny_world; "
-             "`levers/` records the levers tried on this build.", "", f"Written at commit {_git_commit()}.", "",
+             "`levers/` records the levers tried on this build. A component the shipped model holds byte for byte "
+             "is a pointer (`NAME.shipped.json`: its path and digest), restored from there by `--resume-from`.", "",
+             f"Written at commit {_git_commit()}.", "",
              "## Stages recorded (times.json: wall seconds on 2 CPU cores and each stage's figures)", ""]
     lines += stage_time_lines(times, dst)
     probe = os.path.join(dst, "text_probe.json")
@@ -99,6 +125,16 @@ def resume_from(src: str, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     for name in sorted(os.listdir(src)):
         path, out = os.path.join(src, name), os.path.join(workdir, name)
+        if name.endswith(".shipped.json"):  # a pointer to the shipped copy (see `snapshot`)
+            item, pointer = os.path.join(workdir, name[:-len(".shipped.json")]), json.load(open(path))
+            shipped = os.path.join(REPO, pointer["same_as"])
+            if not os.path.exists(item):
+                if _digest(shipped) != pointer["sha256"]:
+                    raise ValueError(f"{path}: {shipped} is no longer the snapshot's {os.path.basename(item)} "
+                                     "(the shipped model changed since); rebuild that stage or take an older "
+                                     "snapshot")
+                shutil.copytree(shipped, item)
+            continue
         if name == "times.json" and os.path.exists(out):
             continue
         if os.path.isdir(path):
