@@ -118,20 +118,26 @@ def leaf_quantizer(module: nn.Module, mode: str, *, init: Callable[[nn.Module], 
                flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: isinstance(x, WithAux)).items()
                if isinstance(aux, WithAux)}
 
+    programs = {}  # one jitted quantizer per (how, scanned, placement): same-shaped kernels (q/k/v) share it
+
+    def program(aux, sharding):
+        key = (repr(aux.how), _is_scanned(aux), repr(sharding))
+        if key not in programs:
+            quant = functools.partial(qarray.quantize, how=aux.how)
+            if _is_scanned(aux):
+                quant = jax.vmap(quant)  # `how` describes one layer: scales per layer, never across layers
+
+            def quantize_leaf(x):
+                return quant(x).astype(compute_dtype)  # QArray.astype casts the scale (the dequantized dtype)
+
+            programs[key] = jax.jit(quantize_leaf, out_shardings=None if sharding is None else sharding.array)
+        return programs[key]
+
     def quantize(path, value):
         aux = targets.get(tuple(path))
         if aux is None:
             return value
-        quant = functools.partial(qarray.quantize, how=aux.how)
-        if _is_scanned(aux):
-            quant = jax.vmap(quant)  # `how` describes one layer: scales per layer, never across layers
-
-        def quantize_leaf(x):
-            return quant(x).astype(compute_dtype)  # QArray.astype casts the scale (the dequantized dtype)
-
-        sharding = shardings.get(tuple(path))
-        return WithAux(jax.jit(quantize_leaf, out_shardings=None if sharding is None else sharding.array)(value),
-                       aux.how)
+        return WithAux(program(aux, shardings.get(tuple(path)))(value), aux.how)
 
     quantize.shardings = {path: shardings[path].array for path in targets if path in shardings}
     return qmodule, quantize, targets
