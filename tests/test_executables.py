@@ -4,6 +4,8 @@ other devices, not an executable at all."""
 import os
 import pickle
 
+import numpy as np
+
 import jax
 import pytest
 
@@ -75,3 +77,79 @@ def test_a_file_that_is_no_executable_is_one_error(tmp_path):
         executables.load_executable(str(bad))
     with pytest.raises(InputValueError, match="does not exist"):
         executables.load_executable(str(tmp_path / "missing.xla"))
+
+
+# ------------------------------------------------------------------------------- the sampler (`sample --executable`)
+@pytest.fixture(scope="module")
+def saved_sampler(tmp_path_factory):
+    """A tiny pipeline and the sampling loop aot's `sample` builder makes for its config (one CPU device, 32 px,
+    CFG, the 64-token prompt bucket), compiled and saved."""
+    import ml_collections
+
+    from qwenimage_jax import aot
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+    from qwenimage_jax.testing.pipeline import build_reference_pipeline
+
+    root = tmp_path_factory.mktemp("sampler")
+    _, path, _ = build_reference_pipeline(str(root), with_text_encoder=True)
+    model = {k: v for k, v in QwenImagePipeline.from_pretrained(path).transformer.config.items()
+             if not k.startswith("_")}
+    config = ml_collections.ConfigDict(dict(model=model, dtype="float32", param_dtype="float32", attention="xla",
+                                            remat="none", quantize="none", mesh=dict(data=1, fsdp=1, tensor=1)))
+    program = aot.build(config, jax.devices()[:1], "sample", resolution=32, steps=2, cfg_scale=3.0,
+                        prompt_tokens=64)
+    exe = str(root / "sampler.xla")
+    assert "1 x cpu" in aot.save_program(program, exe)
+    return path, exe
+
+
+def _sample(pipe, **kw):
+    args = dict(prompt="a red fox", negative_prompt=" ", true_cfg_scale=3.0, num_inference_steps=2, height=32,
+                width=32, seed=3, output_type="latent", progress=False)
+    return np.asarray(pipe(**{**args, **kw}).images)
+
+
+def test_a_saved_sampler_samples_what_the_compiled_one_does(saved_sampler):
+    """aot's sampler program is the pipeline's own call (bucketed prompt, mask, RoPE shift, CFG): loaded, it gives
+    the jitted loop's latents, for any seed and step count that fit its sigma bucket, without tracing."""
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    path, exe = saved_sampler
+    pipe = QwenImagePipeline.from_pretrained(path)
+    expected = {seed: _sample(pipe, seed=seed) for seed in (3, 4)}
+    expected["steps"] = _sample(pipe, num_inference_steps=3)
+    pipe.use_executable(exe)
+    traces = pipe.num_traces
+    for seed in (3, 4):
+        np.testing.assert_allclose(_sample(pipe, seed=seed), expected[seed], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_sample(pipe, num_inference_steps=3), expected["steps"], rtol=0, atol=1e-6)
+    assert pipe.num_traces == traces                    # nothing was traced or compiled
+
+
+def test_a_saved_sampler_refuses_another_shape_or_program(saved_sampler, tmp_path):
+    from qwenimage_jax.sampling.pipeline import QwenImagePipeline
+
+    path, exe = saved_sampler
+    pipe = QwenImagePipeline.from_pretrained(path)
+    pipe.use_executable(exe)
+    with pytest.raises(InputValueError, match=r"compiled for other arguments.*\(1, 4, 8\).*\(1, 16, 8\)"):
+        _sample(pipe, height=64, width=64)                 # another resolution: another latent shape
+    with pytest.raises(InputValueError, match="compiled for other arguments"):
+        _sample(pipe, true_cfg_scale=1.0, negative_prompt=None)   # CFG off: no negative branch
+    data = pickle.load(open(exe, "rb"))
+    data["meta"]["program"] = "train-dit"
+    other = str(tmp_path / "other.xla")
+    pickle.dump(data, open(other, "wb"))
+    pipe.use_executable(other)
+    with pytest.raises(InputValueError, match="was compiled for program train-dit, this call needs sample"):
+        _sample(pipe)
+
+
+def test_sample_names_a_missing_executable_before_loading_the_model(tmp_path, capsys):
+    from qwenimage_jax import cli
+
+    code = cli.main(["sample", "--model", str(tmp_path / "absent"), "--prompt", "a", "--out", str(tmp_path / "a.png"),
+                     "--executable", str(tmp_path / "none.xla")])
+    err = capsys.readouterr().err
+    assert code == InputValueError.exit_code and "--executable" in err and "none.xla' does not exist" in err
+    assert "absent" not in err

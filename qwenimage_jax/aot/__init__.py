@@ -18,11 +18,11 @@ stack, the sampling loop) once.
     trainers.py   train-dit, train-lora, distill, train-vae
     inference.py  sample, encode-prompt
     dispatch.py   program_kind, build
-    compiler.py   compile_program, save_executable, load_executable
+    compiler.py   compile_program, save_program (for this process's devices), save_executable, load_executable
 
 Layering: this package imports sampling, text and training (it compiles their programs); only commands import it.
 """
-from qwenimage_jax.aot.compiler import compile_program, load_executable, save_executable  # noqa: F401
+from qwenimage_jax.aot.compiler import compile_program, load_executable, save_executable, save_program  # noqa: F401
 from qwenimage_jax.aot.dispatch import PROGRAMS, build, program_kind  # noqa: F401
 from qwenimage_jax.aot.flops import dit_forward_flops, jaxpr_flops  # noqa: F401
 from qwenimage_jax.aot.inference import build_encode_prompt, build_sample  # noqa: F401

@@ -10,8 +10,8 @@ import time
 import jax
 
 from qwenimage_jax.aot.program import GIB, Program, Report, _mesh_context, argument_bytes
-from qwenimage_jax.checkpoints.executables import (load_executable, save_executable,  # noqa: F401 (re-exported)
-                                                   uncached_compiles)
+from qwenimage_jax.checkpoints.executables import (load_executable, program_meta,  # noqa: F401 (re-exported)
+                                                   save_executable, uncached_compiles)
 
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|exceeds available HBM|Ran out of memory|out of memory)", re.I)
 _SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
@@ -67,6 +67,17 @@ def compile_program(program: Program, topology, save: str | None = None) -> Repo
                     advice=() if fits else program.hints,
                     layout_argument_bytes=argument_bytes(program.args, compiled))
     if save:  # the executable for the topology's devices (checkpoints/executables.py checks them at load)
-        report.saved = save_executable(compiled, save, topology=topology.label,
-                                       devices=list(mesh.devices.flat))
+        report.saved = save_executable(compiled, save, topology=topology.label, devices=list(mesh.devices.flat),
+                                       meta=program_meta(program.kind, program.kwargs))
     return report
+
+
+def save_program(program: Program, path: str) -> str:
+    """Compiles `program` for the devices of its own mesh (this process's: a GPU host saving the sampler it will
+    run) and writes it as `compile_program(save=)` does; returns `save_executable`'s description."""
+    with _mesh_context(program.mesh):
+        lowered = program.fn.lower(*program.args, **program.kwargs)
+    with uncached_compiles():
+        compiled = lowered.compile()
+    return save_executable(compiled, path, devices=list(program.mesh.devices.flat),
+                           meta=program_meta(program.kind, program.kwargs))

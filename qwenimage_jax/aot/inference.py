@@ -51,10 +51,15 @@ def build_sample(config, mesh, resolution: int = 1024, steps: int = 40, cfg_scal
     spec = pl.SamplerSpec(((1, h, w),), layout, layout if do_cfg else None, "batched" if do_cfg else "none", False)
     bs = NamedSharding(mesh, P(("data", "fsdp")))
     rep = NamedSharding(mesh, P())
+    # as the pipeline calls it with prompt-length buckets (its default): states padded to the bucket, their
+    # (B, L) int32 mask and each row's padding shift (B,) int32, for the negative branch too under CFG
     text = _abstract((batch, prompt_tokens, cfg.context_in_dim), dtype, bs)
-    args = ({"params": params}, _abstract((batch, n_target, cfg.in_channels), dtype, bs), None, text, None,
-            text if do_cfg else None, None, _abstract((bucket,), jnp.float32, rep),
-            _abstract((bucket,), jnp.float32, rep), _abstract((), jnp.int32, rep), _abstract((), jnp.float32, rep))
+    mask = _abstract((batch, prompt_tokens), jnp.int32, bs)
+    shift = _abstract((batch,), jnp.int32, bs)
+    args = ({"params": params}, _abstract((batch, n_target, cfg.in_channels), dtype, bs), None, text, mask,
+            text if do_cfg else None, mask if do_cfg else None, _abstract((bucket,), jnp.float32, rep),
+            _abstract((bucket,), jnp.float32, rep), _abstract((), jnp.int32, rep), _abstract((), jnp.float32, rep),
+            shift, shift if do_cfg else None)
     branches = 2 if do_cfg else 1
     seq = n_target + prompt_tokens
     per_image = branches * (dit_forward_flops(cfg, seq, seq, prompt_tokens)

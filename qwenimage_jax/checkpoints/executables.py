@@ -57,10 +57,12 @@ def uncached_compiles():
         compilation_cache.reset_cache()
 
 
-def save_executable(compiled, path: str, *, topology: str = "", devices=None) -> str:
+def save_executable(compiled, path: str, *, topology: str = "", devices=None, meta: dict | None = None) -> str:
     """Writes `compiled` (a `jax.stages.Compiled`) with its input/output trees, the versions that compiled it and
     the devices it is for (`devices`: the compile-only devices of a TPU topology; default this process's);
-    returns a one-line description. Written under a temporary name and renamed. Compile it inside
+    returns a one-line description. `meta`: strings that say which program it is beyond its argument shapes
+    (`program_meta`: the program kind and its static arguments), checked by `load_executable(meta=)`. Written under
+    a temporary name and renamed. Compile it inside
     `uncached_compiles()`: one the persistent cache handed back does not serialize whole."""
     from jax.experimental import serialize_executable
 
@@ -72,7 +74,8 @@ def save_executable(compiled, path: str, *, topology: str = "", devices=None) ->
              if hasattr(a, "shape")]
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump({"format": FORMAT, "executable": payload, "in_tree": in_tree, "out_tree": out_tree,
-                     "versions": _versions(), "target": target, "arguments": avals}, f)
+                     "versions": _versions(), "target": target, "arguments": avals,
+                     "meta": dict(meta or {})}, f)
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
     return (f"{path} ({len(payload) / 1e6:.1f} MB; {target['num_devices']} x {target['device_kind']}"
             f"{' (' + topology + ')' if topology else ''}; {versions})")
@@ -83,10 +86,19 @@ def _describe(target: dict) -> str:
                                                                     if target.get("topology") else "")
 
 
-def load_executable(path: str, expect: Any = None, backend=None):
+def program_meta(kind: str, static: dict | None = None) -> dict:
+    """What a saved executable is beyond its argument shapes: the program `kind` ("sample", "train-dit", ...) and
+    its static (compile-time) arguments, as text: a sampler's `SamplerSpec` (layout, CFG mode) is static, and two
+    programs with the same argument shapes can differ in it."""
+    return {"program": str(kind), "static": repr(sorted((static or {}).items()))}
+
+
+def load_executable(path: str, expect: Any = None, backend=None, meta: dict | None = None, devices=None):
     """The callable saved by `save_executable`, after checking that it runs here: the versions that compiled it,
-    the device kind and count, and (given `expect`, the arguments it will be called with, arrays or
-    ShapeDtypeStructs) their shapes and dtypes. Each mismatch is one `InputValueError` naming the fix."""
+    the device kind and count, (given `expect`, the arguments it will be called with, arrays or
+    ShapeDtypeStructs) their shapes and dtypes, and (given `meta`, from `program_meta`) the program and its static
+    arguments. `devices`: those the call runs on (default: all of this process's). Each mismatch is one
+    `InputValueError` naming the fix."""
     from jax.experimental import serialize_executable
 
     fix = (f"recompile it here (`qwenimage-jax aot ... --save {path}` on a host with this process's versions, for "
@@ -108,7 +120,7 @@ def load_executable(path: str, expect: Any = None, backend=None):
     if wrong:
         raise InputValueError(f"{path} was compiled by {', '.join(wrong)}; an executable runs only with the "
                               f"versions that compiled it: {fix}")
-    target, current = data["target"], _platform()
+    target, current = data["target"], _platform(devices)
     if (target["device_kind"], target["num_devices"]) != (current["device_kind"], current["num_devices"]):
         raise InputValueError(f"{path} was compiled for {_describe(target)}, this process has "
                               f"{_describe(current)}; {fix}")
@@ -121,5 +133,12 @@ def load_executable(path: str, expect: Any = None, backend=None):
                 f"{path} was compiled for other arguments: {len(data['arguments'])} arrays, this call passes "
                 f"{len(given)}; the first that differs (#{diff[0]}) was compiled as {diff[1]} and is {diff[2]} "
                 f"here (another config, batch or layout); {fix}")
+    saved_meta = data.get("meta", {})
+    for key, value in (meta or {}).items():
+        if saved_meta.get(key) != value:
+            raise InputValueError(
+                f"{path} was compiled for {key} {saved_meta.get(key, '(not recorded)')}, this call needs {value} "
+                f"(another program, prompt bucket, CFG mode or layout); {fix}")
+    placement = {} if devices is None else {"execution_devices": list(devices)}
     return serialize_executable.deserialize_and_load(data["executable"], data["in_tree"], data["out_tree"],
-                                                     backend=backend)
+                                                     backend=backend, **placement)

@@ -81,6 +81,10 @@ def add_arguments(parser):
     parser.add_argument("--grid-cols", type=int, default=None, help="grid columns (default ~sqrt(n))")
     parser.add_argument("--save-individual", action="store_true", help="also write each image separately")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--executable", default=None, metavar="FILE",
+                        help="run the sampling loop saved by `qwenimage-jax aot --program sample --save FILE` "
+                             "instead of compiling it; it serves the one shape it was compiled for (batch, size, "
+                             "prompt bucket, CFG, dtype) and draws no per-step progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out (default: write out_2.png, out_3.png, ... beside it)")
     parser.add_argument("--no-memory-check", action="store_true",
@@ -168,6 +172,9 @@ def _load_pipeline(args, settings, mesh):
 
     from qwenimage_jax.sampling.pipeline import QwenImagePipeline
 
+    if args.executable is not None and not os.path.isfile(args.executable):
+        raise InputValueError(f"--executable {args.executable!r} does not exist; write it with `qwenimage-jax aot "
+                              f"--config CONFIG --program sample --save {args.executable}` (or drop --executable)")
     dtype = getattr(jnp, settings["dtype"])
     runtime = {"attention": settings.get("attention") or "auto"}  # auto: cuDNN on GPU, splash on TPU, else xla
     start = time.perf_counter()
@@ -180,6 +187,8 @@ def _load_pipeline(args, settings, mesh):
             names.append(pipe.load_lora_weights(path, adapter_name=f"lora_{i}"))
             weights.append(float(weight or 1.0))
         pipe.set_adapters(names, weights)
+    if args.executable is not None:
+        pipe.use_executable(args.executable)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f}s on {jax.device_count()} device(s)")
     return pipe
 

@@ -205,6 +205,30 @@ class QwenImagePipeline(LoraMixin):
         self._progress = _Progress()
         self._denoise_jit = jax.jit(self._denoise, static_argnames=("spec",))
         self._decode_jit = jax.jit(self._decode, static_argnames=("height", "width"))
+        # a sampling loop saved by `qwenimage-jax aot --program sample --save FILE`, run instead of compiling
+        # (`use_executable`); it serves the one shape it was compiled for
+        self.executable: str | None = None
+        self._loaded_executable = None
+
+    def use_executable(self, path: str | None) -> None:
+        """Run the sampling loop from `path` (what `aot --program sample --save` writes) instead of compiling it.
+        It serves one shape, the one it was compiled for: batch, resolution, prompt bucket, CFG on or off, and the
+        weights' dtype and placement. A call with another shape is one error that names what differs. A saved
+        program holds no host callback, so its calls draw no per-step progress bar. None: compile as usual."""
+        self.executable = None if path is None else str(path)
+        self._loaded_executable = None
+
+    def _executable_for(self, args, spec: SamplerSpec):
+        """The loaded executable, checked against this call's arguments and static spec (once per shape)."""
+        from qwenimage_jax.checkpoints.executables import load_executable, program_meta
+
+        key = (tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")), spec)
+        if self._loaded_executable is None or self._loaded_executable[0] != key:
+            devices = list(self.mesh.devices.flat) if self.mesh is not None else jax.devices()[:1]
+            loaded = load_executable(self.executable, expect=args, meta=program_meta("sample", {"spec": spec}),
+                                     devices=devices)
+            self._loaded_executable = (key, loaded)
+        return self._loaded_executable[1]
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -662,7 +686,8 @@ class QwenImagePipeline(LoraMixin):
         cond_layout = _layout_mask(pad_mask, n_target)
         neg_layout = _layout_mask(neg_pad_mask, n_target) if do_cfg else None
         cfg_mode = "none" if not do_cfg else ("batched" if neg_layout == cond_layout else "split")
-        spec = SamplerSpec(img_shapes, cond_layout, neg_layout, cfg_mode, bool(progress))
+        progress = bool(progress) and self.executable is None   # a saved program has no host callback
+        spec = SamplerSpec(img_shapes, cond_layout, neg_layout, cfg_mode, progress)
 
         if self.mesh is not None:
             shards = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
@@ -681,9 +706,12 @@ class QwenImagePipeline(LoraMixin):
         self._progress.bar = bar
         try:
             with self._mesh_context():
-                out = self._denoise_jit(self.transformer.variables, *args, jnp.asarray(sigma_pad),
-                                        jnp.asarray(time_pad), jnp.asarray(steps, jnp.int32),
-                                        jnp.asarray(true_cfg_scale, jnp.float32), *shifts, spec=spec)
+                call_args = (self.transformer.variables, *args, jnp.asarray(sigma_pad), jnp.asarray(time_pad),
+                             jnp.asarray(steps, jnp.int32), jnp.asarray(true_cfg_scale, jnp.float32), *shifts)
+                if self.executable is not None:
+                    out = self._executable_for(call_args, spec)(*call_args)
+                else:
+                    out = self._denoise_jit(*call_args, spec=spec)
                 out = jax.block_until_ready(out)
         finally:
             if bar is not None:
