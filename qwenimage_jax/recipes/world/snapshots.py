@@ -14,7 +14,8 @@ BUILD_DIR = os.path.join(REPO, "world_build")
 # the trained components, the stable DiT phase's exported weights, the records, and each run's metrics.jsonl
 SNAPSHOT_ITEMS = ("tokenizer", "text_encoder", "expander", "vae_diffusers", "vae_noalign_diffusers",
                   "transformer_ablation", "transformer_ablation_noalign", "transformer_base", "transformer",
-                  "times.json", "figures.json", "shape_trace_teacher.json",
+                  "times.json", "figures.json", "shape_trace_teacher.json", "latent_directions.json",
+                  "prompt_gaps_teacher.json",
                   "text_probe.json", "text_check.json", "ablation.json", "text_history.json", "stable_run.json")
 SNAPSHOT_RUNS = ("vae_encoder", "vae", "vae_noalign", "vae_decoder", "vae_noalign_decoder", "dit", "dit_noalign")
 
