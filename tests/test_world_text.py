@@ -2,8 +2,10 @@
 objective is built from: caption spans, per-token scene-field targets, the auxiliary heads."""
 from __future__ import annotations
 
+import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -115,3 +117,33 @@ def test_field_heads_make_the_states_keep_attributes(tmp_path):
         encoder = checkpoints.load("text_encoder", out, with_vision=False, tokenizer_path=str(tmp_path / "tok"))
         accuracy[name] = text_probe.linear_probe(encoder, num_train=256, num_test=64)["background"]
     assert accuracy["fields"] >= 0.9 and accuracy["fields"] > accuracy["lm"] + 0.2, accuracy
+
+
+def test_text_lm_training_resumes_where_it_stopped(tmp_path):
+    """train_lm runs on the shared loop: a run stopped early (its time budget spent, as a SIGTERM stops it) and
+    called again ends with the weights of an unbroken run (the batch generator's state is in the checkpoint), and
+    logs metrics.jsonl."""
+    from qwenimage_jax.training import text_lm
+
+    items = text_lm.world_text_scenes(32, seed=3)
+    tokenizer = text_lm.build_tokenizer(str(tmp_path / "tok"), text_lm.tokenizer_corpus(
+        [(c, s) for c, s, _, _ in items]), 300)
+    config = text_lm.hf_config(tokenizer, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               mrope_section=[4, 2, 2], tie_word_embeddings=True))
+    module = text_lm.text_module(config)
+    seqs = text_lm.encoder_sequences(tokenizer, [c for c, _, _, _ in items])
+    data = text_lm.pad_left(seqs, int(np.ceil(max(len(ids) for ids, _ in seqs) / 16) * 16), tokenizer.pad_token_id)
+    kw = dict(batch_size=4, learning_rate=3e-3, warmup_steps=2, log=None, log_every=3, checkpoint_every=3)
+    init = text_lm.init_params(module, 0)
+    straight, history = text_lm.train_lm(module, init, data, steps=12, **kw)
+    _, first = text_lm.train_lm(module, init, data, steps=12, workdir=str(tmp_path / "run"), time_budget_s=1e-9,
+                                **kw)
+    assert first == []                                  # stopped after its first step, before any log step
+    resumed, _ = text_lm.train_lm(module, init, data, steps=12, workdir=str(tmp_path / "run"), **kw)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    assert [step for step, _ in history] == [3, 6, 9, 12]
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert logged == [3, 6, 9, 12]
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) >= 1

@@ -15,9 +15,9 @@ Three steps, each a plain function (the recipe that chains them is `qwenimage_ja
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import jax
@@ -259,19 +259,59 @@ def field_loss(heads: list[dict], states: jax.Array, targets: jax.Array) -> jax.
     return total / jnp.maximum(count, 1.0)
 
 
+class IndexBatches:
+    """Batches of `batch_size` rows drawn with replacement from in-memory arrays by a seeded generator; the
+    generator's state is the iterator's checkpoint (get_state / set_state, in the form grain's handler saves)."""
+
+    def __init__(self, arrays: dict, batch_size: int, seed: int):
+        self._arrays, self._batch_size = arrays, int(batch_size)
+        self._rows = len(next(iter(arrays.values())))
+        self._rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        idx = self._rng.integers(0, self._rows, self._batch_size)
+        return {k: v[idx] for k, v in self._arrays.items()}
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._rng.bit_generator.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._rng.bit_generator.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after a restore
+        pass
+
+
 def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate: float, warmup_steps: int = 50,
              weight_decay: float = 0.01, seed: int = 0, log: Optional[Callable[[str], None]] = print,
-             log_every: int = 100, field_targets: Optional[np.ndarray] = None, field_weight: float = 1.0):
-    """AdamW (warmup + cosine) next-token training on `data` = (ids, attention, loss_mask) (N, L) arrays.
+             log_every: int = 100, field_targets: Optional[np.ndarray] = None, field_weight: float = 1.0,
+             workdir: Optional[str] = None, checkpoint_every: int = 500, time_budget_s: float = 0.0):
+    """AdamW (warmup + cosine) next-token training on `data` = (ids, attention, loss_mask) (N, L) arrays, run by
+    the shared training loop (training/loop.py: resume, SIGTERM, the NaN/Inf guard, metrics.jsonl).
 
     field_targets (N, L, heads) (`field_targets`): adds `field_weight` x the cross-entropy of linear heads reading
     the scene's fields from the output states, so the states must keep every attribute the caption states (next-token
     prediction alone does not: the world's attributes are independent and uniform, so nothing predicts them). The
     heads are trained alongside and discarded.
 
-    Returns (params, history list of (step, mean loss over the last log_every steps)).
+    workdir: where checkpoints (every `checkpoint_every` steps) and metrics.jsonl go; a second call with the same
+    workdir resumes the run (None: a temporary directory, nothing kept). time_budget_s > 0: stop at a checkpoint
+    after that long, as a SIGTERM does (the next call goes on). `log` None: no progress bar.
+
+    Returns (params, history list of (step, loss) at each log step, with (next-token, fields) after the loss
+    when there are field targets).
     """
+    import tempfile
+
+    import ml_collections
     import optax
+
+    from qwenimage_jax.training.guards import keep_finite
+    from qwenimage_jax.training.loop import Task, run
+    from qwenimage_jax.training.state import abstract_state
 
     ids_all, attn_all, mask_all = data
     n, length = ids_all.shape
@@ -281,45 +321,50 @@ def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98,
                                                                    weight_decay=weight_decay))
     with_fields = field_targets is not None
-    if with_fields:
-        hidden = module.text_config.hidden_size
-        trained = {"model": params, "heads": init_field_heads(hidden, head_classes(), seed)}
-        targets_all = np.asarray(field_targets, np.int32)
-    else:
-        trained, targets_all = {"model": params}, np.zeros((n, 1, 0), np.int32)
-    opt_state = jax.jit(tx.init)(trained)
+    targets_all = np.asarray(field_targets, np.int32) if with_fields else np.zeros((n, 1, 0), np.int32)
 
-    def loss_fn(p, ids, attn, mask, targets):
-        out = module.apply({"params": p["model"]}, ids, attn, positions, compute_logits=True)
+    def initial_state():
+        trained = {"model": params}
+        if with_fields:
+            trained["heads"] = init_field_heads(module.text_config.hidden_size, head_classes(), seed)
+        return {"params": trained, "opt_state": tx.init(trained)}
+
+    def loss_fn(p, batch):
+        out = module.apply({"params": p["model"]}, batch["ids"], batch["attn"], positions, compute_logits=True)
         logp = jax.nn.log_softmax(out["logits"][:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        weight = mask[:, 1:]
+        nll = -jnp.take_along_axis(logp, batch["ids"][:, 1:, None], axis=-1)[..., 0]
+        weight = batch["mask"][:, 1:]
         lm = (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
-        fields = field_loss(p["heads"], out["pre_norm"], targets) if with_fields else jnp.zeros(())
+        fields = field_loss(p["heads"], out["pre_norm"], batch["targets"]) if with_fields else jnp.zeros(())
         return lm + field_weight * fields, (lm, fields)
 
     @jax.jit
-    def step(p, state, ids, attn, mask, targets):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, ids, attn, mask, targets)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, jnp.stack([loss, *parts])
+    def step(state, batch, key):  # noqa: ARG001 - the loop passes a key; this objective draws nothing
+        (loss, (lm, fields)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+        new_state, finite = keep_finite(state, new_state, loss, grad_norm)   # a NaN/Inf step changes nothing
+        return new_state, {"loss": loss, "next_token": lm, "fields": fields, "grad_norm": grad_norm,
+                           "finite": finite}
 
-    rng = np.random.default_rng(seed)
-    history, window, t0 = [], [], time.time()
-    for i in range(1, steps + 1):
-        idx = rng.integers(0, n, batch_size)
-        trained, opt_state, losses = step(trained, opt_state, ids_all[idx], attn_all[idx], mask_all[idx],
-                                          targets_all[idx])
-        window.append(losses)
-        if i % log_every == 0 or i == steps:
-            mean = np.mean(jax.device_get(window), axis=0)
-            history.append((i, float(mean[0])) if not with_fields else (i, float(mean[0]), float(mean[1]),
-                                                                          float(mean[2])))
-            window = []
-            if log:
-                extra = f" (next-token {mean[1]:.4f}, fields {mean[2]:.4f})" if with_fields else ""
-                log(f"step {i}/{steps} loss {mean[0]:.4f}{extra} ({time.time() - t0:.0f}s)")
-    return trained["model"], history
+    batches = IndexBatches({"ids": ids_all, "attn": attn_all, "mask": mask_all, "targets": targets_all},
+                           batch_size, seed)
+    task = Task("text-lm", initial_state, abstract_state(initial_state), batches, lambda layout: step,
+                lambda batch: None, lambda batch: {k: jnp.asarray(v) for k, v in batch.items()},
+                jax.random.key(seed),
+                postfix=lambda m: {"loss": f"{m['loss']:.4f}", **({"fields": f"{m['fields']:.4f}"}
+                                                                   if with_fields else {})})
+    config = ml_collections.ConfigDict(dict(steps=int(steps), log_every=int(log_every), progress=log is not None,
+                                            checkpoint=dict(every=int(checkpoint_every), keep=1, async_save=False),
+                                            export=False, time_budget_s=float(time_budget_s)))
+    with tempfile.TemporaryDirectory() if workdir is None else contextlib.nullcontext(workdir) as directory:
+        result = run(task, config, directory)
+    history = [(i, m["loss"]) + ((m["next_token"], m["fields"]) if with_fields else ())
+               for i, m in sorted(result["metrics"].items())]
+    if log is not None and history:
+        log(f"step {history[-1][0]}/{steps} loss {history[-1][1]:.4f}")
+    return result["state"]["params"]["model"], history
 
 
 def eval_loss(module, params, data, batch_size: int = 64) -> float:

@@ -44,13 +44,17 @@ def stage_text(workdir: str, config_arg=None) -> dict:
     params = text_lm.init_params(module, c.seed)
     loss0 = text_lm.eval_loss(module, params, pre_eval)
     t1 = time.time()
+    # an interrupted run resumes from WORKDIR/text_lm_pretrain; once exported, its checkpoints go (a later run of
+    # the stage trains afresh)
+    run_dir = os.path.join(workdir, "text_lm_pretrain")
     params, hist_pre = text_lm.train_lm(module, params, pre, seed=c.seed, steps=c.pretrain.steps,
                                         batch_size=c.pretrain.batch_size, learning_rate=c.pretrain.learning_rate,
                                         warmup_steps=c.pretrain.warmup_steps, field_targets=targets,
-                                        field_weight=field_weight)
+                                        field_weight=field_weight, workdir=run_dir)
     t_pre = time.time() - t1
     loss_pre = text_lm.eval_loss(module, params, pre_eval)
     text_lm.save_text_model(params, config, os.path.join(workdir, "text_encoder"), tok_dir, seed=c.seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
     probe = text_probe_report(workdir, small=(config_arg in ("smoke", "test")))
     exp_stats, hist_exp = _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir)
     stats = dict(vocab=len(tokenizer), heldout_caption_loss_init=round(loss0, 4),
@@ -96,12 +100,14 @@ def _finetune_expander(workdir, c, module, params, tokenizer, config, tok_dir):
     exp_eval = arrays(text_lm.expansion_sequences(tokenizer, held_pairs))
     exp_before = text_lm.eval_loss(module, params, exp_eval)
     t2 = time.time()
+    run_dir = os.path.join(workdir, "text_lm_expand")   # resumed when interrupted, removed once exported
     params, hist_exp = text_lm.train_lm(module, params, exp, seed=c.seed + 1, steps=c.expand.steps,
                                         batch_size=c.expand.batch_size, learning_rate=c.expand.learning_rate,
-                                        warmup_steps=c.expand.warmup_steps)
+                                        warmup_steps=c.expand.warmup_steps, workdir=run_dir)
     t_exp = time.time() - t2
     exp_after = text_lm.eval_loss(module, params, exp_eval)
     text_lm.save_text_model(params, config, os.path.join(workdir, "expander"), tok_dir, seed=c.seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
     return dict(heldout_expansion_loss_before_finetune=round(exp_before, 4),
                 heldout_expansion_loss_after_finetune=round(exp_after, 4), finetune_seconds=round(t_exp, 1)), hist_exp
 
