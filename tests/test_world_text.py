@@ -89,21 +89,30 @@ def test_field_targets_label_each_token_with_what_it_has_read(tmp_path):
         assert (labels[len(ids) - 1] == -1).all()       # nor the closing token
 
 
+def _tiny_lm(tmp_path, num: int, seed: int, vocab: int):
+    """`num` world captions, a BPE tokenizer on them, a 1-layer width-32 encoder config and module, and the
+    captions as left-padded (ids, attention, loss mask) arrays."""
+    from qwenimage_jax.training import text_lm
+
+    items = text_lm.world_text_scenes(num, seed=seed)
+    tokenizer = text_lm.build_tokenizer(str(tmp_path / "tok"), text_lm.tokenizer_corpus(
+        [(c, s) for c, s, _, _ in items]), vocab)
+    config = text_lm.hf_config(tokenizer, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               mrope_section=[4, 2, 2], tie_word_embeddings=True))
+    seqs = text_lm.encoder_sequences(tokenizer, [c for c, _, _, _ in items])
+    length = int(np.ceil(max(len(ids) for ids, _ in seqs) / 16) * 16)
+    return items, tokenizer, config, text_lm.text_module(config), text_lm.pad_left(seqs, length,
+                                                                                    tokenizer.pad_token_id)
+
+
 def test_field_heads_make_the_states_keep_attributes(tmp_path):
     """On a 1-layer encoder, 150 steps with the field heads separate the background words' states far more than
     next-token prediction alone does from the same init."""
     from qwenimage_jax.training import text_lm
 
-    items = text_lm.world_text_scenes(256, seed=5)
-    tokenizer = text_lm.build_tokenizer(str(tmp_path / "tok"), text_lm.tokenizer_corpus(
-        [(c, s) for c, s, _, _ in items]), 400)
-    config = text_lm.hf_config(tokenizer, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                               mrope_section=[4, 2, 2], tie_word_embeddings=True))
-    module = text_lm.text_module(config)
-    seqs = text_lm.encoder_sequences(tokenizer, [c for c, _, _, _ in items])
-    length = int(np.ceil(max(len(ids) for ids, _ in seqs) / 16) * 16)
-    data = text_lm.pad_left(seqs, length, tokenizer.pad_token_id)
+    items, tokenizer, config, module, data = _tiny_lm(tmp_path, 256, seed=5, vocab=400)
+    length = data[0].shape[1]
     targets = text_lm.field_targets(tokenizer, [(c, scene, spans) for c, _, scene, spans in items], length)
     from qwenimage_jax import checkpoints
 
@@ -125,15 +134,7 @@ def test_text_lm_training_resumes_where_it_stopped(tmp_path):
     logs metrics.jsonl."""
     from qwenimage_jax.training import text_lm
 
-    items = text_lm.world_text_scenes(32, seed=3)
-    tokenizer = text_lm.build_tokenizer(str(tmp_path / "tok"), text_lm.tokenizer_corpus(
-        [(c, s) for c, s, _, _ in items]), 300)
-    config = text_lm.hf_config(tokenizer, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                               mrope_section=[4, 2, 2], tie_word_embeddings=True))
-    module = text_lm.text_module(config)
-    seqs = text_lm.encoder_sequences(tokenizer, [c for c, _, _, _ in items])
-    data = text_lm.pad_left(seqs, int(np.ceil(max(len(ids) for ids, _ in seqs) / 16) * 16), tokenizer.pad_token_id)
+    _, _, _, module, data = _tiny_lm(tmp_path, 32, seed=3, vocab=300)
     kw = dict(batch_size=4, learning_rate=3e-3, warmup_steps=2, log=None, log_every=3, checkpoint_every=3)
     init = text_lm.init_params(module, 0)
     straight, history = text_lm.train_lm(module, init, data, steps=12, **kw)
