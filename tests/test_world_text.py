@@ -129,8 +129,8 @@ def test_field_heads_make_the_states_keep_attributes(tmp_path):
 
 
 def test_text_lm_training_resumes_where_it_stopped(tmp_path):
-    """train_lm runs on the shared loop: a run stopped early (its time budget spent, as a SIGTERM stops it) and
-    called again ends with the weights of an unbroken run (the batch generator's state is in the checkpoint), and
+    """train_lm runs on the shared loop: a run stopped early (its time budget spent, as a SIGTERM stops it) raises
+    instead of returning half-trained weights, and called again ends with the weights of an unbroken run (the batch generator's state is in the checkpoint), and
     logs metrics.jsonl."""
     from qwenimage_jax.training import text_lm
 
@@ -138,9 +138,10 @@ def test_text_lm_training_resumes_where_it_stopped(tmp_path):
     kw = dict(batch_size=4, learning_rate=3e-3, warmup_steps=2, log=None, log_every=3, checkpoint_every=3)
     init = text_lm.init_params(module, 0)
     straight, history = text_lm.train_lm(module, init, data, steps=12, **kw)
-    _, first = text_lm.train_lm(module, init, data, steps=12, workdir=str(tmp_path / "run"), time_budget_s=1e-9,
-                                **kw)
-    assert first == []                                  # stopped after its first step, before any log step
+    with pytest.raises(text_lm.TrainingStopped, match=r"stopped at step 1 of 12; its checkpoint is in .*run: call"):
+        text_lm.train_lm(module, init, data, steps=12, workdir=str(tmp_path / "run"), time_budget_s=1e-9, **kw)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or \
+        (tmp_path / "run" / "metrics.jsonl").read_text() == ""   # stopped after step 1, before any log step
     resumed, _ = text_lm.train_lm(module, init, data, steps=12, workdir=str(tmp_path / "run"), **kw)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)

@@ -67,9 +67,14 @@ def compile_program(program: Program, topology, save: str | None = None) -> Repo
                     advice=() if fits else program.hints,
                     layout_argument_bytes=argument_bytes(program.args, compiled))
     if save:  # the executable for the topology's devices (checkpoints/executables.py checks them at load)
-        report.saved = save_executable(compiled, save, topology=topology.label, devices=list(mesh.devices.flat),
-                                       meta=program_meta(program.kind, program.kwargs))
+        report.saved = _save(compiled, program, save, topology.label)
     return report
+
+
+def _save(compiled, program: Program, path: str, topology: str = "") -> str:
+    """`save_executable` for the devices of `program`'s mesh, with its kind and static arguments as meta."""
+    return save_executable(compiled, path, topology=topology, devices=list(program.mesh.devices.flat),
+                           meta=program_meta(program.kind, program.kwargs))
 
 
 def save_program(program: Program, path: str) -> str:
@@ -79,5 +84,4 @@ def save_program(program: Program, path: str) -> str:
         lowered = program.fn.lower(*program.args, **program.kwargs)
     with uncached_compiles():
         compiled = lowered.compile()
-    return save_executable(compiled, path, devices=list(program.mesh.devices.flat),
-                           meta=program_meta(program.kind, program.kwargs))
+    return _save(compiled, program, path)

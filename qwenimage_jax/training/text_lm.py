@@ -259,6 +259,10 @@ def field_loss(heads: list[dict], states: jax.Array, targets: jax.Array) -> jax.
     return total / jnp.maximum(count, 1.0)
 
 
+class TrainingStopped(SystemExit):
+    """`train_lm` stopped before its last step (a signal, or its time budget): the exit of a stage to re-run."""
+
+
 class IndexBatches:
     """Batches of `batch_size` rows drawn with replacement from in-memory arrays by a seeded generator; the
     generator's state is the iterator's checkpoint (get_state / set_state, in the form grain's handler saves)."""
@@ -299,7 +303,9 @@ def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate
 
     workdir: where checkpoints (every `checkpoint_every` steps) and metrics.jsonl go; a second call with the same
     workdir resumes the run (None: a temporary directory, nothing kept). time_budget_s > 0: stop at a checkpoint
-    after that long, as a SIGTERM does (the next call goes on). `log` None: no progress bar.
+    after that long, as a SIGTERM does (the next call goes on). A run that stops before `steps` raises
+    `TrainingStopped` (a SystemExit naming the step and the workdir) rather than return a half-trained model, so a
+    recipe never exports one. `log` None: no progress bar.
 
     Returns (params, history list of (step, loss) at each log step, with (next-token, fields) after the loss
     when there are field targets).
@@ -360,6 +366,10 @@ def train_lm(module, params, data, *, steps: int, batch_size: int, learning_rate
                                             export=False, time_budget_s=float(time_budget_s)))
     with tempfile.TemporaryDirectory() if workdir is None else contextlib.nullcontext(workdir) as directory:
         result = run(task, config, directory)
+    if result["final_step"] < steps:   # a SIGTERM or the time budget: never hand back a half-trained model
+        where = (f"its checkpoint is in {workdir}: call again with the same workdir (re-run the stage) to go on"
+                 if workdir is not None else "it had no workdir, so nothing was kept")
+        raise TrainingStopped(f"text-lm training stopped at step {result['final_step']} of {steps}; {where}")
     history = [(i, m["loss"]) + ((m["next_token"], m["fields"]) if with_fields else ())
                for i, m in sorted(result["metrics"].items())]
     if log is not None and history:
